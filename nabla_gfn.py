@@ -389,13 +389,13 @@ def flow_target_next(
     if term.any():
         rows = batch.select(term)
         grad, r = reward_gradient(log_reward, rows.x_next, rows.traj)
-        target[term], r_next[term] = beta * grad, r
+        target[term], r_next[term] = beta * grad, r.to(r_next.dtype)
     if (~term).any():
         rows = batch.select(~term)
         guess, r = forward_looking_score(
             policy_eps, log_reward, rows.x_next, rows.t_next, rows.alpha_bar_next, rows.traj, beta, gamma
         )
-        target[~term], r_next[~term] = guess, r
+        target[~term], r_next[~term] = guess, r.to(r_next.dtype)
     return target, r_next
 
 
