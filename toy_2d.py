@@ -1,0 +1,634 @@
+"""Rung 1: ∇-GFlowNet on 2-D Gaussian mixtures, judged against the exactly computed target.
+
+    python toy_2d.py                                   # ring8 prior, "bump" reward, ~1 min on a laptop CPU
+    python toy_2d.py --prior grid25 --reward bump
+    python toy_2d.py --reward '{"type": "linear", "w": [0.7, 0.3]}' --beta 1
+    python toy_2d.py --prior '{"means": [[-2, 0], [2, 0]], "weights": [0.5, 0.5], "std": 0.4}'
+
+A small MLP ε-network is pretrained on samples of a Gaussian mixture prior p^♯ and frozen as
+P_F^♯. The finetuned policy P_F^θ starts as an exact copy and is trained with
+`nabla_gfn.nabla_db_loss` towards p*(x_0) ∝ p^♯(x_0) R(x_0)^β. For a GMM prior and a Gaussian or
+linear log-reward the target is again a GMM, computed in closed form, and so is the residual flow
+score ∇ log F̃_τ(x) = ∇ log p*_τ(x) − ∇ log p^♯_τ(x) at every noise level (both sides are GMMs
+noised by the forward process). That gives three things no image model can: exact metrics, an
+oracle sampler (the pretrained step shifted by the exact residual flow: the best a Gaussian-step
+policy can do), and a direct check of the learned flow (guess + g_φ) against the exact one.
+
+Outputs (in --out): samples.npy, metrics.json, config.json, figure.png.
+The sampler uses diffusers' DDIMScheduler with Stable Diffusion's scaled-linear betas, so this rung
+runs the same code path as sd_finetune.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import nabla_gfn as ng
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+PRIOR_PRESETS = {
+    # 8 equal modes on a circle of radius 3.
+    "ring8": {
+        "means": [[3 * math.cos(2 * math.pi * k / 8), 3 * math.sin(2 * math.pi * k / 8)] for k in range(8)],
+        "weights": [1 / 8] * 8,
+        "std": 0.3,
+    },
+    # The 5×5 grid of the RTB posterior benchmark (means {-10,…,10}², std 1), scaled by 0.3 so
+    # that it sits inside SD's noise schedule (√ᾱ_T ≈ 0.07 leaves the corners barely visible at x_T).
+    "grid25": {
+        "means": [[3.0 * i, 3.0 * j] for i in (-1, -0.5, 0, 0.5, 1) for j in (-1, -0.5, 0, 0.5, 1)],
+        "weights": [1 / 25] * 25,
+        "std": 0.3,
+    },
+}
+
+REWARD_PRESETS = {
+    # A broad Gaussian bump centred on the ring's mode at angle 0 (and on grid25's (3, 0) mode).
+    "bump": {"type": "gaussian", "center": [3.0, 0.0], "std": 2.0},
+    # A linear log-reward: tilts mass towards +x (and a little +y).
+    "linear": {"type": "linear", "w": [0.5, 0.25]},
+}
+
+
+@dataclass
+class ToyConfig:
+    prior: str = field(default="ring8", metadata={"help": f"prior preset {sorted(PRIOR_PRESETS)} or GMM JSON"})
+    reward: str = field(default="bump", metadata={"help": f"reward preset {sorted(REWARD_PRESETS)} or JSON"})
+    beta: float = field(default=1.0, metadata={"help": "reward scale β: target p♯·R^β"})
+    num_steps: int = field(default=50, metadata={"help": "DDIM(η=1) sampling steps"})
+    # pretraining of the ε-network (cached on disk, keyed by these fields and the prior)
+    pretrain_iters: int = field(default=4000, metadata={"help": "pretraining iterations"})
+    pretrain_batch: int = field(default=1024, metadata={"help": "pretraining batch size"})
+    pretrain_lr: float = field(default=2e-3, metadata={"help": "pretraining learning rate"})
+    hidden: int = field(default=128, metadata={"help": "hidden width of the ε-network"})
+    # finetuning
+    method: str = field(default="nabla-db", metadata={"help": "finetuning method"})
+    updates: int = field(default=300, metadata={"help": "finetuning updates (one optimiser step each)"})
+    batch_size: int = field(default=128, metadata={"help": "trajectories sampled per update"})
+    fraction: float = field(default=0.1, metadata={"help": "fraction of non-terminal transitions trained on"})
+    lr: float = field(default=1e-3, metadata={"help": "policy learning rate (AdamW)"})
+    flow_lr: float = field(default=3e-3, metadata={"help": "g_φ learning rate (AdamW)"})
+    flow_hidden: int = field(default=128, metadata={"help": "hidden width of g_φ"})
+    trust_region: float = field(default=0.0, metadata={"help": "λ, weight of ‖ε̂_θ − ε̂_old‖²"})
+    reverse_weight: float = field(default=1.0, metadata={"help": "w_B, weight of the reverse term"})
+    gamma: str = field(default="alpha_bar", metadata={"help": f"γ_τ choice {ng.GAMMA_CHOICES}"})
+    weighting: str = field(default="kl", metadata={"help": f"transition weighting {ng.WEIGHTING_CHOICES}"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max grad norm, per parameter group"})
+    # evaluation and bookkeeping
+    eval_samples: int = field(default=4000, metadata={"help": "samples for the final metrics"})
+    eval_every: int = field(default=25, metadata={"help": "updates between metric-curve points"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    out: str = field(default="", metadata={"help": "output folder (default runs/toy_2d/<prior>_<reward>_<method>)"})
+    cache_dir: str = field(default="", metadata={"help": "pretrained-model cache (default $NABLA_GFN_CACHE or ~/.cache/nabla-gfn)"})
+    no_figure: bool = field(default=False, metadata={"help": "skip figure.png"})
+
+    @property
+    def loss_config(self) -> ng.LossConfig:
+        return ng.LossConfig(
+            beta=self.beta,
+            trust_region=self.trust_region,
+            reverse_weight=self.reverse_weight,
+            gamma=self.gamma,
+            weighting=self.weighting,
+            use_flow=self.method != "no-flow",
+        )
+
+
+METHODS = ("nabla-db", "no-flow")
+
+
+def sd_scheduler():
+    """A DDIMScheduler with Stable Diffusion v1.5's config (scaled-linear betas, 1000 steps)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact Gaussian-mixture math: prior, tilted target, noised marginals, residual flow
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GMM:
+    """Isotropic Gaussian mixture with a shared std: Σ_k w_k N(m_k, s² I)."""
+
+    means: Tensor  # (K, 2)
+    weights: Tensor  # (K,)
+    std: float
+
+    def noised(self, alpha_bar: Tensor) -> Tuple[Tensor, Tensor]:
+        """Marginal under x_τ = √ᾱ x_0 + √(1−ᾱ) ε, per row: means (N, K, 2) and variance (N,)."""
+        a = alpha_bar.to(self.means.dtype)
+        return a.sqrt()[:, None, None] * self.means, a * self.std**2 + (1 - a)
+
+    def _log_resp_terms(self, x: Tensor, alpha_bar: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        means, var = self.noised(alpha_bar)
+        diff = x[:, None, :] - means  # (N, K, 2)
+        log_comp = self.weights.log() - 0.5 * diff.pow(2).sum(-1) / var[:, None] - torch.log(2 * math.pi * var)[:, None]
+        return log_comp, diff, var
+
+    def log_prob(self, x: Tensor, alpha_bar: Optional[Tensor] = None) -> Tensor:
+        alpha_bar = torch.ones(len(x), dtype=x.dtype) if alpha_bar is None else alpha_bar
+        return self._log_resp_terms(x, alpha_bar)[0].logsumexp(-1)
+
+    def score(self, x: Tensor, alpha_bar: Tensor) -> Tensor:
+        """∇_x log p_τ(x) in closed form: Σ_k resp_k(x) · (−(x − √ᾱ m_k)/v_τ). (N, 2)."""
+        log_comp, diff, var = self._log_resp_terms(x, alpha_bar)
+        resp = log_comp.softmax(-1)
+        return -(resp[..., None] * diff).sum(1) / var[:, None]
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        return self.means[k] + self.std * torch.randn(n, 2, generator=generator, dtype=self.means.dtype)
+
+
+class GaussianReward:
+    """r(x) = −‖x − c‖² / (2 s²): R^β is a Gaussian bump with variance s²/β."""
+
+    def __init__(self, center, std):
+        self.center, self.std = torch.tensor(center, dtype=torch.float64), float(std)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return -(x - self.center.to(x)).pow(2).sum(-1) / (2 * self.std**2)
+
+    def tilt(self, prior: GMM, beta: float) -> GMM:
+        """p♯·R^β: per component a Gaussian product. Precision 1/s² + β/s_r²; weight w_k N(m_k; c, s² + s_r²/β)."""
+        prec = 1 / prior.std**2 + beta / self.std**2
+        means = (prior.means / prior.std**2 + beta * self.center / self.std**2) / prec
+        v = prior.std**2 + self.std**2 / beta
+        log_w = prior.weights.log() - 0.5 * (prior.means - self.center).pow(2).sum(-1) / v
+        return GMM(means, log_w.softmax(0), prec**-0.5)
+
+    def expectation(self, gmm: GMM) -> float:
+        """E_gmm[r] = −Σ_k w_k (‖m_k − c‖² + 2 s²) / (2 s_r²)."""
+        sq = (gmm.means - self.center).pow(2).sum(-1) + 2 * gmm.std**2
+        return float(-(gmm.weights * sq).sum() / (2 * self.std**2))
+
+
+class LinearReward:
+    """r(x) = w·x: R^β tilts each component's mean by β s² w."""
+
+    def __init__(self, w):
+        self.w = torch.tensor(w, dtype=torch.float64)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x @ self.w.to(x)
+
+    def tilt(self, prior: GMM, beta: float) -> GMM:
+        """Weight w_k exp(β w·m_k + β² s² ‖w‖²/2), mean m_k + β s² w, same std."""
+        log_w = prior.weights.log() + beta * prior.means @ self.w + 0.5 * beta**2 * prior.std**2 * self.w.pow(2).sum()
+        return GMM(prior.means + beta * prior.std**2 * self.w, log_w.softmax(0), prior.std)
+
+    def expectation(self, gmm: GMM) -> float:
+        return float(gmm.weights @ (gmm.means @ self.w))
+
+
+def _json_or_preset(text: str, presets: Dict[str, dict], flag: str) -> dict:
+    if text in presets:
+        return presets[text]
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"error: {flag}: invalid JSON ({err.msg} at char {err.pos}): {text}")
+    raise SystemExit(f"error: {flag}: unknown preset {text!r}; use one of {sorted(presets)} or a JSON object")
+
+
+def parse_prior(text: str) -> GMM:
+    spec = _json_or_preset(text, PRIOR_PRESETS, "--prior")
+    try:
+        means = torch.tensor(spec["means"], dtype=torch.float64)
+        k = len(means)
+        weights = torch.tensor(spec.get("weights", [1 / k] * k), dtype=torch.float64)
+        std = float(spec["std"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise SystemExit(f'error: --prior: expected {{"means": [[x, y], ...], "weights": [...], "std": s}}, got {text} ({err})')
+    if means.ndim != 2 or means.shape[1] != 2 or weights.shape != (k,) or std <= 0 or (weights < 0).any():
+        raise SystemExit("error: --prior: means must be K×2, weights K non-negative numbers, std > 0")
+    return GMM(means, weights / weights.sum(), std)
+
+
+def parse_reward(text: str):
+    spec = _json_or_preset(text, REWARD_PRESETS, "--reward")
+    kind = spec.get("type")
+    try:
+        if kind == "gaussian":
+            return GaussianReward(spec["center"], spec["std"])
+        if kind == "linear":
+            return LinearReward(spec["w"])
+    except KeyError as err:
+        raise SystemExit(f"error: --reward: missing field {err} for type {kind!r}")
+    raise SystemExit(f'error: --reward: "type" must be "gaussian" (center, std) or "linear" (w), got {kind!r}')
+
+
+def exact_flow_score(prior: GMM, target: GMM, x: Tensor, alpha_bar: Tensor) -> Tensor:
+    """Exact ∇ log F̃_τ(x) = ∇ log E♯[R(x_0)^β | x_τ = x] = ∇ log p*_τ(x) − ∇ log p♯_τ(x).
+
+    The tilted path measure p♯(x_{0:T}) R(x_0)^β / Z has marginal p*_τ ∝ p♯_τ · E♯[R^β | x_τ], and
+    p*_τ is the target GMM noised by the same forward process. At ᾱ = 1 this is β∇r (tested).
+    """
+    x64 = x.double()
+    a = alpha_bar.double().expand(len(x))
+    return (target.score(x64, a) - prior.score(x64, a)).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+
+
+class TimeMLP(nn.Module):
+    """(x, τ) → vector shaped like x. Sinusoidal embedding of τ/1000, three SiLU layers."""
+
+    def __init__(self, hidden: int = 128, dim: int = 2, freqs: int = 8):
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(1000), freqs)), persistent=False)
+        self.net = nn.Sequential(
+            nn.Linear(dim + 2 * freqs, hidden), nn.SiLU(),
+            nn.Linear(hidden, hidden), nn.SiLU(),
+            nn.Linear(hidden, hidden), nn.SiLU(),
+            nn.Linear(hidden, dim),
+        )
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        angle = (t.to(x.dtype) / 1000)[:, None] * self.freqs
+        return self.net(torch.cat([x, angle.sin(), angle.cos()], -1))
+
+
+def as_eps_fn(net: nn.Module) -> ng.EpsFn:
+    """Adapt a (x, τ) network to nabla_gfn's eps_fn(x, t, traj) (the toy is unconditional)."""
+    return lambda x, t, traj: net(x, t)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretraining P_F^♯ (cached)
+# ----------------------------------------------------------------------------------------------
+
+
+def cache_root(cfg: ToyConfig) -> Path:
+    return Path(cfg.cache_dir or os.environ.get("NABLA_GFN_CACHE") or Path.home() / ".cache" / "nabla-gfn")
+
+
+def pretrain(cfg: ToyConfig, prior: GMM, scheduler, quiet: bool = False) -> TimeMLP:
+    """Denoising score matching on prior samples: E‖ε − ε̂(√ᾱ x_0 + √(1−ᾱ) ε, τ)‖². Cached on disk."""
+    key = {"prior": [prior.means.tolist(), prior.weights.tolist(), prior.std], "hidden": cfg.hidden,
+           "iters": cfg.pretrain_iters, "batch": cfg.pretrain_batch, "lr": cfg.pretrain_lr, "seed": cfg.seed}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_root(cfg) / "toy_2d" / f"eps_{digest}.pt"
+    net = TimeMLP(cfg.hidden)
+    if path.exists():
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return net.requires_grad_(False).eval()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    alphas_cumprod = scheduler.alphas_cumprod.float()
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.pretrain_iters)
+    for _ in tqdm(range(cfg.pretrain_iters), desc="pretrain P_F♯", disable=quiet, leave=False):
+        x0 = prior.sample(cfg.pretrain_batch, gen).float()
+        t = torch.randint(0, len(alphas_cumprod), (cfg.pretrain_batch,), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        a = alphas_cumprod[t][:, None]
+        loss = (net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t) - eps).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return net.requires_grad_(False).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics against the exact target
+# ----------------------------------------------------------------------------------------------
+
+
+def mode_weights(samples: Tensor, means: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+    """Fraction of (optionally weighted) samples whose nearest component mean is each m_k."""
+    nearest = torch.cdist(samples.double(), means.double()).argmin(1)
+    w = torch.ones(len(samples), dtype=torch.float64) if weights is None else weights.double()
+    return torch.zeros(len(means), dtype=torch.float64).index_add_(0, nearest, w) / w.sum()
+
+
+def sliced_wasserstein(a: Tensor, b: Tensor, projections: int = 128, seed: int = 0) -> float:
+    """Sliced 1-Wasserstein distance between two equal-size sample sets (exact per projection)."""
+    gen = torch.Generator().manual_seed(seed)
+    theta = torch.randn(projections, 2, generator=gen, dtype=torch.float64)
+    theta = theta / theta.norm(dim=1, keepdim=True)
+    pa, pb = (a.double() @ theta.T).sort(0).values, (b.double() @ theta.T).sort(0).values
+    return float((pa - pb).abs().mean())
+
+
+@dataclass
+class Task:
+    """Everything exact about one prior/reward/β: the pieces metrics and the oracle need."""
+
+    prior: GMM
+    reward: Callable[[Tensor], Tensor]
+    beta: float
+    target: Optional[GMM]  # None for a user-supplied reward without a closed form
+
+    def log_reward(self, x0: Tensor, traj: Tensor) -> Tensor:
+        return self.reward(x0)
+
+
+def metrics(task: Task, samples: Tensor, reference: Optional[Tensor] = None, seed: int = 0) -> Dict[str, float]:
+    """Mode-weight TV to the exact target, mean log-reward vs its exact expectation, sliced W1.
+
+    With no closed-form target, `reference` (pretrained samples) is importance-reweighted by R^β.
+    """
+    samples = samples.double()
+    if task.target is not None:
+        gen = torch.Generator().manual_seed(seed + 1)
+        means, target_w = task.target.means, task.target.weights
+        exact_reward = task.reward.expectation(task.target)
+        target_samples = task.target.sample(len(samples), gen)
+    else:  # self-normalised importance weights of pretrained samples
+        logw = task.beta * task.reward(reference.double())
+        w = (logw - logw.max()).exp()
+        means, target_w = task.prior.means, mode_weights(reference, task.prior.means, w)
+        exact_reward = float((w * task.reward(reference.double())).sum() / w.sum())
+        idx = torch.multinomial(w / w.sum(), len(samples), replacement=True, generator=torch.Generator().manual_seed(seed))
+        target_samples = reference.double()[idx]
+    tv = 0.5 * float((mode_weights(samples, means) - target_w).abs().sum())
+    return {
+        "mode_tv": tv,
+        "mean_log_reward": float(task.reward(samples).mean()),
+        "exact_mean_log_reward": exact_reward,
+        "sliced_w1": sliced_wasserstein(samples, target_samples, seed=seed),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers: learned policy, pretrained, and the exact-flow oracle
+# ----------------------------------------------------------------------------------------------
+
+
+def sample(eps_fn: ng.EpsFn, schedule: ng.StepSchedule, n: int, gen: torch.Generator) -> ng.Trajectory:
+    return ng.sample_trajectory(eps_fn, schedule, torch.randn(n, 2, generator=gen), generator=gen)
+
+
+@torch.no_grad()
+def sample_oracle(task: Task, reference: nn.Module, schedule: ng.StepSchedule, n: int, gen: torch.Generator) -> Tensor:
+    """Step with μ♯(x) + σ_τ² ∇ log F̃_τ'(μ♯(x)): the pretrained step tilted by the exact residual flow.
+
+    The optimal policy is P_F♯(x'|x) F̃(x') / F̃(x); linearising log F̃ around μ♯ gives this Gaussian.
+    """
+    x = torch.randn(n, 2, generator=gen)
+    for i in range(schedule.num_steps):
+        t = schedule.timesteps[i].expand(n)
+        coef = [getattr(schedule, f)[i].expand(n) for f in ("alpha_bar", "alpha_bar_next", "sigma")]
+        mean = ng.step_mean(x, reference(x, t), *coef)
+        sigma2 = coef[2][:, None] ** 2
+        mean = mean + sigma2 * exact_flow_score(task.prior, task.target, mean, coef[1])
+        x = mean + coef[2][:, None] * torch.randn(x.shape, generator=gen)
+    return x
+
+
+def flow_errors(task: Task, policy: nn.Module, flow: Optional[nn.Module], trajectory: ng.Trajectory,
+                schedule: ng.StepSchedule, cfg: ToyConfig) -> Dict[str, List[float]]:
+    """Relative error ‖learned − exact‖ / ‖exact‖ of ∇ log F̃ at each step, on the policy's own states.
+
+    learned = forward-looking guess (+ g_φ). Averaged over samples per step (step 0 = x_T).
+    """
+    out = {"guess": [], "guess_plus_flow": []}
+    for i in range(schedule.num_steps):
+        x = trajectory.states[:, i]
+        n = len(x)
+        t, a = schedule.timesteps[i].expand(n), schedule.alpha_bar[i].expand(n)
+        traj = torch.arange(n)
+        guess, _ = ng.forward_looking_score(as_eps_fn(policy), task.log_reward, x, t, a, traj, cfg.beta, cfg.gamma)
+        exact = exact_flow_score(task.prior, task.target, x, a)
+        norm = exact.norm(dim=1).mean().clamp(min=1e-8)
+        out["guess"].append(float((guess - exact).norm(dim=1).mean() / norm))
+        if flow is not None:
+            with torch.no_grad():
+                learned = guess + flow(x, t)
+            out["guess_plus_flow"].append(float((learned - exact).norm(dim=1).mean() / norm))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Finetuning
+# ----------------------------------------------------------------------------------------------
+
+
+def make_flow(cfg: ToyConfig) -> TimeMLP:
+    """g_φ: a TimeMLP whose output layer is zeroed, so ∇ log F̃ starts at the forward-looking guess."""
+    return ng.zero_output_layer(TimeMLP(cfg.flow_hidden))
+
+
+def train_step(task: Task, policy: nn.Module, reference: nn.Module, flow: Optional[nn.Module],
+               optimizer: torch.optim.Optimizer, schedule: ng.StepSchedule, cfg: ToyConfig,
+               gen: torch.Generator) -> Dict[str, float]:
+    """Sample trajectories with the current policy, train once on a subsample of their transitions."""
+    trajectory = sample(as_eps_fn(policy), schedule, cfg.batch_size, gen)
+    steps = ng.subsample_steps(schedule.num_steps, cfg.fraction, cfg.batch_size, gen)
+    batch = ng.gather_transitions(trajectory, schedule, steps)
+    loss, parts = ng.nabla_db_loss(batch, as_eps_fn(policy), as_eps_fn(reference), task.log_reward,
+                                   None if flow is None else as_eps_fn(flow), cfg.loss_config)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    groups = {"policy": policy.parameters()}
+    if flow is not None:
+        groups["flow"] = flow.parameters()
+    norms = ng.clip_grad_norms(groups, cfg.grad_clip)
+    optimizer.step()
+    stats = {k: float(v) for k, v in parts.items()}
+    stats.update({f"grad_norm_{k}": v for k, v in norms.items()})
+    stats["reward"] = float(task.reward(trajectory.final).mean())
+    return stats
+
+
+def finetune(cfg: ToyConfig, task: Task, reference: nn.Module, schedule: ng.StepSchedule, quiet: bool = False):
+    """Finetune a copy of the pretrained ε-network. Returns (policy, flow or None, history)."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    torch.manual_seed(cfg.seed + 1)
+    policy = copy.deepcopy(reference).requires_grad_(True).train()
+    flow = make_flow(cfg) if cfg.loss_config.use_flow else None
+    param_groups = [{"params": policy.parameters(), "lr": cfg.lr}]
+    if flow is not None:
+        param_groups.append({"params": flow.parameters(), "lr": cfg.flow_lr, "weight_decay": 1e-2})
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
+    history, eval_gen = [], torch.Generator().manual_seed(cfg.seed + 2)
+    bar = tqdm(range(cfg.updates), desc=f"finetune ({cfg.method})", disable=quiet)
+    for update in bar:
+        stats = train_step(task, policy, reference, flow, optimizer, schedule, cfg, gen)
+        if (update + 1) % cfg.eval_every == 0 or update == 0:
+            with torch.no_grad():
+                x0 = sample(as_eps_fn(policy), schedule, 1000, eval_gen).final
+            stats.update({f"eval_{k}": v for k, v in metrics(task, x0, seed=update).items()})
+            bar.set_postfix(tv=f"{stats['eval_mode_tv']:.3f}", loss=f"{stats['loss']:.3g}")
+        history.append({"update": update + 1, **stats})
+    return policy.eval(), flow, history
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation, figure
+# ----------------------------------------------------------------------------------------------
+
+
+def evaluate(cfg: ToyConfig, task: Task, reference: nn.Module, policy: nn.Module, flow, schedule) -> Tuple[dict, dict]:
+    """Final metrics for the finetuned, pretrained and oracle samplers. Returns (metrics, samples)."""
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    n = cfg.eval_samples
+    finetuned = sample(as_eps_fn(policy), schedule, n, gen)
+    pretrained = sample(as_eps_fn(reference), schedule, n, gen).final
+    samples = {"finetuned": finetuned.final, "pretrained": pretrained}
+    result = {"finetuned": metrics(task, finetuned.final, pretrained), "pretrained": metrics(task, pretrained, pretrained)}
+    if task.target is not None:
+        samples["oracle"] = sample_oracle(task, reference, schedule, n, gen)
+        samples["target"] = task.target.sample(n, gen).float()
+        result["oracle"] = metrics(task, samples["oracle"])
+        result["exact_target_samples"] = metrics(task, samples["target"], seed=cfg.seed + 7)
+        sub = ng.Trajectory(finetuned.states[:500], finetuned.eps[:500])
+        result["flow_relative_error"] = flow_errors(task, policy, flow, sub, schedule, cfg)
+        result["prior_mode_tv"] = 0.5 * float((mode_weights(pretrained, task.prior.means) - task.prior.weights).abs().sum())
+    return result, samples
+
+
+def make_figure(path: Path, task: Task, samples: Dict[str, Tensor], result: dict, history: List[dict], cfg: ToyConfig):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = torch.cat(list(samples.values())).double()
+    lo, hi = pts.quantile(0.005, 0).numpy() - 0.5, pts.quantile(0.995, 0).numpy() + 0.5
+    fig, axes = plt.subplots(1, 6, figsize=(25, 4.2))
+    if task.target is not None:
+        gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 200), np.linspace(lo[1], hi[1], 200))
+        grid = torch.tensor(np.stack([gx.ravel(), gy.ravel()], 1))
+        dens = task.target.log_prob(grid).exp().reshape(200, 200).numpy()
+        axes[0].contourf(gx, gy, dens, levels=30, cmap="viridis")
+        axes[0].set_title("exact target p♯·R^β")
+    panels = [("pretrained", "pretrained P_F♯"), ("finetuned", f"finetuned ({cfg.method})"), ("oracle", "oracle (exact flow)")]
+    for ax, (key, title) in zip(axes[1:4], panels):
+        if key in samples:
+            s = samples[key].numpy()
+            ax.scatter(s[:, 0], s[:, 1], s=1, alpha=0.4)
+            tv = result.get(key, {}).get("mode_tv")
+            ax.set_title(title + (f"\nmode TV {tv:.3f}" if tv is not None else ""))
+    for ax in axes[:4]:
+        ax.set_xlim(lo[0], hi[0]), ax.set_ylim(lo[1], hi[1]), ax.set_aspect("equal")
+    if "flow_relative_error" in result:
+        err = result["flow_relative_error"]
+        axes[4].plot(err["guess"], label="guess β γ ∇r(x̂₀)")
+        if err["guess_plus_flow"]:
+            axes[4].plot(err["guess_plus_flow"], label="guess + g_φ")
+        axes[4].set_yscale("log"), axes[4].set_xlabel("step (0 = noise)"), axes[4].legend()
+        axes[4].set_title("‖learned − exact ∇log F̃‖ / ‖exact‖")
+    evals = [h for h in history if "eval_mode_tv" in h]
+    axes[5].plot([h["update"] for h in evals], [h["eval_mode_tv"] for h in evals], "o-", label="finetuned")
+    for key, style in (("pretrained", "--"), ("oracle", ":")):
+        if key in result:
+            axes[5].axhline(result[key]["mode_tv"], ls=style, c="gray", label=key)
+    axes[5].set_xlabel("update"), axes[5].set_ylabel("mode-weight TV to exact target"), axes[5].legend()
+    axes[5].set_title("TV vs updates")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+
+def build_task(cfg: ToyConfig, log_reward: Optional[Callable[[Tensor], Tensor]] = None) -> Task:
+    """Prior and reward from the config; a user callable `log_reward` replaces --reward (no exact target)."""
+    prior = parse_prior(cfg.prior)
+    if log_reward is not None:
+        return Task(prior, log_reward, cfg.beta, None)
+    reward = parse_reward(cfg.reward)
+    return Task(prior, reward, cfg.beta, reward.tilt(prior, cfg.beta))
+
+
+def validate(cfg: ToyConfig):
+    checks = [
+        (cfg.method in METHODS, f"--method must be one of {METHODS}, got {cfg.method!r}"),
+        (cfg.gamma in ng.GAMMA_CHOICES, f"--gamma must be one of {ng.GAMMA_CHOICES}, got {cfg.gamma!r}"),
+        (cfg.weighting in ng.WEIGHTING_CHOICES, f"--weighting must be one of {ng.WEIGHTING_CHOICES}, got {cfg.weighting!r}"),
+        (0 <= cfg.fraction <= 1, f"--fraction must be in [0, 1], got {cfg.fraction}"),
+        (cfg.beta > 0, f"--beta must be > 0, got {cfg.beta}"),
+        (cfg.num_steps >= 1 and cfg.updates >= 1 and cfg.batch_size >= 1, "--num-steps, --updates, --batch-size must be ≥ 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SystemExit(f"error: {message}")
+
+
+def run(cfg: ToyConfig, log_reward: Optional[Callable[[Tensor], Tensor]] = None, quiet: bool = False) -> dict:
+    """Pretrain (cached), finetune, evaluate, write outputs. Returns the metrics dict."""
+    validate(cfg)
+    start = time.time()
+    torch.manual_seed(cfg.seed)
+    task = build_task(cfg, log_reward)
+    scheduler = sd_scheduler()
+    schedule = ng.ddim_schedule(scheduler, cfg.num_steps)
+    reference = pretrain(cfg, task.prior, scheduler, quiet)
+    pretrain_done = time.time()
+    policy, flow, history = finetune(cfg, task, reference, schedule, quiet)
+    result, samples = evaluate(cfg, task, reference, policy, flow, schedule)
+    result["time_s"] = {"pretrain_or_load": pretrain_done - start, "total": time.time() - start}
+    out = Path(cfg.out or f"runs/toy_2d/{Path(cfg.prior).stem if cfg.prior in PRIOR_PRESETS else 'custom'}_"
+               f"{cfg.reward if cfg.reward in REWARD_PRESETS else 'custom'}_{cfg.method}")
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "samples.npy", samples["finetuned"].numpy())
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    (out / "metrics.json").write_text(json.dumps({**result, "history": history}, indent=2))
+    if not cfg.no_figure:
+        make_figure(out / "figure.png", task, samples, result, history, cfg)
+    result["out"] = str(out)
+    return result
+
+
+def parse_args(argv=None) -> ToyConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(ToyConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            choices = {"method": METHODS, "gamma": ng.GAMMA_CHOICES, "weighting": ng.WEIGHTING_CHOICES}.get(f.name)
+            parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=f.metadata["help"])
+    return ToyConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    result = run(cfg)
+    fin, pre = result["finetuned"], result["pretrained"]
+    print(f"mode-weight TV to exact target: finetuned {fin['mode_tv']:.3f} | pretrained {pre['mode_tv']:.3f}"
+          + (f" | oracle {result['oracle']['mode_tv']:.3f}" if "oracle" in result else ""))
+    print(f"mean log-reward: finetuned {fin['mean_log_reward']:.3f} | exact {fin['exact_mean_log_reward']:.3f}")
+    print(f"sliced W1 to target: finetuned {fin['sliced_w1']:.3f} | pretrained {pre['sliced_w1']:.3f}")
+    print(f"wall time {result['time_s']['total']:.1f} s; outputs in {result['out']}")
+
+
+if __name__ == "__main__":
+    main()
