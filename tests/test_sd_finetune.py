@@ -1,0 +1,418 @@
+"""Tests of sd_finetune.py on the tiny random pipeline (`--model tiny`), CPU only, offline.
+
+Subprocess runs check what a user sees (outputs, resume, accelerate, one-line errors); in-process
+tests check the wiring against nabla_gfn with independently written callables.
+"""
+
+import copy
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import nabla_gfn  # noqa: E402
+import sd_finetune as sd  # noqa: E402
+
+SCRIPT = str(ROOT / "sd_finetune.py")
+AESTHETIC_ASSET = ROOT.parent / "shared" / "assets" / "sac+logos+ava1-l14-linearMSE.pth"
+TIME_KEYS = ("update_seconds", "elapsed_seconds")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and results are bitwise reproducible across runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private cache holding the tiny pipeline, CLIP and aesthetic head, built once."""
+    folder = tmp_path_factory.mktemp("cache")
+    sd.tiny_assets(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def env(cache):
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "NABLA_GFN_CACHE": str(cache),
+            "PYTHONPATH": str(ROOT)}
+
+
+def run_script(args, env, launcher=(), timeout=300):
+    return subprocess.run([sys.executable, *launcher, SCRIPT, *map(str, args)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path, drop=TIME_KEYS):
+    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in Path(path).read_text().splitlines()]
+
+
+def smoke_config(cache, out, *flags):
+    return sd.parse_config(["--preset", "smoke", "--cache-dir", str(cache), "--out", str(out), *flags])
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, env):
+    """`--preset smoke --eval`: one epoch (2 updates) of the tiny pipeline, then evaluation."""
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    result = run_script(["--preset", "smoke", "--eval", "--out", out], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end (subprocesses)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_one_epoch_writes_every_output(smoke_run, cache):
+    out, result = smoke_run
+    assert "tiny randomly initialised pipeline for smoke tests" in result.stdout
+
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["config"]["model"] == "tiny" and saved["config"]["reward"] == "aesthetic"
+    assert saved["derived"] == {"trajectories": 4, "transitions_per_trajectory": 2, "grad_accum": 2,
+                                "updates_per_epoch": 2, "processes": 1, "weight_dtype": "torch.float32"}
+
+    metrics = read_jsonl(out / "metrics.jsonl", drop=())
+    assert [m["update"] for m in metrics] == [1, 2]
+    expected = {"update", "epoch", "reward_mean", "reward_std", "loss", "forward", "reverse", "terminal",
+                "trust_region", "reward_next", "grad_norm_policy", "grad_norm_flow", *TIME_KEYS}
+    for m in metrics:
+        assert set(m) == expected
+        assert all(torch.isfinite(torch.tensor(float(v))) for v in m.values())
+    assert metrics[0]["forward"] > 0 and metrics[0]["grad_norm_policy"] > 0
+
+    samples = read_jsonl(out / "trajectories.jsonl")
+    assert len(samples) == 4 and all(s["prompt"] in sd.ANIMALS for s in samples)
+
+    from PIL import Image
+
+    for name in ("epoch_0000.png", "epoch_0001.png"):
+        assert Image.open(out / "samples" / name).size == (2 * 32, 2 * 32)  # 2 prompts × 2 seeds of 32²
+
+    checkpoint = out / "checkpoints" / "epoch_0001"
+    for name in ("pytorch_lora_weights.safetensors", "flow/config.json", "flow/diffusion_pytorch_model.safetensors",
+                 "training_state.pt"):
+        assert (checkpoint / name).is_file(), name
+    state = torch.load(checkpoint / "training_state.pt", weights_only=True)
+    assert (state["epoch"], state["update"], state["num_processes"]) == (1, 2, 1)
+    assert state["optimizer"]["state"] and len(state["rng"]) == 1
+
+    evaluation = json.loads((out / "eval.json").read_text())
+    for key in ("reward_mean", "reward_mean_pretrained", "diversity", "diversity_pretrained", "prior_frechet"):
+        assert torch.isfinite(torch.tensor(evaluation[key])), key
+    assert evaluation["prompts"] == len(sd.EVAL_ANIMALS) and evaluation["samples_per_prompt"] == 2
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(smoke_run, env, tmp_path):
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(smoke_run[0], interrupted)  # stopped after epoch 1's checkpoint
+    with open(interrupted / "metrics.jsonl", "a") as f:  # an update logged after the checkpoint, then lost
+        f.write(json.dumps({"update": 3, "epoch": 1, "loss": 123.0}) + "\n")
+    resumed = run_script(["--resume", interrupted, "--epochs", 2], env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = run_script(["--preset", "smoke", "--epochs", 2, "--out", tmp_path / "straight"], env)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    metrics = read_jsonl(interrupted / "metrics.jsonl")
+    assert [m["update"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics == read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    assert read_jsonl(interrupted / "trajectories.jsonl") == read_jsonl(tmp_path / "straight" / "trajectories.jsonl")
+    from safetensors.torch import load_file
+
+    lora = [load_file(d / "checkpoints" / "epoch_0002" / "pytorch_lora_weights.safetensors")
+            for d in (interrupted, tmp_path / "straight")]
+    assert lora[0].keys() == lora[1].keys() and all(torch.equal(lora[0][k], lora[1][k]) for k in lora[0])
+
+
+def test_two_process_accelerate_run(env, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = ("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", str(port))
+    out = tmp_path / "two"
+    result = run_script(["--preset", "smoke", "--out", out], {**env, "ACCELERATE_USE_CPU": "1"}, launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    assert json.loads((out / "config.json").read_text())["derived"]["processes"] == 2
+    assert len(read_jsonl(out / "metrics.jsonl")) == 2  # one writer: each update logged once
+    samples = read_jsonl(out / "trajectories.jsonl")
+    per_rank = {r: [(s["prompt"], s["reward"]) for s in samples if s["rank"] == r] for r in (0, 1)}
+    assert len(per_rank[0]) == len(per_rank[1]) == 2
+    assert per_rank[0] != per_rank[1]  # seed + rank: each process samples its own trajectories
+    # save_checkpoint checks that both processes hold identical weights (synchronised gradients)
+    assert (out / "checkpoints" / "epoch_0001" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_missing_hub_weights_offline_give_one_line(env, tmp_path):
+    result = run_script(["--out", tmp_path / "run"], {**env, "NABLA_GFN_MODEL": sd.SD15_HUB_ID})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert sd.SD15_HUB_ID in lines[0] and "--model" in lines[0] and "NABLA_GFN_MODEL" in lines[0]
+
+
+def test_bad_flag_gives_one_line_without_traceback(env):
+    result = run_script(["--reward", "nope"], env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "sd_finetune.py: error: argument --reward: invalid choice: 'nope' (choose from 'aesthetic', 'clip-score')"
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors (in process)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, names", [
+    (["--beta", "-1"], ["--beta", "> 0"]),
+    (["--beta", "inf"], ["--beta", "finite"]),
+    (["--precision", "fp8"], ["--precision", "bf16", "fp32"]),
+    (["--gamma", "ones"], ["--gamma", "alpha_bar", "sqrt_alpha_bar"]),
+    (["--subsample-fraction", "1.5"], ["--subsample-fraction", "[0, 1]"]),
+    (["--flow-channels", "48,x"], ["--flow-channels", "multiples of 32"]),
+    (["--steps", "two"], ["--steps", "invalid int"]),
+    (["--adam-beta2", "1"], ["--adam-beta2", "(0, 1)"]),
+    (["--prompts", "/no/such/file.txt"], ["--prompts", "no such file"]),
+    (["--resume", "/no/such/run"], ["--resume", "no config.json"]),
+])
+def test_bad_flag_values_give_one_line_naming_the_flag(flags, names, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        sd.main(flags)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sd_finetune.py: error:")
+    assert all(name in err[0] for name in names), err[0]
+
+
+@pytest.mark.parametrize("flags, names", [
+    (["--model", "/no/such/pipeline"], ["/no/such/pipeline", "--model", "NABLA_GFN_MODEL"]),
+    (["--aesthetic-head", "/no/such/head.pth"], ["/no/such/head.pth", "--aesthetic-head", "NABLA_GFN_AESTHETIC_HEAD"]),
+    (["--reward", "clip-score", "--clip-model", "/no/such/clip"], ["/no/such/clip", "--clip-model", "NABLA_GFN_CLIP"]),
+])
+def test_missing_weights_give_one_line_naming_the_remedy(flags, names, cache, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        sd.main(["--preset", "smoke", "--cache-dir", str(cache), "--out", str(tmp_path / "run"), *flags])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and all(name in err[0] for name in names), err
+
+
+def test_nonfinite_reward_stops_the_run_after_saving(cache, tmp_path, capsys, monkeypatch):
+    class NanReward(torch.nn.Module):
+        def forward(self, images, prompts):
+            return images.mean((1, 2, 3)) * float("nan")
+
+    monkeypatch.setattr(sd, "build_reward", lambda cfg, embedder: NanReward())
+    with pytest.raises(SystemExit) as exit_:
+        sd.main(["--preset", "smoke", "--cache-dir", str(cache), "--out", str(tmp_path / "run")])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]  # after the sampling bar
+    assert len(errors) == 1 and "Traceback" not in err
+    assert "non-finite reward" in errors[0] and "stopped_update_000001" in errors[0]
+    assert (tmp_path / "run" / "checkpoints" / "stopped_update_000001" / "pytorch_lora_weights.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Wiring against nabla_gfn (in process)
+# ----------------------------------------------------------------------------------------------
+
+
+def perturbed_models(cfg, seed=0):
+    """Tiny models with a non-zero LoRA and g_φ, so that every loss term is non-trivial."""
+    models = sd.load_models(cfg, torch.device("cpu"), torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sd.lora_parameters(models.unet):
+            p.copy_(0.2 * torch.randn(p.shape, generator=generator))
+        if models.flow is not None:
+            models.flow.conv_out.weight.copy_(0.05 * torch.randn(models.flow.conv_out.weight.shape, generator=generator))
+    return models
+
+
+def pretrained_unet(cache):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(Path(cache) / "tiny-v1" / "pipeline", subfolder="unet").requires_grad_(False)
+
+
+def shuffled_transitions(models, cfg, prompts, seed=0):
+    """Every transition of len(prompts) sampled trajectories, rows shuffled across trajectories."""
+    generator = torch.Generator().manual_seed(seed)
+    schedule = nabla_gfn.ddim_schedule(models.pipe.scheduler, cfg.steps)
+    cond = sd.encode_prompts(models.pipe, prompts)
+    trajectory = sd.sample_trajectories(models, schedule, cond, cfg, generator)
+    steps = nabla_gfn.subsample_steps(cfg.steps, 1.0, len(prompts), generator)
+    batch = nabla_gfn.gather_transitions(trajectory, schedule, steps)
+    return batch.select(torch.randperm(len(batch), generator=generator)), cond
+
+
+def test_transition_loss_equals_nabla_gfn_with_independent_callables(cache, tmp_path):
+    """The driver's callables (one batched UNet call for guidance, adapters disabled for P_F♯, rows
+    routed to their own prompt) give exactly nabla_gfn's loss with plainly written callables: separate
+    conditional/unconditional UNet calls, a separately loaded pretrained UNet, prompts looked up by hand."""
+    cfg = smoke_config(cache, tmp_path, "--reward", "clip-score", "--trust-region", "10")
+    models = perturbed_models(cfg)
+    reference_unet = pretrained_unet(cache)
+    prompts = ["cat", "owl", "zebra"]
+    batch, cond = shuffled_transitions(models, cfg, prompts)
+    w, uncond = cfg.guidance_scale, models.uncond
+
+    def plain_eps(unet):
+        def eps(x, t, traj):
+            e_u = unet(x, t, encoder_hidden_states=uncond.expand(len(x), -1, -1)).sample
+            e_c = unet(x, t, encoder_hidden_states=cond[traj]).sample
+            return e_u + w * (e_c - e_u)
+        return eps
+
+    def plain_reward(x0, traj):
+        images = models.pipe.vae.decode(x0 / models.pipe.vae.config.scaling_factor).sample
+        return models.reward(images, [prompts[i] for i in traj.tolist()])
+
+    def plain_flow(x, t, traj):
+        return models.flow(x, t, encoder_hidden_states=cond[traj]).sample
+
+    oracle = (plain_eps(models.unet), plain_eps(reference_unet), plain_reward, plain_flow)
+    driver = sd.loss_callables(models, cond, prompts, w)
+    for rows in [torch.arange(len(batch)), *torch.arange(len(batch))[:, None]]:  # the batch, then each transition
+        loss, parts = nabla_gfn.nabla_db_loss(batch.select(rows), *driver, cfg.loss_config())
+        expected, expected_parts = nabla_gfn.nabla_db_loss(batch.select(rows), *oracle, cfg.loss_config())
+        torch.testing.assert_close(loss, expected, rtol=1e-4, atol=0)
+        for key in parts:
+            torch.testing.assert_close(parts[key], expected_parts[key], rtol=1e-4, atol=1e-7)
+    assert all(parts[k] > 0 for k in ("forward", "reverse", "trust_region")) and batch.is_terminal.any()
+
+
+def test_each_trajectory_reward_gets_its_own_prompt(cache, tmp_path):
+    """Every reward call nabla_db_loss makes (terminal rows, forward-looking guesses on subsets of
+    rows) receives, row by row, the prompt of that row's trajectory."""
+    cfg = smoke_config(cache, tmp_path, "--reward", "clip-score")
+    models = perturbed_models(cfg)
+    prompts = ["cat", "owl", "zebra", "frog"]
+    batch, cond = shuffled_transitions(models, cfg, prompts)
+    seen_prompts, seen_traj, clip_score = [], [], models.reward
+
+    class RecordingReward(torch.nn.Module):
+        def forward(self, images, row_prompts):
+            seen_prompts.append(list(row_prompts))
+            return clip_score(images, row_prompts)
+
+    models.reward = RecordingReward()
+    policy_eps, reference_eps, log_reward, flow = sd.loss_callables(models, cond, prompts, cfg.guidance_scale)
+
+    def recording_log_reward(x0, traj):
+        seen_traj.append(traj.tolist())
+        return log_reward(x0, traj)
+
+    nabla_gfn.nabla_db_loss(batch, policy_eps, reference_eps, recording_log_reward, flow, cfg.loss_config())
+    assert len(seen_prompts) == len(seen_traj) >= 3  # guess at x, terminal rows, guesses at x'
+    for row_prompts, traj in zip(seen_prompts, seen_traj):
+        assert row_prompts == [prompts[i] for i in traj]
+    assert any(len(set(p)) > 1 and len(p) < len(batch) for p in seen_prompts)  # mixed subsets were scored
+
+
+def test_saved_lora_loads_into_a_pipeline_and_reproduces_the_unet(cache, tmp_path):
+    """save_checkpoint's LoRA, loaded with pipe.load_lora_weights(dir), gives the finetuned UNet's
+    outputs (alpha ≠ rank so that a lost scale would show), and not the pretrained ones."""
+    from diffusers import StableDiffusionPipeline
+
+    cfg = smoke_config(cache, tmp_path, "--lora-alpha", "16")
+    models = perturbed_models(cfg)
+    optimizer = sd.make_optimizer(models, cfg)
+    path = sd.save_checkpoint(tmp_path / "ckpt", models, optimizer, [torch.Generator()], 0, 0, sd.Accelerator())
+
+    pipe = StableDiffusionPipeline.from_pretrained(Path(cache) / "tiny-v1" / "pipeline")
+    pretrained = copy.deepcopy(pipe.unet)
+    pipe.load_lora_weights(path)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 4, 4, generator=generator)
+    t = torch.tensor([900, 500, 20])
+    context = torch.randn(3, 77, 32, generator=generator)
+    with torch.no_grad():
+        finetuned, loaded, base = (unet(x, t, encoder_hidden_states=context).sample
+                                   for unet in (models.unet, pipe.unet, pretrained))
+    torch.testing.assert_close(loaded, finetuned, rtol=1e-5, atol=1e-5)
+    assert (finetuned - base).abs().max() > 1e-2
+
+
+def test_reference_policy_is_the_pretrained_unet(cache, tmp_path):
+    """P_F♯ (adapters disabled) equals the UNet as loaded; P_F^θ differs once the LoRA is non-zero;
+    and the adapters are back on afterwards."""
+    cfg = smoke_config(cache, tmp_path)
+    models = perturbed_models(cfg)
+    cond = sd.encode_prompts(models.pipe, ["cat", "dog"])
+    x, t, traj = torch.randn(2, 4, 4, 4), torch.tensor([700, 100]), torch.tensor([1, 0])
+    with torch.no_grad():
+        reference = sd.guided_eps(models.unet, cond, models.uncond, 5.0, lora=False)(x, t, traj)
+        policy = sd.guided_eps(models.unet, cond, models.uncond, 5.0, lora=True)(x, t, traj)
+        expected = sd.guided_eps(pretrained_unet(cache), cond, models.uncond, 5.0)(x, t, traj)
+    torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-6)
+    assert (policy - reference).abs().max() > 1e-2
+    with torch.no_grad():
+        again = sd.guided_eps(models.unet, cond, models.uncond, 5.0, lora=True)(x, t, traj)
+    torch.testing.assert_close(again, policy)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rewards and eval metrics
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not AESTHETIC_ASSET.is_file(), reason="the real aesthetic MLP is not in ../shared/assets")
+def test_aesthetic_head_loads_the_real_file_with_strict_keys():
+    head = sd.AestheticHead.from_file(AESTHETIC_ASSET, embed_dim=768)
+    state = torch.load(AESTHETIC_ASSET, map_location="cpu", weights_only=True)
+    assert set(state) == {f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")}
+    assert all(torch.equal(head.state_dict()[k], v) for k, v in state.items())
+    embeds = torch.nn.functional.normalize(torch.randn(5, 768, generator=torch.Generator().manual_seed(0)), dim=-1)
+    scores = head(embeds)
+    assert scores.shape == (5,) and torch.all((scores > 0) & (scores < 10))  # the predictor's 1–10 scale
+
+
+def test_clip_rewards_are_differentiable_in_the_image(cache, tmp_path):
+    cfg = smoke_config(cache, tmp_path)
+    embedder = sd.load_clip(cfg, torch.device("cpu"))
+    images = (torch.rand(2, 3, 48, 40) * 2 - 1).requires_grad_(True)  # non-square: resize + centre crop
+    for reward in (sd.build_reward(cfg, embedder), sd.ClipScoreReward(embedder)):
+        r = reward(images, ["cat", "dog"])
+        (grad,) = torch.autograd.grad(r.sum(), images)
+        assert r.shape == (2,) and r.dtype == torch.float32 and grad.abs().sum() > 0
+    score = sd.ClipScoreReward(embedder)
+    assert not torch.allclose(score(images, ["cat", "cat"]), score(images, ["cat", "dog"]))
+
+
+def test_frechet_distance_matches_the_closed_form():
+    import numpy as np
+    from scipy import linalg
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 6, generator=generator) @ torch.randn(6, 6, generator=generator)
+    b = torch.randn(200, 6, generator=generator) * 0.5 + 1.0
+    mu_a, mu_b, cov_a, cov_b = a.mean(0), b.mean(0), np.cov(a.numpy().T), np.cov(b.numpy().T)
+    expected = float((mu_a - mu_b).pow(2).sum()) + np.trace(cov_a + cov_b - 2 * linalg.sqrtm(cov_a @ cov_b).real)
+    assert sd.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert sd.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_mean_pairwise_distance_of_unit_vectors():
+    e = torch.eye(3)  # orthogonal: every pair at cosine distance 1
+    assert sd.mean_pairwise_distance(e) == pytest.approx(1.0)
+    assert sd.mean_pairwise_distance(torch.ones(4, 1)) == pytest.approx(0.0)
