@@ -93,6 +93,15 @@ class ToyConfig:
     gamma: str = field(default="alpha_bar", metadata={"help": f"γ_τ choice {ng.GAMMA_CHOICES}"})
     weighting: str = field(default="kl", metadata={"help": f"transition weighting {ng.WEIGHTING_CHOICES}"})
     grad_clip: float = field(default=1.0, metadata={"help": "max grad norm, per parameter group"})
+    # baselines (toy_baselines.py); the policy lr is --lr for every method
+    draft_k: int = field(default=1, metadata={"help": "DRaFT-K: last sampling steps the reward gradient flows through (1 = DRaFT-1)"})
+    draft_kl: float = field(default=0.0, metadata={"help": "DRaFT-K: weight of the per-step KL to P_F♯ on those K steps (0 = off, as in the paper)"})
+    refl_start: float = field(default=0.75, metadata={"help": "ReFL: stop at a uniform step in [refl_start·T, T−1] (ImageReward: 30–39 of 40)"})
+    ppo_clip: float = field(default=0.1, metadata={"help": "DDPO: PPO clip range ε of the per-step ratio"})
+    ppo_epochs: int = field(default=2, metadata={"help": "DDPO: inner epochs over each sampled batch"})
+    ppo_minibatches: int = field(default=4, metadata={"help": "DDPO: minibatches per inner epoch (one optimiser step each)"})
+    ppo_adv_clip: float = field(default=5.0, metadata={"help": "DDPO: clip of the normalised advantages"})
+    rtb_logz_lr: float = field(default=0.1, metadata={"help": "RTB: learning rate of the scalar log Z"})
     # evaluation and bookkeeping
     eval_samples: int = field(default=4000, metadata={"help": "samples for the final metrics"})
     eval_every: int = field(default=25, metadata={"help": "updates between metric-curve points"})
@@ -113,7 +122,43 @@ class ToyConfig:
         )
 
 
-METHODS = ("nabla-db", "no-flow")
+@dataclass(frozen=True)
+class Method:
+    """One --method: a train step with `train_step`'s signature and its extra trainable module.
+
+    make_aux(cfg) builds that module (g_φ, RTB's log Z) or returns None; aux_group(cfg) its
+    optimiser settings; aux_is_flow says whether it is g_φ (then evaluated as the learned flow).
+    """
+
+    train_step: Callable[..., Dict[str, float]]
+    summary: str
+    make_aux: Callable[[ToyConfig], Optional[nn.Module]] = lambda cfg: None
+    aux_group: Callable[[ToyConfig], dict] = lambda cfg: {}
+    aux_is_flow: bool = False
+
+
+def method_registry() -> Dict[str, Method]:
+    """--method name → Method. The baselines live in toy_baselines.py (imported here, lazily)."""
+    import toy_baselines
+
+    return {
+        "nabla-db": Method(train_step, "∇-GFlowNet: residual ∇-DB with forward-looking flow", make_aux=make_flow,
+                           aux_group=lambda cfg: {"lr": cfg.flow_lr, "weight_decay": 1e-2}, aux_is_flow=True),
+        "no-flow": Method(train_step, "∇-GFlowNet without g_φ (forward-looking guess alone)"),
+        **toy_baselines.methods(),
+    }
+
+
+class RewardGradCounter:
+    """Wraps r(x) and counts the rows it scores with a graph to x: each costs one reward gradient."""
+
+    def __init__(self, reward: Callable[[Tensor], Tensor]):
+        self.reward, self.rows = reward, 0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            self.rows += len(x)
+        return self.reward(x)
 
 
 def sd_scheduler():
@@ -468,22 +513,28 @@ def finetune(cfg: ToyConfig, task: Task, reference: nn.Module, schedule: ng.Step
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     torch.manual_seed(cfg.seed + 1)
     policy = copy.deepcopy(reference).requires_grad_(True).train()
-    flow = make_flow(cfg) if cfg.loss_config.use_flow else None
+    method = method_registry()[cfg.method]
+    aux = method.make_aux(cfg)  # g_φ for nabla-db, log Z for rtb, else None
     param_groups = [{"params": policy.parameters(), "lr": cfg.lr}]
-    if flow is not None:
-        param_groups.append({"params": flow.parameters(), "lr": cfg.flow_lr, "weight_decay": 1e-2})
+    if aux is not None:
+        param_groups.append({"params": aux.parameters(), **method.aux_group(cfg)})
     optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
-    history, eval_gen = [], torch.Generator().manual_seed(cfg.seed + 2)
+    counter = RewardGradCounter(task.reward)
+    train_task = dataclasses.replace(task, reward=counter)
+    train_time, history, eval_gen = 0.0, [], torch.Generator().manual_seed(cfg.seed + 2)
     bar = tqdm(range(cfg.updates), desc=f"finetune ({cfg.method})", disable=quiet)
     for update in bar:
-        stats = train_step(task, policy, reference, flow, optimizer, schedule, cfg, gen)
+        start = time.perf_counter()
+        stats = method.train_step(train_task, policy, reference, aux, optimizer, schedule, cfg, gen)
+        train_time += time.perf_counter() - start
+        stats.update(reward_grad_calls=counter.rows, train_time_s=train_time)  # cumulative
         if (update + 1) % cfg.eval_every == 0 or update == 0:
             with torch.no_grad():
                 x0 = sample(as_eps_fn(policy), schedule, 1000, eval_gen).final
             stats.update({f"eval_{k}": v for k, v in metrics(task, x0, seed=update).items()})
             bar.set_postfix(tv=f"{stats['eval_mode_tv']:.3f}", loss=f"{stats['loss']:.3g}")
         history.append({"update": update + 1, **stats})
-    return policy.eval(), flow, history
+    return policy.eval(), aux if method.aux_is_flow else None, history
 
 
 # ----------------------------------------------------------------------------------------------
@@ -569,7 +620,7 @@ def build_task(cfg: ToyConfig, log_reward: Optional[Callable[[Tensor], Tensor]] 
 
 def validate(cfg: ToyConfig):
     checks = [
-        (cfg.method in METHODS, f"--method must be one of {METHODS}, got {cfg.method!r}"),
+        (cfg.method in method_registry(), f"--method must be one of {tuple(method_registry())}, got {cfg.method!r}"),
         (cfg.gamma in ng.GAMMA_CHOICES, f"--gamma must be one of {ng.GAMMA_CHOICES}, got {cfg.gamma!r}"),
         (cfg.weighting in ng.WEIGHTING_CHOICES, f"--weighting must be one of {ng.WEIGHTING_CHOICES}, got {cfg.weighting!r}"),
         (0 <= cfg.fraction <= 1, f"--fraction must be in [0, 1], got {cfg.fraction}"),
@@ -614,7 +665,7 @@ def parse_args(argv=None) -> ToyConfig:
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            choices = {"method": METHODS, "gamma": ng.GAMMA_CHOICES, "weighting": ng.WEIGHTING_CHOICES}.get(f.name)
+            choices = {"method": tuple(method_registry()), "gamma": ng.GAMMA_CHOICES, "weighting": ng.WEIGHTING_CHOICES}.get(f.name)
             parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=f.metadata["help"])
     return ToyConfig(**vars(parser.parse_args(argv)))
 
