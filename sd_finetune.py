@@ -266,17 +266,16 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     parser = _OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                             argument_default=argparse.SUPPRESS if suppress_defaults else None)
-    for f in dataclasses.fields(Config):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    defaults = None if suppress_defaults else Config()
+    for f in dataclasses.fields(Config):  # f.type is a string (postponed annotations)
         kwargs = dict(help=f.metadata["help"], dest=f.name)
-        if not suppress_defaults:
-            kwargs["default"] = default
-        if f.type in ("bool", bool):
+        if defaults is not None:
+            kwargs["default"] = getattr(defaults, f.name)
+        if f.type == "bool":
             parser.add_argument(_flag(f.name), action="store_true", **kwargs)
         else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(_flag(f.name), type=kind, choices=f.metadata["choices"], metavar=f.name.upper()
-                                if f.metadata["choices"] is None else None, **kwargs)
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            parser.add_argument(_flag(f.name), type=kind, choices=f.metadata["choices"], **kwargs)
     return parser
 
 
@@ -730,6 +729,24 @@ def sample_images(models: Models, schedule: StepSchedule, prompts: Sequence[str]
     return torch.stack(images)
 
 
+def sample_epoch(models: Models, schedule: StepSchedule, prompt_embeds: Tensor, train_prompts: Sequence[str],
+                 cfg: Config, plan: Plan, noise_gen: torch.Generator, index_gen: torch.Generator,
+                 accelerator: Accelerator, epoch: int) -> Tuple[Trajectory, Tensor, List[str], List[dict]]:
+    """This process's trajectories of one epoch, each with a prompt drawn from the training list.
+
+    Returns the trajectories, their prompt embeddings (B, L, D) and texts (the conditioning the loss
+    routes by `traj`), and one row per trajectory of every process (prompt, reward) for the log.
+    """
+    prompt_ids = torch.randint(len(train_prompts), (plan.trajectories,), generator=index_gen)
+    cond, prompts = prompt_embeds[prompt_ids.to(prompt_embeds.device)], [train_prompts[i] for i in prompt_ids]
+    trajectory = sample_trajectories(models, schedule, cond, cfg, noise_gen,
+                                     desc=f"sample epoch {epoch}" if accelerator.is_main_process else None)
+    rewards = score_samples(models, trajectory.final, prompts, cfg.sample_batch_size)
+    samples = gather_object([dict(epoch=epoch, rank=accelerator.process_index, trajectory=i, prompt=p, reward=float(r))
+                             for i, (p, r) in enumerate(zip(prompts, rewards))])
+    return trajectory, cond, prompts, samples
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
@@ -1047,12 +1064,10 @@ def run(cfg: Config) -> None:
             print(f"resumed from {checkpoint} (epoch {start_epoch}, update {update})")
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    folder.write_json("config.json", {
-        "config": dataclasses.asdict(cfg), "derived": {**dataclasses.asdict(plan), "processes":
-                                                       accelerator.num_processes, "weight_dtype": str(
-                                                           models.unet.conv_in.weight.dtype)},
-        "command": sys.argv, "versions": _versions(),
-    })
+    derived = {**dataclasses.asdict(plan), "processes": accelerator.num_processes,
+               "weight_dtype": str(models.unet.conv_in.weight.dtype)}
+    folder.write_json("config.json", {"config": dataclasses.asdict(cfg), "derived": derived, "command": sys.argv,
+                                      "versions": _versions()})
 
     def grid(epoch: int) -> None:
         if is_main and (epoch % cfg.grid_every == 0 or epoch == cfg.epochs):
@@ -1068,13 +1083,8 @@ def run(cfg: Config) -> None:
     try:
         for epoch in range(start_epoch, cfg.epochs):
             grid(epoch)
-            prompt_ids = torch.randint(len(train_prompts), (plan.trajectories,), generator=index_gen)
-            cond, prompts = prompt_embeds[prompt_ids.to(device)], [train_prompts[i] for i in prompt_ids]
-            trajectory = sample_trajectories(models, schedule, cond, cfg, noise_gen,
-                                             desc=f"sample epoch {epoch}" if is_main else None)
-            rewards = score_samples(models, trajectory.final, prompts, cfg.sample_batch_size)
-            samples = gather_object([dict(epoch=epoch, rank=accelerator.process_index, trajectory=i, prompt=p,
-                                          reward=float(r)) for i, (p, r) in enumerate(zip(prompts, rewards))])
+            trajectory, cond, prompts, samples = sample_epoch(models, schedule, prompt_embeds, train_prompts, cfg,
+                                                              plan, noise_gen, index_gen, accelerator, epoch)
             folder.append("trajectories.jsonl", samples)
             all_rewards = torch.tensor([s["reward"] for s in samples])
             if not torch.isfinite(all_rewards).all():
