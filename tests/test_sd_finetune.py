@@ -16,13 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import nabla_gfn
+import sd_finetune as sd
 
-import nabla_gfn  # noqa: E402
-import sd_finetune as sd  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # conftest.py puts it on sys.path and sets HF_HUB_OFFLINE=1
 
 SCRIPT = str(ROOT / "sd_finetune.py")
 AESTHETIC_ASSET = ROOT.parent / "shared" / "assets" / "sac+logos+ava1-l14-linearMSE.pth"
