@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nabla_gfn  # noqa: E402
 import sd_finetune as sd  # noqa: E402
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 MIX = nabla_gfn.subsample_steps(50, 0.1, 1, torch.Generator()).shape[1]  # paper: terminal + 5 per trajectory
@@ -63,11 +63,6 @@ def sd15_text_config() -> CLIPTextConfig:
     return CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                           num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
                           bos_token_id=512, eos_token_id=513, pad_token_id=513)
-
-
-def sd15_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1)
 
 
 def sd15_random_models(cfg: sd.Config, device: torch.device, dtype: torch.dtype) -> sd.Models:
@@ -91,7 +86,7 @@ def sd15_random_models(cfg: sd.Config, device: torch.device, dtype: torch.dtype)
         for module in (vae, text_encoder, unet):
             module.requires_grad_(False).to(dtype)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=sd15_scheduler(), safety_checker=None, feature_extractor=None,
+                                   scheduler=sd.sd_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     embedder = sd.ClipEmbedder(clip, tokenizer).to(device)
     lora = sd.add_lora(unet, cfg.lora_rank, cfg.lora_alpha)
