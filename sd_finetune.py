@@ -180,8 +180,8 @@ class Config:
     trust_region: float = _opt(2e3, "λ, weight of ‖ε̂_θ − ε̂_old‖² (2e3 is the paper's value for aesthetic)",
                                check=NON_NEGATIVE)
     gamma: str = _opt("alpha_bar", "γ_τ damping of the forward-looking guess", choices=nabla_gfn.GAMMA_CHOICES)
-    weighting: str = _opt("plain", "per-transition weight: plain (paper) or kl (σ_τ²)",
-                          choices=nabla_gfn.WEIGHTING_CHOICES)
+    weighting: str = _opt("plain", "per-transition weighting of the residuals, see "
+                          "nabla_gfn.transition_weight(s); plain is the paper's", choices=nabla_gfn.WEIGHTING_CHOICES)
     reverse_weight: float = _opt(1.0, "w_B, weight of the reverse term L_B", check=NON_NEGATIVE)
     no_flow: bool = _opt(False, "the 'no flow' variant: no g_φ, no L_B (forward loss with the guess alone)")
     # policy

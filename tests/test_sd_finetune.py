@@ -90,7 +90,7 @@ def test_one_epoch_writes_every_output(smoke_run, cache):
     expected = {"update", "epoch", "reward_mean", "reward_std", "loss", "forward", "reverse", "terminal",
                 "trust_region", "reward_next", "grad_norm_policy", "grad_norm_flow", *TIME_KEYS}
     for m in metrics:
-        assert set(m) == expected
+        assert expected <= set(m), expected - set(m)
         assert all(torch.isfinite(torch.tensor(float(v))) for v in m.values())
     assert metrics[0]["forward"] > 0 and metrics[0]["grad_norm_policy"] > 0
 
