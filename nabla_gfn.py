@@ -89,7 +89,7 @@ LogRewardFn = Callable[[Tensor, Tensor], Tensor]
 FlowFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 GAMMA_CHOICES = ("alpha_bar", "sqrt_alpha_bar")
-WEIGHTING_CHOICES = ("plain", "kl")
+WEIGHTING_CHOICES = ("plain", "kl", "kl-shift")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,17 +452,28 @@ class LossConfig:
             raise ValueError(f"weighting must be one of {WEIGHTING_CHOICES}, got {self.weighting!r}")
 
 
-def transition_weight(sigma: Tensor, weighting: str) -> Tensor:
-    """Per-transition weight: 1 ("plain") or σ_τ² ("kl").
+def transition_weights(sigma: Tensor, weighting: str) -> Tuple[Tensor, Tensor]:
+    """Per-transition weights (w_policy, w_flow) of the residuals that train θ and g_φ.
 
-    With weight σ², σ² ‖(μ_θ − μ^♯)/σ² − s‖² = ‖μ_θ − (μ^♯ + σ² s)‖² / σ² = 2 KL(P_F^θ ‖ target
-    step with mean μ^♯ + σ² s): same minimiser, but high-noise (mode-choosing) steps are no longer
-    down-weighted by 1/σ⁴ relative to the mean shift they need.
+    "plain"     (1, 1): the paper's unweighted residuals.
+    "kl"        (σ², σ²): σ² ‖(μ_θ − μ^♯)/σ² − s‖² = ‖μ_θ − (μ^♯ + σ² s)‖² / σ² = 2 KL(P_F^θ ‖ the
+                target step N(μ^♯ + σ² s, σ²)). Same minimiser as "plain", but high-noise
+                (mode-choosing) steps are no longer down-weighted by 1/σ⁴ relative to the mean
+                shift they need.
+    "kl-shift"  (σ², σ⁴): the policy as in "kl"; g_φ's residuals measured as the mean shift they
+                imply, ‖σ² δ‖². Why: at low noise a tiny error in μ_θ is a huge error in the score
+                (μ_θ − μ^♯)/σ², and that score is g_φ's regression target in both L_F and L_B;
+                with weight σ² those 1/σ²-amplified errors dominate g_φ's loss and propagate to
+                the mode-choosing steps. Measured on the toy (README): "kl-shift" removes the
+                plateau that "kl" and "plain" hit.
     """
     if weighting == "plain":
-        return torch.ones_like(sigma)
+        one = torch.ones_like(sigma)
+        return one, one
     if weighting == "kl":
-        return sigma**2
+        return sigma**2, sigma**2
+    if weighting == "kl-shift":
+        return sigma**2, sigma**4
     raise ValueError(f"weighting must be one of {WEIGHTING_CHOICES}, got {weighting!r}")
 
 
@@ -481,14 +492,19 @@ def nabla_db_loss(
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Residual ∇-DB loss on a batch of transitions (paper eqs. 10–13, Alg. 1). Returns (loss, parts).
 
-    With sg[·] = stop-gradient, w_τ the transition weight and every norm a mean over dimensions:
+    With sg[·] = stop-gradient, every norm a mean over dimensions, and per-transition weights
+    (w_θ, w_φ) from `transition_weights` (both 1 in the paper):
 
-      L_F = w_τ ‖ (μ_θ(x) − μ^♯(x))/σ² − sg[target(x')] − g_φ(x', τ') ‖²     (g_φ omitted if x' = x_0)
-      L_B = w_τ ‖ sg[∇_x(log P_F^θ − log P_F^♯)(x'|x)] + sg[β γ_τ ∇r(x̂_0(x))] + g_φ(x, τ) ‖²
+      L_F = w_θ ‖ (μ_θ(x) − μ^♯(x))/σ² − sg[target(x')] − sg[g_φ(x', τ')] ‖²     trains θ
+          + w_φ ‖ sg[(μ_θ(x) − μ^♯(x))/σ²] − sg[target(x')] − g_φ(x', τ') ‖²     trains g_φ
+                                                              (g_φ omitted where x' = x_0)
+      L_B = w_φ ‖ sg[∇_x(log P_F^θ − log P_F^♯)(x'|x)] + sg[β γ_τ ∇r(x̂_0(x))] + g_φ(x, τ) ‖²
       L_T = ‖ g_φ(x_0, 0) ‖²                                                (terminal rows)
       L_λ = λ ‖ ε̂_θ(x) − ε̂_old(x) ‖²
       loss = mean(L_F) + w_B mean(L_B) + mean_terminal(L_T) + mean(L_λ)
 
+    The two lines of L_F are one residual seen from each side: with w_θ = w_φ their gradients are
+    exactly those of the paper's single term w ‖ … − g_φ(x', τ') ‖².
     target(x') is β∇r(x_0) on terminal rows and β γ_{τ'} ∇r(x̂_0(x')) otherwise.
 
     Where gradients go (as in the official code):
@@ -497,12 +513,13 @@ def nabla_db_loss(
       * One ε̂_θ(x) forward serves μ_θ (param gradients), the reverse score and the guess at x.
     With cfg.use_flow = False ("no flow"): flow is ignored, L_B and L_T are zero.
 
-    parts: detached scalars "loss", "forward", "reverse", "terminal", "trust_region", and
+    parts: detached scalars "loss", "forward" (θ's line of L_F), "forward_flow" (g_φ's line),
+    "reverse", "terminal", "trust_region", and
     "reward_next" (mean r at x_0 or x̂_0(x')).
     """
     use_flow = cfg.use_flow and flow is not None
     t, traj, sigma = batch.t, batch.traj, batch.sigma
-    weight = transition_weight(sigma, cfg.weighting)
+    weight_policy, weight_flow = transition_weights(sigma, cfg.weighting)
     zero = batch.x.new_zeros(())
 
     # ε̂_θ(x): one forward with a graph to the parameters and (for L_B) to x.
@@ -532,24 +549,28 @@ def nabla_db_loss(
             mean_reference = step_mean(x, reference_eps(x, t, traj), batch.alpha_bar, batch.alpha_bar_next, sigma)
 
     target_next, reward_next = flow_target_next(policy_eps, log_reward, batch, cfg.beta, cfg.gamma)
-    residual = forward_residual(mean_policy, mean_reference, sigma) - target_next
+    residual = forward_residual(mean_policy, mean_reference, sigma)  # (N, *S), graph to θ only
 
-    loss_terminal, loss_reverse = zero, zero
+    loss_forward_flow, loss_terminal, loss_reverse = zero, zero, zero
     if use_flow:
         flow_next = flow(batch.x_next, batch.t_next, traj)
-        nonterminal = (~batch.is_terminal).to(x.dtype)
-        residual = residual - _per_row(nonterminal, flow_next) * flow_next
         if batch.is_terminal.any():
             loss_terminal = _sq(flow_next[batch.is_terminal]).mean()
+        flow_next = _per_row((~batch.is_terminal).to(x.dtype), flow_next) * flow_next  # no g_φ at x_0
+        # L_F split by who it trains: θ sees sg[g_φ], g_φ sees sg[policy residual]. With equal
+        # weights the gradients are exactly those of the single joint term.
+        loss_forward_flow = (weight_flow * _sq(residual.detach() - target_next - flow_next)).mean()
+        residual = residual - flow_next.detach()
         flow_here = flow(x.detach(), t, traj)
-        loss_reverse = (weight * _sq(reverse_target + flow_here)).mean()
+        loss_reverse = (weight_flow * _sq(reverse_target + flow_here)).mean()
 
-    loss_forward = (weight * _sq(residual)).mean()
+    loss_forward = (weight_policy * _sq(residual - target_next)).mean()
     loss_trust = cfg.trust_region * _sq(eps_policy - batch.eps_old).mean()
-    loss = loss_forward + cfg.reverse_weight * loss_reverse + loss_terminal + loss_trust
+    loss = loss_forward + loss_forward_flow + cfg.reverse_weight * loss_reverse + loss_terminal + loss_trust
     parts = {
         "loss": loss.detach(),
         "forward": loss_forward.detach(),
+        "forward_flow": loss_forward_flow.detach(),
         "reverse": loss_reverse.detach(),
         "terminal": loss_terminal.detach(),
         "trust_region": loss_trust.detach(),

@@ -35,7 +35,7 @@ from nabla_gfn import (
     sample_trajectory,
     step_mean,
     subsample_steps,
-    transition_weight,
+    transition_weights,
     x0_prediction,
     zero_output_layer,
 )
@@ -382,7 +382,7 @@ def test_unknown_gamma_or_weighting_names_are_rejected():
     with pytest.raises(ValueError, match=r"plain.*kl"):
         LossConfig(weighting="bogus")
     with pytest.raises(ValueError, match=r"plain.*kl"):
-        transition_weight(torch.ones(2), "bogus")
+        transition_weights(torch.ones(2), "bogus")
 
 
 def test_zero_output_layer_mlp():
@@ -451,7 +451,7 @@ def test_loss_is_exactly_zero_at_the_reference_with_constant_reward(schedule, us
     assert parts["forward"] > 0 and parts["trust_region"] > 0 and (parts["reverse"] > 0) == use_flow
 
 
-@pytest.mark.parametrize("weighting", ["plain", "kl"])
+@pytest.mark.parametrize("weighting", ["plain", "kl", "kl-shift"])
 @pytest.mark.parametrize("shape", [(2,), IMAGE_SHAPE])
 def test_reverse_term_is_autograd_reverse_residual(scheduler, schedule, weighting, shape):
     # Constant reward (guess 0) and g_φ ≡ 0: L_B is the squared reverse residual alone.
@@ -460,7 +460,7 @@ def test_reverse_term_is_autograd_reverse_residual(scheduler, schedule, weightin
     batch = sample_batch(policy, schedule, shape)
     cfg = LossConfig(trust_region=0.0, weighting=weighting, use_flow=True)
     _, parts = nabla_db_loss(batch, policy, reference, constant_reward, flow, cfg)
-    weight = batch.sigma.to(F64) ** 2 if weighting == "kl" else 1.0
+    weight = oracle_weights(batch.sigma, weighting)[1]  # L_B trains g_φ: w_φ
     expected = (weight * mean_sq(oracle_reverse_residual(scheduler, policy, reference, batch))).mean()
     assert expected > 0
     torch.testing.assert_close(parts["reverse"], expected, rtol=RTOL_DIFFUSERS, atol=0)
@@ -522,11 +522,18 @@ def test_gradients_reach_only_what_each_term_trains(schedule):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
 
 
+def oracle_weights(sigma, weighting):
+    """(w_θ, w_φ) per transition, as the docstring of transition_weights states them."""
+    s2 = sigma.to(F64) ** 2
+    one = torch.ones_like(s2)
+    return {"plain": (one, one), "kl": (s2, s2), "kl-shift": (s2, s2**2)}[weighting]
+
+
 def oracle_loss(scheduler, batch, policy, reference, log_reward, flow, cfg):
     """nabla_db_loss's docstring formula, built independently: means and x̂_0 from diffusers' step,
     scores by autograd of torch.distributions log-densities, targets detached by construction.
     Returns (loss, parts) with a graph to the policy's and g_φ's parameters."""
-    weight = batch.sigma.to(F64) ** 2 if cfg.weighting == "kl" else torch.ones(len(batch), dtype=F64)
+    weight_policy, weight_flow = oracle_weights(batch.sigma, cfg.weighting)
     term = rows(batch.is_terminal, batch.x).bool()
     x, x_next = batch.x.detach().requires_grad_(True), batch.x_next.detach().requires_grad_(True)
     mean_policy, _ = diffusers_step(scheduler, policy, x, batch.t, batch.traj)
@@ -540,17 +547,19 @@ def oracle_loss(scheduler, batch, policy, reference, log_reward, flow, cfg):
     target_next = torch.where(term, cfg.beta * reward_score_x0, guess_next)
 
     zero = torch.zeros((), dtype=F64)
-    loss_reverse, loss_terminal, flow_next = zero, zero, torch.zeros_like(batch.x_next)
+    loss_reverse, loss_terminal, loss_forward_flow, flow_next = zero, zero, zero, torch.zeros_like(batch.x_next)
     if cfg.use_flow:
         flow_next = flow(batch.x_next, batch.t_next, batch.traj)
         loss_terminal = mean_sq(flow_next[batch.is_terminal]).mean()
         guess_here = oracle_guess(scheduler, policy, log_reward, batch.x, batch.t, batch.traj, cfg.beta, cfg.gamma)
         flow_here = flow(batch.x, batch.t, batch.traj)
-        loss_reverse = (weight * mean_sq(reverse_residual + guess_here + flow_here)).mean()
-    residual = forward_res - target_next - torch.where(term, torch.zeros_like(flow_next), flow_next)
-    loss_forward = (weight * mean_sq(residual)).mean()
+        loss_reverse = (weight_flow * mean_sq(reverse_residual + guess_here + flow_here)).mean()
+    flow_next = torch.where(term, torch.zeros_like(flow_next), flow_next)
+    if cfg.use_flow:  # g_φ's view of the forward residual: the policy side detached
+        loss_forward_flow = (weight_flow * mean_sq(forward_res.detach() - target_next - flow_next)).mean()
+    loss_forward = (weight_policy * mean_sq(forward_res - target_next - flow_next.detach())).mean()
     loss_trust = cfg.trust_region * mean_sq(policy(batch.x, batch.t, batch.traj) - batch.eps_old).mean()
-    loss = loss_forward + cfg.reverse_weight * loss_reverse + loss_terminal + loss_trust
+    loss = loss_forward + loss_forward_flow + cfg.reverse_weight * loss_reverse + loss_terminal + loss_trust
     with torch.no_grad():
         _, x0_hat_next = diffusers_step(scheduler, policy, batch.x_next, batch.t_next, batch.traj)
         reward_next = torch.where(
@@ -558,6 +567,7 @@ def oracle_loss(scheduler, batch, policy, reference, log_reward, flow, cfg):
         )
     parts = dict(
         forward=loss_forward,
+        forward_flow=loss_forward_flow,
         reverse=loss_reverse,
         terminal=loss_terminal,
         trust_region=loss_trust,
@@ -594,7 +604,8 @@ def assert_routed_by_traj(recorder: Recorder, batch: Transitions, require_match:
 
 @pytest.mark.parametrize(
     "use_flow, weighting, gamma",
-    [(True, "plain", "alpha_bar"), (True, "kl", "sqrt_alpha_bar"), (False, "plain", "alpha_bar")],
+    [(True, "plain", "alpha_bar"), (True, "kl", "sqrt_alpha_bar"), (True, "kl-shift", "sqrt_alpha_bar"),
+     (False, "plain", "alpha_bar")],
 )
 def test_loss_matches_independent_oracle_and_routes_conditioning_by_traj(scheduler, schedule, use_flow, weighting, gamma):
     B = 4
@@ -629,8 +640,7 @@ def test_loss_matches_independent_oracle_and_routes_conditioning_by_traj(schedul
 @pytest.mark.parametrize("reward_dtype", [torch.float64, torch.bfloat16])
 def test_loss_accepts_any_reward_dtype(scheduler, schedule, reward_dtype):
     """The reward's dtype is the caller's (a float64 toy, a bf16 reward model): the loss must run and
-    log the mean reward. Currently fails: flow_target_next writes r into a float32 buffer by masked
-    assignment (`r_next[term] = r`), and index_put requires equal dtypes."""
+    log the mean reward (regression test: masked assignment into a float32 buffer used to fail)."""
     policy = TinyNet(seed=1)
     batch = sample_batch(policy, schedule)
 
