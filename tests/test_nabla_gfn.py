@@ -111,7 +111,7 @@ class TinyNet(nn.Module):
 
 # The rewards below compute in the states' dtype (float64) and return r in float32, as the SD
 # reward model does. ∇r stays exact float64 (the cast's backward is the identity). A reward that
-# returns float64 currently breaks the loss: see test_loss_accepts_any_reward_dtype.
+# returns float64 is covered by test_loss_accepts_any_reward_dtype.
 
 
 class LinearReward(nn.Module):
@@ -529,10 +529,11 @@ def oracle_weights(sigma, weighting):
     return {"plain": (one, one), "kl": (s2, s2), "kl-shift": (s2, s2**2)}[weighting]
 
 
-def oracle_loss(scheduler, batch, policy, reference, log_reward, flow, cfg):
+def oracle_loss(scheduler, batch, policy, reference, log_reward, flow, cfg, joint=False):
     """nabla_db_loss's docstring formula, built independently: means and x̂_0 from diffusers' step,
     scores by autograd of torch.distributions log-densities, targets detached by construction.
-    Returns (loss, parts) with a graph to the policy's and g_φ's parameters."""
+    Returns (loss, parts) with a graph to the policy's and g_φ's parameters. joint=True writes L_F
+    as the paper's single term w_θ ‖(μ_θ − μ♯)/σ² − target − g_φ‖² (no stop-gradients inside)."""
     weight_policy, weight_flow = oracle_weights(batch.sigma, cfg.weighting)
     term = rows(batch.is_terminal, batch.x).bool()
     x, x_next = batch.x.detach().requires_grad_(True), batch.x_next.detach().requires_grad_(True)
@@ -555,9 +556,12 @@ def oracle_loss(scheduler, batch, policy, reference, log_reward, flow, cfg):
         flow_here = flow(batch.x, batch.t, batch.traj)
         loss_reverse = (weight_flow * mean_sq(reverse_residual + guess_here + flow_here)).mean()
     flow_next = torch.where(term, torch.zeros_like(flow_next), flow_next)
-    if cfg.use_flow:  # g_φ's view of the forward residual: the policy side detached
-        loss_forward_flow = (weight_flow * mean_sq(forward_res.detach() - target_next - flow_next)).mean()
-    loss_forward = (weight_policy * mean_sq(forward_res - target_next - flow_next.detach())).mean()
+    if joint:
+        loss_forward = (weight_policy * mean_sq(forward_res - target_next - flow_next)).mean()
+    else:
+        if cfg.use_flow:  # g_φ's view of the forward residual: the policy side detached
+            loss_forward_flow = (weight_flow * mean_sq(forward_res.detach() - target_next - flow_next)).mean()
+        loss_forward = (weight_policy * mean_sq(forward_res - target_next - flow_next.detach())).mean()
     loss_trust = cfg.trust_region * mean_sq(policy(batch.x, batch.t, batch.traj) - batch.eps_old).mean()
     loss = loss_forward + loss_forward_flow + cfg.reverse_weight * loss_reverse + loss_terminal + loss_trust
     with torch.no_grad():
@@ -635,6 +639,21 @@ def test_loss_matches_independent_oracle_and_routes_conditioning_by_traj(schedul
     expected = torch.autograd.grad(expected_loss, params)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=RTOL_DIFFUSERS, atol=1e-8)
+
+
+@pytest.mark.parametrize("weighting, same", [("plain", True), ("kl", True), ("kl-shift", False)])
+def test_split_forward_term_has_the_papers_joint_gradients_when_weights_are_equal(scheduler, schedule, weighting, same):
+    """nabla_db_loss writes L_F as two stop-gradient lines (θ's and g_φ's); with w_θ = w_φ their
+    gradients equal those of the paper's single joint term, for θ and for g_φ alike."""
+    policy, reference, flow = TinyNet(seed=1), TinyNet(seed=2), TinyNet(seed=3)
+    batch = sample_batch(TinyNet(seed=0), schedule, batch_size=4)
+    cfg = LossConfig(beta=1.5, trust_region=0.5, reverse_weight=0.7, weighting=weighting)
+    loss, _ = nabla_db_loss(batch, policy, reference, smooth_reward, flow, cfg)
+    joint_loss, _ = oracle_loss(scheduler, batch, policy, reference, smooth_reward, flow, cfg, joint=True)
+    params = list(policy.parameters()) + list(flow.parameters())
+    got, expected = torch.autograd.grad(loss, params), torch.autograd.grad(joint_loss, params)
+    close = all(torch.allclose(g, e, rtol=RTOL_DIFFUSERS, atol=1e-8) for g, e in zip(got, expected))
+    assert close == same
 
 
 @pytest.mark.parametrize("reward_dtype", [torch.float64, torch.bfloat16])
