@@ -596,7 +596,7 @@ def make_figure(path: Path, task: Task, samples: Dict[str, Tensor], result: dict
 
     pts = torch.cat(list(samples.values())).double()
     lo, hi = pts.quantile(0.005, 0).numpy() - 0.5, pts.quantile(0.995, 0).numpy() + 0.5
-    fig, axes = plt.subplots(1, 6, figsize=(25, 4.2))
+    fig, axes = plt.subplots(1, 6, figsize=(25, 4.6))
     if task.target is not None:
         gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 200), np.linspace(lo[1], hi[1], 200))
         grid = torch.tensor(np.stack([gx.ravel(), gy.ravel()], 1))
@@ -626,7 +626,7 @@ def make_figure(path: Path, task: Task, samples: Dict[str, Tensor], result: dict
             axes[5].axhline(result[key]["mode_tv"], ls=style, c="gray", label=key)
     axes[5].set_xlabel("update"), axes[5].set_ylabel("mode-weight TV to exact target"), axes[5].legend()
     axes[5].set_title("TV vs updates")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
