@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -61,6 +60,7 @@ class CompareConfig:
     readme: bool = field(default=False, metadata={"help": f"write the figure to {README_FIGURE} and the table into README.md"})
     quick: bool = field(default=False, metadata={"help": "tiny budget for tests: 1 seed, 6 updates, 10 steps, small pretraining"})
     cache_dir: str = field(default="", metadata={"help": "pretrained-model cache (as toy_2d.py)"})
+    reuse: bool = field(default=False, metadata={"help": "reuse runs in --out whose config.json matches exactly (e.g. after a crash)"})
     list: bool = field(default=False, metadata={"help": "print the variant ids and exit"})
 
 
@@ -68,26 +68,30 @@ QUICK = dict(updates=6, batch_size=16, num_steps=10, eval_every=2, eval_samples=
 
 
 def variants(base: toy_2d.ToyConfig) -> Dict[str, dict]:
-    """Variant id → {"label", "overrides"} relative to toy_2d's defaults `base` (labels follow them)."""
+    """Variant id → {"label", "overrides"} relative to toy_2d's defaults `base` (labels follow them).
+
+    ∇-GFlowNet at the defaults, with each other weighting, with the other γ, and without g_φ; then
+    the baselines at their defaults.
+    """
     gamma_label = {"alpha_bar": "ᾱ", "sqrt_alpha_bar": "√ᾱ"}
-    other_weighting = next(w for w in ng.WEIGHTING_CHOICES if w != base.weighting)
-    other_gamma = next(g for g in ng.GAMMA_CHOICES if g != base.gamma)
 
-    def nabla(weighting, gamma):
-        return f"∇-GFlowNet ({weighting}, γ={gamma_label[gamma]})"
+    def nabla(weighting, gamma, prefix="∇-GFlowNet"):
+        return f"{prefix} ({weighting}, γ={gamma_label.get(gamma, gamma)})"
 
-    return {
-        "nabla-db": {"label": nabla(base.weighting, base.gamma), "overrides": {"method": "nabla-db"}},
-        f"nabla-db-{other_weighting}": {"label": nabla(other_weighting, base.gamma),
-                                        "overrides": {"method": "nabla-db", "weighting": other_weighting}},
-        f"nabla-db-{other_gamma}": {"label": nabla(base.weighting, other_gamma),
-                                    "overrides": {"method": "nabla-db", "gamma": other_gamma}},
-        "no-flow": {"label": f"∇-GFlowNet no-flow ({base.weighting}, γ={gamma_label[base.gamma]})", "overrides": {"method": "no-flow"}},
+    table = {"nabla-db": {"label": nabla(base.weighting, base.gamma), "overrides": {"method": "nabla-db"}}}
+    for weighting in (w for w in ng.WEIGHTING_CHOICES if w != base.weighting):
+        table[f"nabla-db-{weighting}"] = {"label": nabla(weighting, base.gamma),
+                                          "overrides": {"method": "nabla-db", "weighting": weighting}}
+    for gamma in (g for g in ng.GAMMA_CHOICES if g != base.gamma):
+        table[f"nabla-db-{gamma}"] = {"label": nabla(base.weighting, gamma), "overrides": {"method": "nabla-db", "gamma": gamma}}
+    table["no-flow"] = {"label": nabla(base.weighting, base.gamma, "∇-GFlowNet no-flow"), "overrides": {"method": "no-flow"}}
+    table.update({
         "draft": {"label": f"DRaFT-{base.draft_k}", "overrides": {"method": "draft"}},
         "refl": {"label": "ReFL", "overrides": {"method": "refl"}},
         "ddpo": {"label": "DDPO", "overrides": {"method": "ddpo"}},
         "rtb": {"label": "RTB", "overrides": {"method": "rtb"}},
-    }
+    })
+    return table
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,10 +126,25 @@ def pretrained_entropy(cfg: toy_2d.ToyConfig, n: int = 4000) -> float:
     return mode_entropy(toy_2d.mode_weights(x0, task.target.means))
 
 
-def run_one(cfg: toy_2d.ToyConfig, threshold: float) -> dict:
-    """toy_2d.run plus the comparison's summary: curve, first crossing of the threshold, entropies."""
-    result = toy_2d.run(cfg, quiet=True)
-    history = json.loads((Path(cfg.out) / "metrics.json").read_text())["history"]
+def finished(cfg: toy_2d.ToyConfig) -> bool:
+    """Whether cfg.out holds a completed toy_2d run of exactly this config."""
+    out = Path(cfg.out)
+    if not (out / "metrics.json").exists() or not (out / "config.json").exists():
+        return False
+    return json.loads((out / "config.json").read_text()) == json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def run_one(cfg: toy_2d.ToyConfig, threshold: float, reuse: bool = False) -> dict:
+    """toy_2d.run (skipped with reuse when cfg.out already holds this exact run), then its summary."""
+    if not (reuse and finished(cfg)):
+        toy_2d.run(cfg, quiet=True)
+    return read_run(cfg, threshold)
+
+
+def read_run(cfg: toy_2d.ToyConfig, threshold: float) -> dict:
+    """The comparison's summary of one finished run: curve, first crossing of the threshold, entropy."""
+    result = json.loads((Path(cfg.out) / "metrics.json").read_text())
+    history = result["history"]
     task = toy_2d.build_task(cfg)
     samples = torch.from_numpy(np.load(Path(cfg.out) / "samples.npy"))
     curve = [(h["update"], h["eval_mode_tv"]) for h in history if "eval_mode_tv" in h]
@@ -156,14 +175,14 @@ def run_one(cfg: toy_2d.ToyConfig, threshold: float) -> dict:
 def _mean_std(values: List[float], fmt: str) -> str:
     if len(values) == 1:
         return format(values[0], fmt)
-    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+    return f"{format(float(np.mean(values)), fmt)} ± {format(float(np.std(values, ddof=1)), fmt)}"
 
 
 def _median_reached(values: List[Optional[float]], fmt: str) -> str:
     reached = [v for v in values if v is not None]
     if not reached:
         return f"not reached (0/{len(values)})"
-    text = format(statistics.median(reached), fmt)
+    text = format(float(np.median(reached)), fmt)
     return text if len(reached) == len(values) else f"{text} ({len(reached)}/{len(values)})"
 
 
@@ -307,7 +326,7 @@ def compare(cc: CompareConfig, command: str = "python compare_toy.py") -> dict:
         list(pool.map(pretrain_seed, [dataclasses.replace(base, seed=s) for s in range(cc.seeds)]))
         # slowest methods first, so that the pool's last minutes are not one long run
         order = sorted(jobs, key=lambda ks: ks[0] not in ("ddpo", "rtb"))
-        futures = {ks: pool.submit(run_one, jobs[ks], cc.threshold) for ks in order}
+        futures = {ks: pool.submit(run_one, jobs[ks], cc.threshold, cc.reuse) for ks in order}
         for (key, seed), future in futures.items():
             runs[key][seed] = future.result()
             print(f"{key} seed {seed}: final TV {runs[key][seed]['final']['mode_tv']:.3f}", flush=True)
