@@ -106,7 +106,7 @@ def _worker_init():
 def mode_entropy(weights: torch.Tensor) -> float:
     """Entropy (nats) of mode weights; 0 log 0 = 0."""
     w = weights[weights > 0]
-    return float(-(w * w.log()).sum())
+    return max(0.0, float(-(w * w.log()).sum()))
 
 
 def pretrain_seed(cfg: toy_2d.ToyConfig) -> str:
@@ -142,18 +142,38 @@ def run_one(cfg: toy_2d.ToyConfig, threshold: float, reuse: bool = False) -> dic
 
 
 def read_run(cfg: toy_2d.ToyConfig, threshold: float) -> dict:
-    """The comparison's summary of one finished run: curve, first crossing of the threshold, entropy."""
+    """The comparison's summary of one finished run: curve, first crossing of the threshold, entropy.
+
+    A run diverges at the first update whose training batch has a non-finite reward or loss, or
+    whose evaluation samples are flung far off the data (sliced W1 to the target over 10× the
+    pretrained sampler's). Its curve stops before that update and its "final" numbers are those of
+    the last evaluation before it (toy_2d's nearest-mode metrics would count NaN samples as mode 0).
+    """
     result = json.loads((Path(cfg.out) / "metrics.json").read_text())
     history = result["history"]
     task = toy_2d.build_task(cfg)
     samples = torch.from_numpy(np.load(Path(cfg.out) / "samples.npy"))
-    curve = [(h["update"], h["eval_mode_tv"]) for h in history if "eval_mode_tv" in h]
-    hit = next((h for h in history if h.get("eval_mode_tv", math.inf) <= threshold), None)
+    far = 10 * result["pretrained"]["sliced_w1"]
+
+    def broken(h):
+        w1 = h.get("eval_sliced_w1", 0.0)
+        return not (math.isfinite(h["reward"]) and math.isfinite(h["loss"]) and math.isfinite(w1) and w1 <= far)
+
+    diverged_at = next((h["update"] for h in history if broken(h)), None)
+    if diverged_at is None and not torch.isfinite(samples).all():
+        diverged_at = history[-1]["update"]
+    evals = [h for h in history if "eval_mode_tv" in h and (diverged_at is None or h["update"] < diverged_at)]
+    curve = [(h["update"], h["eval_mode_tv"]) for h in evals]
+    hit = next((h for h in evals if h["eval_mode_tv"] <= threshold), None)
+    final = result["finetuned"]
+    if diverged_at is not None:
+        final = {**final, "mode_tv": evals[-1]["eval_mode_tv"], "mean_log_reward": evals[-1]["eval_mean_log_reward"]}
     return {
-        "final": result["finetuned"],
+        "final": final,
+        "diverged_at": diverged_at,
         "pretrained": result["pretrained"],
         "oracle": result.get("oracle"),
-        "entropy": mode_entropy(toy_2d.mode_weights(samples, task.target.means)),
+        "entropy": mode_entropy(toy_2d.mode_weights(samples, task.target.means)) if diverged_at is None else None,
         "target_entropy": mode_entropy(task.target.weights),
         "curve": curve,
         "min_tv": min(tv for _, tv in curve),
@@ -172,7 +192,10 @@ def read_run(cfg: toy_2d.ToyConfig, threshold: float) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _mean_std(values: List[float], fmt: str) -> str:
+def _mean_std(values: List[Optional[float]], fmt: str) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
     if len(values) == 1:
         return format(values[0], fmt)
     return f"{format(float(np.mean(values)), fmt)} ± {format(float(np.std(values, ddof=1)), fmt)}"
@@ -184,6 +207,11 @@ def _median_reached(values: List[Optional[float]], fmt: str) -> str:
         return f"not reached (0/{len(values)})"
     text = format(float(np.median(reached)), fmt)
     return text if len(reached) == len(values) else f"{text} ({len(reached)}/{len(values)})"
+
+
+def _diverged(updates: List[Optional[int]]) -> str:
+    hits = sorted(u for u in updates if u is not None)
+    return "—" if not hits else f"{len(hits)}/{len(updates)} (at update {', '.join(map(str, hits))})"
 
 
 def summarise(runs: Dict[str, List[dict]], labels: Dict[str, str]) -> List[dict]:
@@ -198,6 +226,7 @@ def summarise(runs: Dict[str, List[dict]], labels: Dict[str, str]) -> List[dict]
             "mean_log_reward": [r["final"]["mean_log_reward"] for r in seeds],
             "exact_mean_log_reward": seeds[0]["final"]["exact_mean_log_reward"],
             "mode_entropy": [r["entropy"] for r in seeds],
+            "diverged_at": [r["diverged_at"] for r in seeds],
             "updates_to_threshold": [r["updates_to_threshold"] for r in seeds],
             "train_s_to_threshold": [r["train_s_to_threshold"] for r in seeds],
             "reward_grads_to_threshold": [r["reward_grads_to_threshold"] for r in seeds],
@@ -211,22 +240,23 @@ def summarise(runs: Dict[str, List[dict]], labels: Dict[str, str]) -> List[dict]
 def markdown_table(rows: List[dict], reference: dict, threshold: float, updates: int, seeds: int) -> str:
     thr = f"{threshold:g}"
     head = ("| method | final mode TV ↓ | best TV seen | mean log-reward | mode entropy (nats) | "
-            f"updates to TV ≤ {thr} | train s to TV ≤ {thr} | ∇r calls per update |\n"
-            "|---|---|---|---|---|---|---|---|\n")
+            f"updates to TV ≤ {thr} | train s to TV ≤ {thr} | ∇r calls per update | diverged (NaN) |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for row in rows:
         lines.append(
             f"| {row['method']} | {_mean_std(row['final_tv'], '.3f')} | {_mean_std(row['min_tv'], '.3f')} | "
             f"{_mean_std(row['mean_log_reward'], '.2f')} | {_mean_std(row['mode_entropy'], '.2f')} | "
             f"{_median_reached(row['updates_to_threshold'], '.0f')} | {_median_reached(row['train_s_to_threshold'], '.1f')} | "
-            f"{row['reward_grads_per_update']:.0f} |")
+            f"{row['reward_grads_per_update']:.0f} | {_diverged(row['diverged_at'])} |")
     for name, ref in reference.items():
         entropy = "" if ref.get("entropy") is None else f"{ref['entropy']:.2f}"
-        lines.append(f"| *{name}* | {ref['mode_tv']:.3f} | | {ref['mean_log_reward']:.2f} | {entropy} | | | |")
+        lines.append(f"| *{name}* | {ref['mode_tv']:.3f} | | {ref['mean_log_reward']:.2f} | {entropy} | | | | |")
     note = (f"\n{seeds} seed(s) × {updates} updates; mean ± std over seeds; 'updates/train s to TV ≤ {thr}': median over "
             f"the seeds that reached it at an evaluation (every few updates, 1000 samples), with (reached/seeds) when not all did; "
             f"exact mean log-reward under the target: {rows[0]['exact_mean_log_reward']:.2f}. "
-            "∇r calls: per-sample reward gradients per update. Every method samples the same number of trajectories "
+            "∇r calls: per-sample reward gradients per update. A run that diverged (non-finite reward) is reported "
+            "at its last evaluation before the divergence (NaN, or samples flung off the data). Every method samples the same number of trajectories "
             "per update; DDPO then takes ppo_epochs × ppo_minibatches optimiser steps on them, the others one.\n")
     return head + "\n".join(lines) + "\n" + note
 
@@ -239,26 +269,40 @@ def make_figure(path: Path, task: toy_2d.Task, samples: Dict[str, np.ndarray], r
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    side = math.ceil(math.sqrt(len(samples) + 1))
-    fig = plt.figure(figsize=(2.3 * side + 5.5, 2.3 * side))
-    grid = fig.add_gridspec(side, side + 3)
+    n_panels = len(samples) + 1
+    rows = 2 if n_panels <= 10 else 3
+    side = math.ceil(n_panels / rows)  # sample panels per row
+    fig = plt.figure(figsize=(2.4 * side + 6.5, 2.7 * rows + 0.3))
+    grid = fig.add_gridspec(rows, side + 3)
     lim = float(task.prior.means.abs().max()) + 4 * task.prior.std
     n = len(next(iter(samples.values())))
     panels = {"target": task.target.sample(n, torch.Generator().manual_seed(0)).numpy(), **samples}
     for i, (key, s) in enumerate(panels.items()):
         ax = fig.add_subplot(grid[i // side, i % side])
         ax.scatter(s[:, 0], s[:, 1], s=0.5, alpha=0.3, c="C3" if key == "target" else "C0", rasterized=True)
-        title = "exact target p♯·R^β" if key == "target" else f"{labels[key]}\nTV {runs[key][0]['final']['mode_tv']:.3f}"
+        if key == "target":
+            title = "exact target p♯·R^β"
+        elif runs[key][0]["diverged_at"] is not None:
+            title = f"{labels[key]}\ndiverged (NaN) at update {runs[key][0]['diverged_at']}"
+        else:
+            title = f"{labels[key]}\nTV {runs[key][0]['final']['mode_tv']:.3f}"
         ax.set_title(title, fontsize=7)
         ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
     ax = fig.add_subplot(grid[:, side:])
     for key, seeds in runs.items():
-        updates = [u for u, _ in seeds[0]["curve"]]
-        tv = np.array([[v for _, v in r["curve"]] for r in seeds])
+        updates = sorted({u for r in seeds for u, _ in r["curve"]})
+        column = {u: i for i, u in enumerate(updates)}
+        tv = np.full((len(seeds), len(updates)), np.nan)  # NaN after a seed diverged
+        for row, r in enumerate(seeds):
+            for u, v in r["curve"]:
+                tv[row, column[u]] = v
         style = "-" if key.startswith(("nabla", "no-flow")) else "--"
-        (line,) = ax.plot(updates, tv.mean(0), style, lw=1.3, label=labels[key])
+        (line,) = ax.plot(updates, np.nanmean(tv, 0), style, lw=1.3, label=labels[key])
         if len(seeds) > 1:
-            ax.fill_between(updates, tv.min(0), tv.max(0), color=line.get_color(), alpha=0.1)
+            ax.fill_between(updates, np.nanmin(tv, 0), np.nanmax(tv, 0), color=line.get_color(), alpha=0.1)
+        for r in seeds:  # × where a seed diverged
+            if r["diverged_at"] is not None:
+                ax.plot(r["curve"][-1][0], r["curve"][-1][1], "x", color=line.get_color(), ms=7)
     first = next(iter(runs.values()))[0]
     ax.axhline(first["pretrained"]["mode_tv"], ls=":", c="gray", lw=1, label="pretrained P_F♯")
     if first["oracle"] is not None:
@@ -267,7 +311,7 @@ def make_figure(path: Path, task: toy_2d.Task, samples: Dict[str, np.ndarray], r
     ax.set_xlabel("update (batch of trajectories)"), ax.set_ylabel("mode-weight TV to exact target")
     ax.set_title(f"TV vs updates: mean and min–max over {len(next(iter(runs.values())))} seed(s)", fontsize=9)
     ax.legend(fontsize=7, loc="best")
-    fig.suptitle("samples after finetuning (seed 0)", x=side / (2 * (side + 3)), fontsize=9)
+    fig.suptitle("samples after finetuning (seed 0), mode-weight TV to the exact target", x=side / (2 * (side + 3)), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=72)
