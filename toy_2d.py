@@ -532,7 +532,7 @@ def train_step_exact_flow(task: Task, policy: nn.Module, reference: nn.Module, _
     loss.backward()
     norms = ng.clip_grad_norms({"policy": policy.parameters()}, cfg.grad_clip)
     optimizer.step()
-    return {"loss": float(loss), "grad_norm_policy": norms["policy"], "reward": float(task.reward(trajectory.final).mean())}
+    return {"loss": loss.item(), "grad_norm_policy": norms["policy"], "reward": float(task.reward(trajectory.final).mean())}
 
 
 def finetune(cfg: ToyConfig, task: Task, reference: nn.Module, schedule: ng.StepSchedule, quiet: bool = False):
