@@ -533,6 +533,8 @@ def notebook_02() -> List[nbformat.NotebookNode]:
 
         def scatter(ax, x, title, lim=4.5, color="C0"):   # plotting helper (presentation only)
             x = x.detach().numpy()
+            if (np.abs(x) <= lim).all(1).mean() < 0.5:
+                title += "\\n(most samples off the plot)"
             ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.3, color=color, rasterized=True)
             ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", title=title, xticks=[], yticks=[])
         """),
@@ -558,10 +560,10 @@ def notebook_02() -> List[nbformat.NotebookNode]:
 
         fig, axes = plt.subplots(1, 3, figsize=(10, 3.3))
         scatter(axes[0], task.prior.sample(2000, gen), "prior p♯ (exact samples)", color="C2")
-        scatter(axes[1], pretrained, f"pretrained P_F♯ ({cfg.num_steps} DDIM(η=1) steps)")
+        scatter(axes[1], pretrained, f"pretrained P_F♯\\n({cfg.num_steps} DDIM(η=1) steps)")
         modes = np.arange(len(weights))
         axes[2].bar(modes - 0.2, task.prior.weights, 0.4, label="prior"), axes[2].bar(modes + 0.2, weights, 0.4, label="pretrained")
-        axes[2].set(xlabel="mode (angle k·45°)", title="mode weights"), axes[2].legend()
+        axes[2].set(xlabel="mode (angle k·45°)", title="mode weights", ylim=(0, 0.2)), axes[2].legend(ncol=2)
         plt.show()
         """),
         md(r"""
