@@ -144,10 +144,11 @@ def run_one(cfg: toy_2d.ToyConfig, threshold: float, reuse: bool = False) -> dic
 def read_run(cfg: toy_2d.ToyConfig, threshold: float) -> dict:
     """The comparison's summary of one finished run: curve, first crossing of the threshold, entropy.
 
-    A run diverges at the first update whose training batch has a non-finite reward or loss, or
-    whose evaluation samples are flung far off the data (sliced W1 to the target over 10× the
-    pretrained sampler's). Its curve stops before that update and its "final" numbers are those of
-    the last evaluation before it (toy_2d's nearest-mode metrics would count NaN samples as mode 0).
+    Divergence: a run whose final samples are non-finite or flung far off the data (sliced W1 to the
+    target over 10× the pretrained sampler's) diverged where the unbroken tail of such evaluations
+    starts; its curve stops there and its final numbers are None (toy_2d's nearest-mode metrics
+    would count NaN samples as mode 0). A transient outlier that training recovers from is not a
+    divergence.
     """
     result = json.loads((Path(cfg.out) / "metrics.json").read_text())
     history = result["history"]
@@ -155,25 +156,33 @@ def read_run(cfg: toy_2d.ToyConfig, threshold: float) -> dict:
     samples = torch.from_numpy(np.load(Path(cfg.out) / "samples.npy"))
     far = 10 * result["pretrained"]["sliced_w1"]
 
-    def broken(h):
-        w1 = h.get("eval_sliced_w1", 0.0)
-        return not (math.isfinite(h["reward"]) and math.isfinite(h["loss"]) and math.isfinite(w1) and w1 <= far)
+    def sane(w1: float) -> bool:
+        return math.isfinite(w1) and w1 <= far
 
-    diverged_at = next((h["update"] for h in history if broken(h)), None)
-    if diverged_at is None and not torch.isfinite(samples).all():
-        diverged_at = history[-1]["update"]
-    evals = [h for h in history if "eval_mode_tv" in h and (diverged_at is None or h["update"] < diverged_at)]
+    evals = [h for h in history if "eval_mode_tv" in h]
+    diverged_at = None
+    if not (torch.isfinite(samples).all() and sane(result["finetuned"]["sliced_w1"])):
+        keep = len(evals)
+        while keep > 0 and not sane(evals[keep - 1]["eval_sliced_w1"]):
+            keep -= 1
+        diverged_at = evals[keep]["update"] if keep < len(evals) else history[-1]["update"]
+        evals = evals[:keep]
     curve = [(h["update"], h["eval_mode_tv"]) for h in evals]
     hit = next((h for h in evals if h["eval_mode_tv"] <= threshold), None)
+    mid = cfg.updates // 5
+    at_mid = next((tv for u, tv in curve if u >= mid), None) if (diverged_at is None or diverged_at > mid) else None
     final = result["finetuned"]
-    if diverged_at is not None:
-        final = {**final, "mode_tv": evals[-1]["eval_mode_tv"], "mean_log_reward": evals[-1]["eval_mean_log_reward"]}
+    ok = diverged_at is None
     return {
-        "final": final,
+        "final_tv": final["mode_tv"] if ok else None,
+        "final_log_reward": final["mean_log_reward"] if ok else None,
+        "exact_mean_log_reward": final["exact_mean_log_reward"],
+        "entropy": mode_entropy(toy_2d.mode_weights(samples, task.target.means)) if ok else None,
         "diverged_at": diverged_at,
+        "tv_at_mid": at_mid,
+        "mid_update": mid,
         "pretrained": result["pretrained"],
         "oracle": result.get("oracle"),
-        "entropy": mode_entropy(toy_2d.mode_weights(samples, task.target.means)) if diverged_at is None else None,
         "target_entropy": mode_entropy(task.target.weights),
         "curve": curve,
         "min_tv": min(tv for _, tv in curve),
@@ -221,10 +230,11 @@ def summarise(runs: Dict[str, List[dict]], labels: Dict[str, str]) -> List[dict]
         rows.append({
             "id": key,
             "method": labels[key],
-            "final_tv": [r["final"]["mode_tv"] for r in seeds],
+            "final_tv": [r["final_tv"] for r in seeds],
+            "tv_at_mid": [r["tv_at_mid"] for r in seeds],
             "min_tv": [r["min_tv"] for r in seeds],
-            "mean_log_reward": [r["final"]["mean_log_reward"] for r in seeds],
-            "exact_mean_log_reward": seeds[0]["final"]["exact_mean_log_reward"],
+            "mean_log_reward": [r["final_log_reward"] for r in seeds],
+            "exact_mean_log_reward": seeds[0]["exact_mean_log_reward"],
             "mode_entropy": [r["entropy"] for r in seeds],
             "diverged_at": [r["diverged_at"] for r in seeds],
             "updates_to_threshold": [r["updates_to_threshold"] for r in seeds],
@@ -238,25 +248,26 @@ def summarise(runs: Dict[str, List[dict]], labels: Dict[str, str]) -> List[dict]
 
 
 def markdown_table(rows: List[dict], reference: dict, threshold: float, updates: int, seeds: int) -> str:
-    thr = f"{threshold:g}"
-    head = ("| method | final mode TV ↓ | best TV seen | mean log-reward | mode entropy (nats) | "
-            f"updates to TV ≤ {thr} | train s to TV ≤ {thr} | ∇r calls per update | diverged (NaN) |\n"
-            "|---|---|---|---|---|---|---|---|---|\n")
+    thr, mid = f"{threshold:g}", updates // 5
+    head = (f"| method | final mode TV ↓ | TV at update {mid} | best TV seen | mean log-reward | mode entropy (nats) | "
+            f"updates to TV ≤ {thr} | train s to TV ≤ {thr} | ∇r calls per update | diverged |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for row in rows:
         lines.append(
-            f"| {row['method']} | {_mean_std(row['final_tv'], '.3f')} | {_mean_std(row['min_tv'], '.3f')} | "
+            f"| {row['method']} | {_mean_std(row['final_tv'], '.3f')} | {_mean_std(row['tv_at_mid'], '.3f')} | {_mean_std(row['min_tv'], '.3f')} | "
             f"{_mean_std(row['mean_log_reward'], '.2f')} | {_mean_std(row['mode_entropy'], '.2f')} | "
             f"{_median_reached(row['updates_to_threshold'], '.0f')} | {_median_reached(row['train_s_to_threshold'], '.1f')} | "
             f"{row['reward_grads_per_update']:.0f} | {_diverged(row['diverged_at'])} |")
     for name, ref in reference.items():
         entropy = "" if ref.get("entropy") is None else f"{ref['entropy']:.2f}"
-        lines.append(f"| *{name}* | {ref['mode_tv']:.3f} | | {ref['mean_log_reward']:.2f} | {entropy} | | | | |")
+        lines.append(f"| *{name}* | {ref['mode_tv']:.3f} | | | {ref['mean_log_reward']:.2f} | {entropy} | | | | |")
     note = (f"\n{seeds} seed(s) × {updates} updates; mean ± std over seeds; 'updates/train s to TV ≤ {thr}': median over "
             f"the seeds that reached it at an evaluation (every few updates, 1000 samples), with (reached/seeds) when not all did; "
             f"exact mean log-reward under the target: {rows[0]['exact_mean_log_reward']:.2f}. "
-            "∇r calls: per-sample reward gradients per update. A run that diverged (non-finite reward) is reported "
-            "at its last evaluation before the divergence (NaN, or samples flung off the data). Every method samples the same number of trajectories "
+            "∇r calls: per-sample reward gradients per update. Diverged: seeds whose sampler ended non-finite or flung "
+            "off the data, with the update where that began; their final columns are left out of the mean and their "
+            "curves stop there. Every method samples the same number of trajectories "
             "per update; DDPO then takes ppo_epochs × ppo_minibatches optimiser steps on them, the others one.\n")
     return head + "\n".join(lines) + "\n" + note
 
@@ -272,7 +283,7 @@ def make_figure(path: Path, task: toy_2d.Task, samples: Dict[str, np.ndarray], r
     n_panels = len(samples) + 1
     rows = 2 if n_panels <= 10 else 3
     side = math.ceil(n_panels / rows)  # sample panels per row
-    fig = plt.figure(figsize=(2.4 * side + 6.5, 2.7 * rows + 0.3))
+    fig = plt.figure(figsize=(2.4 * side + 8.5, 2.7 * rows + 0.3))
     grid = fig.add_gridspec(rows, side + 3)
     lim = float(task.prior.means.abs().max()) + 4 * task.prior.std
     n = len(next(iter(samples.values())))
@@ -285,7 +296,7 @@ def make_figure(path: Path, task: toy_2d.Task, samples: Dict[str, np.ndarray], r
         elif runs[key][0]["diverged_at"] is not None:
             title = f"{labels[key]}\ndiverged (NaN) at update {runs[key][0]['diverged_at']}"
         else:
-            title = f"{labels[key]}\nTV {runs[key][0]['final']['mode_tv']:.3f}"
+            title = f"{labels[key]}\nTV {runs[key][0]['final_tv']:.3f}"
         ax.set_title(title, fontsize=7)
         ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
     ax = fig.add_subplot(grid[:, side:])
@@ -310,8 +321,8 @@ def make_figure(path: Path, task: toy_2d.Task, samples: Dict[str, np.ndarray], r
     ax.axhline(threshold, ls=":", c="k", lw=0.8)
     ax.set_xlabel("update (batch of trajectories)"), ax.set_ylabel("mode-weight TV to exact target")
     ax.set_title(f"TV vs updates: mean and min–max over {len(next(iter(runs.values())))} seed(s)", fontsize=9)
-    ax.legend(fontsize=7, loc="best")
-    fig.suptitle("samples after finetuning (seed 0), mode-weight TV to the exact target", x=side / (2 * (side + 3)), fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("samples after finetuning (seed 0), mode-weight TV to the exact target", x=side / (2 * (side + 4.5)), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=72)
@@ -373,7 +384,9 @@ def compare(cc: CompareConfig, command: str = "python compare_toy.py") -> dict:
         futures = {ks: pool.submit(run_one, jobs[ks], cc.threshold, cc.reuse) for ks in order}
         for (key, seed), future in futures.items():
             runs[key][seed] = future.result()
-            print(f"{key} seed {seed}: final TV {runs[key][seed]['final']['mode_tv']:.3f}", flush=True)
+            r = runs[key][seed]
+            print(f"{key} seed {seed}: " + (f"final TV {r['final_tv']:.3f}" if r["diverged_at"] is None
+                                            else f"diverged at update {r['diverged_at']}"), flush=True)
 
     labels = {k: v["label"] for k, v in table_variants.items()}
     rows = summarise(runs, labels)
@@ -381,7 +394,7 @@ def compare(cc: CompareConfig, command: str = "python compare_toy.py") -> dict:
     reference = {"pretrained P_F♯": {**first["pretrained"], "entropy": pretrained_entropy(dataclasses.replace(base, seed=0))}}
     if first["oracle"] is not None:
         reference["oracle (exact flow)"] = {**first["oracle"], "entropy": None}
-    reference["exact target"] = {"mode_tv": 0.0, "mean_log_reward": first["final"]["exact_mean_log_reward"],
+    reference["exact target"] = {"mode_tv": 0.0, "mean_log_reward": first["exact_mean_log_reward"],
                                  "entropy": first["target_entropy"]}
     table = markdown_table(rows, reference, cc.threshold, base.updates, cc.seeds)
     out.mkdir(parents=True, exist_ok=True)
@@ -425,7 +438,8 @@ def main(argv=None):
         for key, v in variants(toy_2d.ToyConfig()).items():
             print(f"{key:24s} {v['label']}  {v['overrides']}")
         return
-    command = "python compare_toy.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+    args = argv if argv is not None else sys.argv[1:]
+    command = "python compare_toy.py " + " ".join(a for a in args if a != "--reuse")  # reuse changes no number
     compare(cc, command.strip())
 
 

@@ -256,3 +256,32 @@ def test_quick_comparison_writes_the_table(tmp_path):
         assert 0.0 <= row["final_tv"][0] <= 1.0
     assert (out / "toy_baselines.png").stat().st_size > 10_000
     assert not (tmp_path / "README.md").exists()
+
+
+def test_comparison_reports_divergence_only_for_a_broken_tail(tmp_path):
+    # fabricated run folders: a transient outlier that training recovers from is not a divergence;
+    # a tail of NaN / far-flung evaluations is, from its first evaluation on.
+    import numpy as np
+
+    cfg = config(updates=40, eval_every=10)
+    target = toy_2d.build_task(cfg).target
+    good = target.sample(200, torch.Generator().manual_seed(0)).float().numpy()
+
+    def write(name, w1s, final_w1, samples):
+        out = tmp_path / name
+        out.mkdir()
+        history = [{"update": u, "reward": -1.0, "loss": 0.1, "reward_grad_calls": 0, "train_time_s": 0.1 * u,
+                    "eval_mode_tv": 0.3, "eval_mean_log_reward": -1.0, "eval_sliced_w1": w1}
+                   for u, w1 in zip((1, 10, 20, 30, 40), w1s)]
+        metrics = {"finetuned": {"mode_tv": 0.3, "mean_log_reward": -1.0, "exact_mean_log_reward": -0.6, "sliced_w1": final_w1},
+                   "pretrained": {"mode_tv": 0.5, "mean_log_reward": -2.0, "sliced_w1": 1.0}, "history": history}
+        (out / "metrics.json").write_text(json.dumps(metrics))
+        np.save(out / "samples.npy", samples)
+        return compare_toy.read_run(toy_2d.ToyConfig(**{**vars(cfg), "out": str(out)}), threshold=0.1)
+
+    transient = write("transient", [1.0, 1e7, 1.0, 1.0, 1.0], 1.0, good)
+    assert transient["diverged_at"] is None and transient["final_tv"] == 0.3 and len(transient["curve"]) == 5
+    nan_samples = np.full_like(good, np.nan)
+    broken = write("broken", [1.0, 1e7, 1.0, 1e3, float("nan")], float("nan"), nan_samples)
+    assert broken["diverged_at"] == 30 and broken["final_tv"] is None and broken["entropy"] is None
+    assert [u for u, _ in broken["curve"]] == [1, 10, 20]
