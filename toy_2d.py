@@ -420,9 +420,13 @@ def metrics(task: Task, samples: Tensor, reference: Optional[Tensor] = None, see
         exact_reward = float((w * task.reward(reference.double())).sum() / w.sum())
         idx = torch.multinomial(w / w.sum(), len(samples), replacement=True, generator=torch.Generator().manual_seed(seed))
         target_samples = reference.double()[idx]
-    tv = 0.5 * float((mode_weights(samples, means) - target_w).abs().sum())
+    # Non-finite samples (a diverged sampler) belong to no mode: their mass counts fully against TV.
+    finite = torch.isfinite(samples).all(1)
+    weights = mode_weights(samples[finite], means) * finite.double().mean() if finite.any() else torch.zeros_like(target_w)
+    tv = 0.5 * (float((weights - target_w).abs().sum()) + float(1 - finite.double().mean()))
     return {
         "mode_tv": tv,
+        "nonfinite_fraction": float(1 - finite.double().mean()),
         "mean_log_reward": float(task.reward(samples).mean()),
         "exact_mean_log_reward": exact_reward,
         "sliced_w1": sliced_wasserstein(samples, target_samples, seed=seed),

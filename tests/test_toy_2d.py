@@ -114,6 +114,15 @@ def test_metrics_of_exact_samples_are_at_their_floor():
     assert T.metrics(task, prior_samples)["mode_tv"] > 0.3  # the default task is a real tilt
 
 
+def test_nonfinite_samples_count_against_tv_instead_of_landing_in_a_mode():
+    task = T.build_task(T.ToyConfig(prior="ring8", reward="bump"))
+    samples = task.target.sample(20_000, torch.Generator().manual_seed(0))
+    samples[:10_000] = float("nan")  # half the sampler diverged
+    m = T.metrics(task, samples)
+    assert m["nonfinite_fraction"] == 0.5
+    assert m["mode_tv"] == pytest.approx(0.5, abs=0.02)  # the finite half is exact; the NaN half is all error
+
+
 def test_sliced_wasserstein_separates_shifted_sets():
     a = torch.randn(5000, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
     b = torch.randn(5000, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
