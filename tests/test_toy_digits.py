@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import nabla_gfn as ng
+import toy_digits as td
 
-import nabla_gfn as ng  # noqa: E402
-import toy_digits as td  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
