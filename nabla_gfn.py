@@ -90,6 +90,7 @@ FlowFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 GAMMA_CHOICES = ("alpha_bar", "sqrt_alpha_bar")
 WEIGHTING_CHOICES = ("plain", "kl", "kl-shift")
+GUESS_CHOICES = ("policy", "reference")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,6 +438,10 @@ class LossConfig:
     gamma           γ_τ choice: "alpha_bar" (official default) or "sqrt_alpha_bar"
     weighting       "plain" (paper) or "kl": weight each transition by σ_τ² (2 × per-step KL)
     use_flow        False = the "no flow" variant: no g_φ and no L_B (guess alone as target)
+    guess_from      whose x̂_0 the forward-looking guess uses: "policy" (ε̂_θ, paper and official
+                    code) or "reference" (ε̂^♯). Optional, not the paper's: with "policy" the guess
+                    shrinks as x̂_0 already looks rewarded and g_φ must make up the rest; measured
+                    better with "reference" on the toy and the digits rung (README, notes).
     """
 
     beta: float = 1.0
@@ -445,8 +450,11 @@ class LossConfig:
     gamma: str = "alpha_bar"
     weighting: str = "plain"
     use_flow: bool = True
+    guess_from: str = "policy"
 
     def __post_init__(self):
+        if self.guess_from not in GUESS_CHOICES:
+            raise ValueError(f"guess_from must be one of {GUESS_CHOICES}, got {self.guess_from!r}")
         gamma_weight(torch.ones(1), self.gamma)  # validates the name
         if self.weighting not in WEIGHTING_CHOICES:
             raise ValueError(f"weighting must be one of {WEIGHTING_CHOICES}, got {self.weighting!r}")
@@ -505,7 +513,8 @@ def nabla_db_loss(
 
     The two lines of L_F are one residual seen from each side: with w_θ = w_φ their gradients are
     exactly those of the paper's single term w ‖ … − g_φ(x', τ') ‖².
-    target(x') is β∇r(x_0) on terminal rows and β γ_{τ'} ∇r(x̂_0(x')) otherwise.
+    target(x') is β∇r(x_0) on terminal rows and β γ_{τ'} ∇r(x̂_0(x')) otherwise; x̂_0 is ε̂_θ's
+    (cfg.guess_from = "policy", the paper) or ε̂^♯'s ("reference").
 
     Where gradients go (as in the official code):
       * L_F trains the policy through μ_θ(x), and g_φ at x'. μ^♯ and the target are detached.
@@ -528,27 +537,30 @@ def nabla_db_loss(
     mean_policy = step_mean(x, eps_policy, batch.alpha_bar, batch.alpha_bar_next, sigma)
 
     if use_flow:
-        # ∇_x log P_F^θ(x'|x) + β γ_τ ∇_x r(x̂_0(x)) as one VJP through ε̂_θ(x); the reward's own
-        # gradient is taken first at x̂_0 (reward_gradient) so its graph is freed immediately.
-        x0_hat = x0_prediction(x, eps_policy, batch.alpha_bar)
-        r_grad, _ = reward_gradient(log_reward, x0_hat, traj)
-        guess_scale = _per_row(cfg.beta * gamma_weight(batch.alpha_bar, cfg.gamma), x)
-        log_p_policy = gaussian_log_prob(batch.x_next, mean_policy, sigma)
-        policy_score_and_guess = torch.autograd.grad(
-            [log_p_policy.sum(), x0_hat], [x], grad_outputs=[None, guess_scale * r_grad], retain_graph=True
-        )[0].detach()
-        eps_reference = reference_eps(x, t, traj)
+        eps_reference = reference_eps(x, t, traj)  # graph to x only (frozen weights)
         mean_reference = step_mean(x, eps_reference, batch.alpha_bar, batch.alpha_bar_next, sigma)
-        log_p_reference = gaussian_log_prob(batch.x_next, mean_reference, sigma)
-        (reference_score,) = torch.autograd.grad(log_p_reference.sum(), x)
+        # The guess's x̂_0 comes from the finetuned ε̂_θ (paper, official code) or, optionally, ε̂^♯.
+        x0_hat = x0_prediction(x, eps_policy if cfg.guess_from == "policy" else eps_reference, batch.alpha_bar)
+        r_grad, _ = reward_gradient(log_reward, x0_hat, traj)  # the reward's graph is freed here
+        guess_grad = _per_row(cfg.beta * gamma_weight(batch.alpha_bar, cfg.gamma), x) * r_grad
+        # ∇_x log P_F^θ(x'|x) − ∇_x log P_F^♯(x'|x) + β γ_τ ∇_x r(x̂_0(x)): one vector–Jacobian product
+        # per graph; the guess rides on the graph its x̂_0 came from. θ's graph is kept for L_F.
+        policy_out, policy_grad = [gaussian_log_prob(batch.x_next, mean_policy, sigma).sum()], [None]
+        reference_out, reference_grad = [-gaussian_log_prob(batch.x_next, mean_reference, sigma).sum()], [None]
+        outs, grads = (policy_out, policy_grad) if cfg.guess_from == "policy" else (reference_out, reference_grad)
+        outs.append(x0_hat)
+        grads.append(guess_grad)
+        (policy_part,) = torch.autograd.grad(policy_out, [x], grad_outputs=policy_grad, retain_graph=True)
+        (reference_part,) = torch.autograd.grad(reference_out, [x], grad_outputs=reference_grad)
         # = sg[∇_x(log P_F^θ − log P_F^♯)] + sg[β γ_τ ∇r(x̂_0(x))]
-        reverse_target = policy_score_and_guess - reference_score.detach()
+        reverse_target = (policy_part + reference_part).detach()
         mean_reference = mean_reference.detach()
     else:
         with torch.no_grad():
             mean_reference = step_mean(x, reference_eps(x, t, traj), batch.alpha_bar, batch.alpha_bar_next, sigma)
 
-    target_next, reward_next = flow_target_next(policy_eps, log_reward, batch, cfg.beta, cfg.gamma)
+    guess_eps = policy_eps if cfg.guess_from == "policy" else reference_eps
+    target_next, reward_next = flow_target_next(guess_eps, log_reward, batch, cfg.beta, cfg.gamma)
     residual = forward_residual(mean_policy, mean_reference, sigma)  # (N, *S), graph to θ only
 
     loss_forward_flow, loss_terminal, loss_reverse = zero, zero, zero

@@ -91,6 +91,7 @@ class ToyConfig:
     trust_region: float = field(default=0.0, metadata={"help": "λ, weight of ‖ε̂_θ − ε̂_old‖²"})
     reverse_weight: float = field(default=1.0, metadata={"help": "w_B, weight of the reverse term"})
     gamma: str = field(default="sqrt_alpha_bar", metadata={"help": f"γ_τ choice {ng.GAMMA_CHOICES} (toy default √ᾱ: measured better here; nabla_gfn default ᾱ)"})
+    guess_from: str = field(default="policy", metadata={"help": f"whose x̂_0 the guess uses {ng.GUESS_CHOICES} (paper: policy)"})
     weighting: str = field(default="kl-shift", metadata={"help": f"transition weighting {ng.WEIGHTING_CHOICES} (paper: plain)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max grad norm, per parameter group"})
     # baselines (toy_baselines.py); the policy lr is --lr for every method
@@ -120,6 +121,7 @@ class ToyConfig:
             gamma=self.gamma,
             weighting=self.weighting,
             use_flow=self.method != "no-flow",
+            guess_from=self.guess_from,
         )
 
 
@@ -696,7 +698,8 @@ def parse_args(argv=None) -> ToyConfig:
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            choices = {"method": tuple(method_registry()), "gamma": ng.GAMMA_CHOICES, "weighting": ng.WEIGHTING_CHOICES}.get(f.name)
+            choices = {"method": tuple(method_registry()), "gamma": ng.GAMMA_CHOICES, "weighting": ng.WEIGHTING_CHOICES,
+                       "guess_from": ng.GUESS_CHOICES}.get(f.name)
             parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=f.metadata["help"])
     return ToyConfig(**vars(parser.parse_args(argv)))
 
