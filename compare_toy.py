@@ -18,7 +18,6 @@ an evaluation (every --eval-every updates, 1000 samples), and the final samples 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -421,14 +420,7 @@ def compare(cc: CompareConfig, command: str = "python compare_toy.py") -> dict:
 
 
 def parse_args(argv=None) -> CompareConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(CompareConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    parser = toy_2d.dataclass_parser(CompareConfig, __doc__.split("\n\n")[0])
     return CompareConfig(**vars(parser.parse_args(argv)))
 
 

@@ -690,17 +690,23 @@ def run(cfg: ToyConfig, log_reward: Optional[Callable[[Tensor], Tensor]] = None,
     return result
 
 
-def parse_args(argv=None) -> ToyConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(ToyConfig):
+def dataclass_parser(cls, description: str, choices: Optional[Dict[str, tuple]] = None) -> argparse.ArgumentParser:
+    """One --flag per field of a config dataclass, with its default, help string and choices."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            choices = {"method": tuple(method_registry()), "gamma": ng.GAMMA_CHOICES, "weighting": ng.WEIGHTING_CHOICES,
-                       "guess_from": ng.GUESS_CHOICES}.get(f.name)
-            parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=f.metadata["help"])
+            parser.add_argument(flag, type=kind, default=f.default, choices=(choices or {}).get(f.name), help=f.metadata["help"])
+    return parser
+
+
+def parse_args(argv=None) -> ToyConfig:
+    choices = {"method": tuple(method_registry()), "gamma": ng.GAMMA_CHOICES, "weighting": ng.WEIGHTING_CHOICES,
+               "guess_from": ng.GUESS_CHOICES}
+    parser = dataclass_parser(ToyConfig, __doc__.split("\n\n")[0], choices)
     return ToyConfig(**vars(parser.parse_args(argv)))
 
 
