@@ -494,22 +494,34 @@ def make_flow(cfg: ToyConfig) -> TimeMLP:
     return ng.zero_output_layer(TimeMLP(cfg.flow_hidden))
 
 
+def sample_transitions(policy: nn.Module, schedule: ng.StepSchedule, cfg: ToyConfig,
+                       gen: torch.Generator) -> Tuple[ng.Trajectory, ng.Transitions]:
+    """On-policy trajectories and the subsample of their transitions (terminal + one per chunk)."""
+    trajectory = sample(as_eps_fn(policy), schedule, cfg.batch_size, gen)
+    steps = ng.subsample_steps(schedule.num_steps, cfg.fraction, cfg.batch_size, gen)
+    return trajectory, ng.gather_transitions(trajectory, schedule, steps)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: Tensor, groups: Dict[str, object], max_norm: float) -> Dict[str, float]:
+    """zero_grad, backward, clip each parameter group's norm separately, step. Returns pre-clip norms."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norms = ng.clip_grad_norms(groups, max_norm)
+    optimizer.step()
+    return norms
+
+
 def train_step(task: Task, policy: nn.Module, reference: nn.Module, flow: Optional[nn.Module],
                optimizer: torch.optim.Optimizer, schedule: ng.StepSchedule, cfg: ToyConfig,
                gen: torch.Generator) -> Dict[str, float]:
     """Sample trajectories with the current policy, train once on a subsample of their transitions."""
-    trajectory = sample(as_eps_fn(policy), schedule, cfg.batch_size, gen)
-    steps = ng.subsample_steps(schedule.num_steps, cfg.fraction, cfg.batch_size, gen)
-    batch = ng.gather_transitions(trajectory, schedule, steps)
+    trajectory, batch = sample_transitions(policy, schedule, cfg, gen)
     loss, parts = ng.nabla_db_loss(batch, as_eps_fn(policy), as_eps_fn(reference), task.log_reward,
                                    None if flow is None else as_eps_fn(flow), cfg.loss_config)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
     groups = {"policy": policy.parameters()}
     if flow is not None:
         groups["flow"] = flow.parameters()
-    norms = ng.clip_grad_norms(groups, cfg.grad_clip)
-    optimizer.step()
+    norms = optimizer_step(optimizer, loss, groups, cfg.grad_clip)
     stats = {k: float(v) for k, v in parts.items()}
     stats.update({f"grad_norm_{k}": v for k, v in norms.items()})
     stats["reward"] = float(task.reward(trajectory.final).mean())
@@ -525,19 +537,14 @@ def train_step_exact_flow(task: Task, policy: nn.Module, reference: nn.Module, _
     """
     if task.target is None:
         raise SystemExit("error: --method exact-flow needs a closed-form target (a --reward preset or JSON)")
-    trajectory = sample(as_eps_fn(policy), schedule, cfg.batch_size, gen)
-    steps = ng.subsample_steps(schedule.num_steps, cfg.fraction, cfg.batch_size, gen)
-    b = ng.gather_transitions(trajectory, schedule, steps)
+    trajectory, b = sample_transitions(policy, schedule, cfg, gen)
     mean_policy = ng.step_mean(b.x, policy(b.x, b.t), b.alpha_bar, b.alpha_bar_next, b.sigma)
     with torch.no_grad():
         mean_reference = ng.step_mean(b.x, reference(b.x, b.t), b.alpha_bar, b.alpha_bar_next, b.sigma)
         target = exact_flow_score(task.prior, task.target, b.x_next, b.alpha_bar_next)
     weight, _ = ng.transition_weights(b.sigma, cfg.weighting)
     loss = (weight * (ng.forward_residual(mean_policy, mean_reference, b.sigma) - target).pow(2).mean(1)).mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    norms = ng.clip_grad_norms({"policy": policy.parameters()}, cfg.grad_clip)
-    optimizer.step()
+    norms = optimizer_step(optimizer, loss, {"policy": policy.parameters()}, cfg.grad_clip)
     return {"loss": loss.item(), "grad_norm_policy": norms["policy"], "reward": float(task.reward(trajectory.final).mean())}
 
 

@@ -90,12 +90,8 @@ def trajectory_log_prob(eps_fn: ng.EpsFn, batch: ng.Transitions, num_trajectorie
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: Tensor, policy: nn.Module, cfg) -> float:
-    """zero_grad, backward, clip the policy's gradient norm, step. Returns the pre-clip norm."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = ng.clip_grad_norms({"policy": policy.parameters()}, cfg.grad_clip)["policy"]
-    optimizer.step()
-    return norm
+    """toy_2d.optimizer_step on the policy alone. Returns the pre-clip norm."""
+    return toy_2d.optimizer_step(optimizer, loss, {"policy": policy.parameters()}, cfg.grad_clip)["policy"]
 
 
 # ----------------------------------------------------------------------------------------------
