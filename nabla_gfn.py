@@ -25,6 +25,19 @@ and the residual flow score is a forward-looking guess plus a learned correction
 
     ∇ log F̃(x) = β γ_τ ∇_x r(x̂_0(x)) + g_φ(x, τ),       g_φ(x_0) = 0.          (paper eq. 12)
 
+How g_φ learns ∇ log F̃ (`LossConfig.flow_target`). The paper bootstraps: the reverse ∇-DB ties the
+flow at x to the policy's step at x, which L_F ties to the flow one link further, at x' — a TD(0)
+chain of T links, which carries fit errors made at low noise up to the mode-choosing steps. The
+reverse condition can instead be solved along each sampled trajectory. Reparametrising
+x' = μ^♯(x) + σ ξ in F̃(x) = E_{P_F^♯(x'|x)}[F̃(x')] gives ∇ log F̃(x) = E_{P*(x'|x)}[J^♯(x)ᵀ ∇ log F̃(x')],
+J^♯ = ∂μ^♯/∂x, and unrolled from the terminal condition this is the lean adjoint
+
+    a_T = β ∇r(x_0),        a_i = J^♯(x_i)ᵀ a_{i+1}                          (`lean_adjoint`)
+
+a Monte-Carlo estimate of ∇ log F̃(x_i), unbiased along paths of the optimal policy P* (Adjoint
+Matching, Domingo-Enrich et al., ICLR 2025, uses the same recursion). "adjoint" regresses the flow
+estimate at x' on a_{i+1}; "mixed" blends L_B's target, (1−λ)·bootstrap + λ·a_i (TD(λ)-like).
+
 Time index. We follow diffusers: a trajectory runs from noise x_T (step index 0) to the clean
 sample x_0 (step index T); `x` is the noisier state at timestep τ and `x_next` the cleaner one at
 τ'. The paper indexes the other way (its x_0 is the noise). Equation numbers refer to the paper.
@@ -46,7 +59,10 @@ Notation (code name → paper symbol):
     flow                  g_φ(x, τ), learned correction of the residual flow score
     forward_residual      (μ_θ(x) − μ^♯(x)) / σ² = ∇_{x'}[log P_F^θ − log P_F^♯](x'|x)
     reverse_residual      ∇_x[log P_F^θ − log P_F^♯](x'|x)
-    trust_region          λ, weight of ‖ε̂_θ − ε̂_old‖²
+    trust_region          λ, weight of ‖ε̂_θ − ε̂_old‖² (the paper's λ; not adjoint_lambda)
+    step                  i, index of x in its trajectory (x = x_i, x_next = x_{i+1}; x_T is step 0)
+    adjoint               a_i, the lean adjoint: a Monte-Carlo estimate of ∇ log F̃(x_i) (not in the paper)
+    adjoint_lambda        λ of the "mixed" flow target (TD(λ)-like blend; not in the paper)
 
 Callables. Model-specific pieces come in as callables that share one signature style:
 
@@ -60,8 +76,10 @@ are mixed in one batch and sometimes evaluated on a subset of rows; routing by `
 impossible to score a row with another row's prompt.
 
 Implemented: DDIM(η=1) Gaussian steps from any diffusers scheduler's public tensors; trajectory
-sampling; low-variance transition subsampling; the forward-looking reward score; the residual ∇-DB
-loss (forward, reverse, terminal, trust region), its "no flow" variant and two timestep weightings.
+sampling; low-variance transition subsampling; the forward-looking reward score; the lean adjoint;
+the residual ∇-DB loss (forward, reverse, terminal, trust region), its "no flow" variant, three
+timestep weightings and three ways to train g_φ (bootstrap = the paper, adjoint, mixed); with no
+g_φ and the adjoint target it is adjoint matching, the peer baseline, in ∇-DB form.
 Not here: model loading, optimisers, logging (see toy_2d.py, sd_finetune.py); DPM-Solver or other
 samplers; v-prediction models (ε-prediction only).
 
@@ -73,6 +91,8 @@ Deliberate differences from the official code:
     per-step KL to the target step; the paper/official code use the plain residual ("plain").
   * Every callable receives `traj`, so conditioning is always the row's own (official: the reward
     was called with the last sampling batch's prompts).
+  * `weighting="kl-shift"`, `guess_from="reference"` and `flow_target="adjoint"|"mixed"` are
+    options that are not in the paper (defaults stay the paper's: "plain", "policy", "bootstrap").
 """
 
 from __future__ import annotations
@@ -91,6 +111,7 @@ FlowFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 GAMMA_CHOICES = ("alpha_bar", "sqrt_alpha_bar")
 WEIGHTING_CHOICES = ("plain", "kl", "kl-shift")
 GUESS_CHOICES = ("policy", "reference")
+FLOW_TARGET_CHOICES = ("bootstrap", "adjoint", "mixed")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,6 +307,7 @@ class Transitions:
     eps_old: Tensor  # (N, *S) ε̂ recorded at sampling time
     is_terminal: Tensor  # (N,) bool, x_next is the final sample x_0
     traj: Tensor  # (N,) long, index of the trajectory in the sampling batch
+    step: Tensor  # (N,) long, step index i of x in its trajectory: x = states[traj, i]
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -313,6 +335,7 @@ def gather_transitions(trajectory: Trajectory, schedule: StepSchedule, steps: Te
         eps_old=trajectory.eps[traj, idx],
         is_terminal=idx == schedule.num_steps - 1,
         traj=traj,
+        step=idx,
     )
 
 
@@ -411,6 +434,75 @@ def flow_target_next(
 
 
 # ----------------------------------------------------------------------------------------------
+# The reverse condition solved along the trajectory: the lean adjoint
+# ----------------------------------------------------------------------------------------------
+
+
+def _step_mean_vjp(eps_fn: EpsFn, schedule: StepSchedule, i: int, x: Tensor, traj: Tensor, v: Tensor) -> Tensor:
+    """J(x)ᵀ v with J = ∂μ(x)/∂x the Jacobian of step i's mean: one VJP through ε̂, graph freed. (N, *S)."""
+    n = len(x)
+    coef = [getattr(schedule, f)[i].to(x.device).expand(n) for f in ("alpha_bar", "alpha_bar_next", "sigma")]
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        mean = step_mean(x, eps_fn(x, schedule.timesteps[i].to(x.device).expand(n), traj), *coef)
+        (vjp,) = torch.autograd.grad(mean, x, grad_outputs=v.to(mean.dtype))
+    return vjp.detach()
+
+
+def lean_adjoint(
+    reference_eps: EpsFn,
+    schedule: StepSchedule,
+    trajectory: Trajectory,
+    log_reward: LogRewardFn,
+    beta: float,
+    traj: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Monte-Carlo estimates a_i of ∇ log F̃(x_i) along each sampled trajectory (not in the paper).
+
+    Derivation. The residual flow obeys F̃(x) = E_{P_F^♯(x'|x)}[F̃(x')] (residual DB summed over x').
+    With x' = μ^♯(x) + σ ξ, ξ ~ N(0, I), and σ independent of x:
+
+        ∇ log F̃(x) = E_ξ[J^♯(x)ᵀ ∇F̃(x')] / F̃(x) = E_{x' ~ P*(·|x)}[J^♯(x)ᵀ ∇ log F̃(x')],
+
+    J^♯ = ∂μ^♯/∂x, P*(x'|x) = P_F^♯(x'|x) F̃(x')/F̃(x) the optimal policy. This is the reverse residual
+    ∇-DB taken in expectation and solved for ∇ log F̃(x). Unrolled from the terminal condition:
+
+        a_T = β ∇r(x_0),        a_i = J^♯(x_i)ᵀ a_{i+1},        i = T−1, …, 0,
+
+    one vector–Jacobian product through the frozen reference step mean per step.
+
+    Where it is exact. E[a_i | x_i] = ∇ log F̃(x_i) when x_{i+1:T} follow P* (by induction on i). Along
+    other paths (the current policy's) it is biased: at the start of finetuning it averages the
+    reward's gradient over the pretrained model's continuations instead of the tilted ones (at high
+    noise this over-weights far, low-reward modes); the bias vanishes as the policy approaches P*,
+    so the fixed point is right. It is the recursion of Adjoint Matching (Domingo-Enrich et al., ICLR
+    2025, the "lean adjoint" of its memoryless noise schedule, which DDPM/DDIM(η=1) is).
+
+    Relation to the paper. The paper's reverse term fits g_φ(x) to the policy's reverse residual,
+    whose target is the policy's forward residual at x', itself fitted to the flow at x': a one-link
+    bootstrap (TD(0)). a_i is the Monte-Carlo return of the same recursion; blending the two is
+    TD(λ) (`LossConfig(flow_target="mixed")`).
+
+    Guidance. `reference_eps` defines J^♯. Pass the guided reference (ε_u + w (ε_c − ε_u)) for what is
+    exact for the guided target (the default a driver should use), or the unguided one for
+    Adjoint Matching's choice (its code reports that full-CFG adjoints grow large in norm).
+
+    trajectory: states (B, T+1, *S) from x_T (step 0) to x_0 (step T). traj: (B,) trajectory ids given
+    to reference_eps and log_reward (default arange(B); pass offsets when sweeping a slice of an
+    epoch's trajectories). Returns (adjoint (B, T+1, *S), r(x_0) (B,)), both detached; memory of
+    one step: no graph is kept across steps, and no parameter receives a gradient.
+    """
+    states = trajectory.states
+    B, T = states.shape[0], schedule.num_steps
+    traj = torch.arange(B, device=states.device) if traj is None else traj
+    reward_grad, r0 = reward_gradient(log_reward, trajectory.final, traj)
+    adjoints = [beta * reward_grad.to(states.dtype)]  # a_T
+    for i in reversed(range(T)):
+        adjoints.append(_step_mean_vjp(reference_eps, schedule, i, states[:, i], traj, adjoints[-1]))
+    return torch.stack(adjoints[::-1], 1), r0
+
+
+# ----------------------------------------------------------------------------------------------
 # The flow correction g_φ
 # ----------------------------------------------------------------------------------------------
 
@@ -443,15 +535,22 @@ class LossConfig:
     """Hyper-parameters of the residual ∇-DB loss.
 
     beta            β, reward scale of the target p^♯ · R^β
-    trust_region    λ, weight of ‖ε̂_θ(x) − ε̂_old(x)‖²
+    trust_region    λ, weight of ‖ε̂_θ − ε̂_old‖²
     reverse_weight  w_B, weight of the reverse term L_B
     gamma           γ_τ choice: "alpha_bar" (official default) or "sqrt_alpha_bar"
-    weighting       "plain" (paper) or "kl": weight each transition by σ_τ² (2 × per-step KL)
-    use_flow        False = the "no flow" variant: no g_φ and no L_B (guess alone as target)
+    weighting       "plain" (paper), "kl" or "kl-shift" (see `transition_weights`)
+    use_flow        False = no g_φ and no L_B: the policy's forward residual is fitted to the guess
+                    alone ("no flow", flow_target "bootstrap") or to a_{i+1} (adjoint matching,
+                    flow_target "adjoint")
     guess_from      whose x̂_0 the forward-looking guess uses: "policy" (ε̂_θ, paper and official
                     code) or "reference" (ε̂^♯). Optional, not the paper's: with "policy" the guess
-                    shrinks as x̂_0 already looks rewarded and g_φ must make up the rest; measured
-                    better with "reference" on the toy and the digits rung (README, notes).
+                    shrinks as x̂_0 already looks rewarded and g_φ must make up the rest.
+    flow_target     what g_φ is trained on (module docstring; not in the paper except "bootstrap"):
+                    "bootstrap"  the paper: L_F's g_φ-line and L_B (one-link, TD(0)-like);
+                    "adjoint"    guess(x') + g_φ(x') regressed on the lean adjoint a_{i+1}; no L_B;
+                    "mixed"      as "bootstrap", with L_B's target (1−λ)·bootstrap + λ·a_i.
+                    "adjoint" and "mixed" need `nabla_db_loss(..., adjoint=lean_adjoint(...))`.
+    adjoint_lambda  λ ∈ (0, 1] of "mixed" (1: L_B fits a_i alone)
     """
 
     beta: float = 1.0
@@ -461,6 +560,8 @@ class LossConfig:
     weighting: str = "plain"
     use_flow: bool = True
     guess_from: str = "policy"
+    flow_target: str = "bootstrap"
+    adjoint_lambda: float = 0.5
 
     def __post_init__(self):
         if self.guess_from not in GUESS_CHOICES:
@@ -468,6 +569,18 @@ class LossConfig:
         gamma_weight(torch.ones(1), self.gamma)  # validates the name
         if self.weighting not in WEIGHTING_CHOICES:
             raise ValueError(f"weighting must be one of {WEIGHTING_CHOICES}, got {self.weighting!r}")
+        if self.flow_target not in FLOW_TARGET_CHOICES:
+            raise ValueError(f"flow_target must be one of {FLOW_TARGET_CHOICES}, got {self.flow_target!r}")
+        if not 0.0 < self.adjoint_lambda <= 1.0:
+            raise ValueError(f"adjoint_lambda must be in (0, 1], got {self.adjoint_lambda}")
+        if self.flow_target == "mixed" and not self.use_flow:
+            raise ValueError("flow_target 'mixed' blends L_B's target and needs g_φ (use_flow=True); "
+                             "without g_φ use 'bootstrap' (guess alone) or 'adjoint' (adjoint matching)")
+
+    @property
+    def trains_reverse(self) -> bool:
+        """Whether L_B is part of the loss (it needs a graph from ε̂ to x)."""
+        return self.use_flow and self.flow_target != "adjoint"
 
 
 def transition_weights(sigma: Tensor, weighting: str) -> Tuple[Tensor, Tensor]:
@@ -480,10 +593,9 @@ def transition_weights(sigma: Tensor, weighting: str) -> Tuple[Tensor, Tensor]:
                 shift they need.
     "kl-shift"  (σ², σ⁴): the policy as in "kl"; g_φ's residuals measured as the mean shift they
                 imply, ‖σ² δ‖². Why: at low noise a tiny error in μ_θ is a huge error in the score
-                (μ_θ − μ^♯)/σ², and that score is g_φ's regression target in both L_F and L_B;
-                with weight σ² those 1/σ²-amplified errors dominate g_φ's loss and propagate to
-                the mode-choosing steps. Measured on the toy (README): "kl-shift" lowers the
-                plateau that "kl" and "plain" hit (ring8 mode TV 0.20 → 0.14; not to 0.05).
+                (μ_θ − μ^♯)/σ², and with the bootstrapped target that score is g_φ's regression
+                target in both L_F and L_B; weight σ⁴ keeps those 1/σ²-amplified errors from
+                dominating g_φ's loss (README: measured on the toy).
     """
     if weighting == "plain":
         one = torch.ones_like(sigma)
@@ -500,6 +612,113 @@ def _sq(v: Tensor) -> Tensor:
     return v.pow(2).flatten(1).mean(1)
 
 
+def adjoint_rows(adjoint: Tensor, batch: Transitions, offset: int) -> Tensor:
+    """a_{i+offset} of each transition: adjoint (B, T+1, *S) indexed by the row's (traj, step + offset).
+
+    offset 1 gives the adjoint at x' (forward targets), offset 0 at x (the "mixed" reverse target).
+    Returns (N, *S) in the states' dtype.
+    """
+    return adjoint[batch.traj, batch.step + offset].to(batch.x.dtype)
+
+
+def reverse_target(
+    batch: Transitions,
+    x: Tensor,
+    eps_policy: Tensor,
+    mean_policy: Tensor,
+    reference_eps: EpsFn,
+    log_reward: LogRewardFn,
+    cfg: LossConfig,
+    adjoint_here: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """The detached vector v(x) with L_B = w_φ ‖ v(x) + g_φ(x, τ) ‖² (reverse residual ∇-DB, eq. 11).
+
+    The reverse ∇-DB says guess(x) + g_φ(x) = ∇ log F̃(x) = −∇_x[log P_F^θ − log P_F^♯](x'|x), so
+
+        "bootstrap":  v = sg[∇_x(log P_F^θ − log P_F^♯)(x'|x)] + sg[β γ_τ ∇_x r(x̂_0(x))]
+        "mixed":      v = (1−λ) sg[∇_x(log P_F^θ − log P_F^♯)(x'|x)] + sg[β γ_τ ∇_x r(x̂_0(x))] − λ a_i
+
+    i.e. g_φ(x) is fitted to (1−λ)·(the bootstrapped estimate) + λ·(the lean adjoint) minus the guess.
+    The policy score is taken without second-order gradients (official code), so L_B trains only g_φ.
+    x: batch.x with requires_grad, the graph of eps_policy = ε̂_θ(x) and mean_policy = μ_θ(x) to it
+    is kept for L_F. One ε̂^♯(x) forward; one VJP per graph, with the guess's pullback riding on the
+    graph its x̂_0 came from (ε̂_θ's or ε̂^♯'s, cfg.guess_from). Returns (v (N, *S), μ^♯(x) detached).
+    """
+    sigma = batch.sigma
+    bootstrap_weight = 1.0 - cfg.adjoint_lambda if cfg.flow_target == "mixed" else 1.0
+    eps_reference = reference_eps(x, batch.t, batch.traj)  # graph to x only (frozen weights)
+    mean_reference = step_mean(x, eps_reference, batch.alpha_bar, batch.alpha_bar_next, sigma)
+    on_policy = cfg.guess_from == "policy"
+    x0_hat = x0_prediction(x, eps_policy if on_policy else eps_reference, batch.alpha_bar)
+    r_grad, _ = reward_gradient(log_reward, x0_hat, batch.traj)  # the reward's graph is freed here
+    guess_grad = _per_row(cfg.beta * gamma_weight(batch.alpha_bar, cfg.gamma), x) * r_grad
+    # (1−λ)∇_x log P_F^θ(x'|x) − (1−λ)∇_x log P_F^♯(x'|x) + β γ_τ ∇_x r(x̂_0(x)).
+    log_p_policy = bootstrap_weight * gaussian_log_prob(batch.x_next, mean_policy, sigma)
+    log_p_reference = bootstrap_weight * gaussian_log_prob(batch.x_next, mean_reference, sigma)
+    policy_part = _score_plus_guess(x, log_p_policy, x0_hat if on_policy else None, guess_grad, retain_graph=True)
+    reference_part = _score_plus_guess(x, -log_p_reference, None if on_policy else x0_hat, guess_grad)
+    target = (policy_part + reference_part).detach()
+    if cfg.flow_target == "mixed":
+        target = target - cfg.adjoint_lambda * adjoint_here
+    return target, mean_reference.detach()
+
+
+def flow_losses(
+    batch: Transitions,
+    flow: FlowFn,
+    residual: Tensor,
+    target_next: Tensor,
+    reverse: Optional[Tensor],
+    adjoint_next: Optional[Tensor],
+    weight_flow: Tensor,
+    cfg: LossConfig,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """g_φ's losses: L_F's g_φ-line (or the adjoint fit), L_B and L_T. Returns (sg[g_φ(x')], losses).
+
+    With δ = the policy's forward residual (μ_θ − μ^♯)/σ² at (x, x') and target(x') its detached guess:
+      "bootstrap", "mixed":  w_φ ‖ sg[δ] − target(x') − g_φ(x') ‖²      (g_φ's view of L_F)
+      "adjoint":             w_φ ‖ a_{i+1} − target(x') − g_φ(x') ‖²    (flow estimate at x' on a_{i+1})
+    both on non-terminal rows only (g_φ(x_0) is pinned by L_T = ‖g_φ(x_0)‖² instead); L_B as in
+    `reverse_target` when `reverse` is given. The returned g_φ(x') is zero on terminal rows.
+    """
+    zero = batch.x.new_zeros(())
+    flow_next = flow(batch.x_next, batch.t_next, batch.traj)
+    term = batch.is_terminal
+    loss_terminal = _sq(flow_next[term]).mean() if term.any() else zero
+    flow_next = _per_row((~term).to(flow_next.dtype), flow_next) * flow_next  # no g_φ at x_0
+    fit_next = adjoint_next if cfg.flow_target == "adjoint" else residual.detach()
+    loss_forward_flow = (weight_flow * _sq(fit_next - target_next - flow_next)).mean()
+    loss_reverse = zero
+    if reverse is not None:
+        loss_reverse = (weight_flow * _sq(reverse + flow(batch.x.detach(), batch.t, batch.traj))).mean()
+    return flow_next.detach(), {"forward_flow": loss_forward_flow, "reverse": loss_reverse, "terminal": loss_terminal}
+
+
+def _policy_residuals(
+    batch: Transitions,
+    policy_eps: EpsFn,
+    reference_eps: EpsFn,
+    log_reward: LogRewardFn,
+    cfg: LossConfig,
+    trains_reverse: bool,
+    adjoint: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """ε̂_θ(x) (graph to θ), the forward residual (μ_θ − μ^♯)/σ² (graph to θ only) and, when L_B is
+    trained, its detached target v(x) (`reverse_target`; graph from ε̂ to x only then). (N, *S) each."""
+    x = batch.x.detach().requires_grad_(trains_reverse)
+    eps_policy = policy_eps(x, batch.t, batch.traj)
+    mean_policy = step_mean(x, eps_policy, batch.alpha_bar, batch.alpha_bar_next, batch.sigma)
+    reverse = None
+    if trains_reverse:
+        adjoint_here = adjoint_rows(adjoint, batch, 0) if cfg.flow_target == "mixed" else None
+        reverse, mean_reference = reverse_target(batch, x, eps_policy, mean_policy, reference_eps, log_reward, cfg, adjoint_here)
+    else:
+        with torch.no_grad():
+            eps_reference = reference_eps(x, batch.t, batch.traj)
+            mean_reference = step_mean(x, eps_reference, batch.alpha_bar, batch.alpha_bar_next, batch.sigma)
+    return eps_policy, forward_residual(mean_policy, mean_reference, batch.sigma), reverse
+
+
 def nabla_db_loss(
     batch: Transitions,
     policy_eps: EpsFn,
@@ -507,97 +726,64 @@ def nabla_db_loss(
     log_reward: LogRewardFn,
     flow: Optional[FlowFn],
     cfg: LossConfig,
+    adjoint: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Residual ∇-DB loss on a batch of transitions (paper eqs. 10–13, Alg. 1). Returns (loss, parts).
 
-    With sg[·] = stop-gradient, every norm a mean over dimensions, and per-transition weights
-    (w_θ, w_φ) from `transition_weights` (both 1 in the paper):
+    With sg[·] = stop-gradient, norms means over dimensions, weights (w_θ, w_φ) from
+    `transition_weights` (both 1 in the paper) and target(x') = β∇r(x_0) on terminal rows, the
+    forward-looking guess β γ_{τ'} ∇r(x̂_0(x')) otherwise (x̂_0 from ε̂_θ, or ε̂^♯ with guess_from):
 
-      L_F = w_θ ‖ (μ_θ(x) − μ^♯(x))/σ² − sg[target(x')] − sg[g_φ(x', τ')] ‖²     trains θ
-          + w_φ ‖ sg[(μ_θ(x) − μ^♯(x))/σ²] − sg[target(x')] − g_φ(x', τ') ‖²     trains g_φ
-                                                              (g_φ omitted where x' = x_0)
-      L_B = w_φ ‖ sg[∇_x(log P_F^θ − log P_F^♯)(x'|x)] + sg[β γ_τ ∇r(x̂_0(x))] + g_φ(x, τ) ‖²
-      L_T = ‖ g_φ(x_0, 0) ‖²                                                (terminal rows)
+      L_F = w_θ ‖ (μ_θ(x) − μ^♯(x))/σ² − sg[target(x')] − sg[g_φ(x', τ')] ‖²        trains θ
+          + g_φ's line (`flow_losses`: the same residual seen from g_φ, or its fit to a_{i+1})
+      L_B = w_φ ‖ v(x) + g_φ(x, τ) ‖²          (`reverse_target`; not with flow_target "adjoint")
+      L_T = ‖ g_φ(x_0, 0) ‖²                                                   (terminal rows)
       L_λ = λ ‖ ε̂_θ(x) − ε̂_old(x) ‖²
       loss = mean(L_F) + w_B mean(L_B) + mean_terminal(L_T) + mean(L_λ)
 
-    The two lines of L_F are one residual seen from each side: with w_θ = w_φ their gradients are
-    exactly those of the paper's single term w ‖ … − g_φ(x', τ') ‖².
-    target(x') is β∇r(x_0) on terminal rows and β γ_{τ'} ∇r(x̂_0(x')) otherwise; x̂_0 is ε̂_θ's
-    (cfg.guess_from = "policy", the paper) or ε̂^♯'s ("reference").
+    With "bootstrap" the two lines of L_F are one residual seen from each side: for w_θ = w_φ their
+    gradients are exactly those of the paper's single term w ‖ … − g_φ(x', τ') ‖² (tested).
+    Without g_φ (cfg.use_flow False or flow None) L_B and L_T are zero and θ's target is target(x')
+    ("no flow") or, with flow_target "adjoint", a_{i+1} (adjoint matching: no reward call at all).
 
-    Where gradients go (as in the official code):
-      * L_F trains the policy through μ_θ(x), and g_φ at x'. μ^♯ and the target are detached.
-      * L_B's policy score is computed without second-order gradients, so L_B trains only g_φ.
-      * One ε̂_θ(x) forward serves μ_θ (param gradients), the reverse score and (by default) the
-        guess at x; one ε̂^♯(x) forward serves μ^♯ and the reference score.
-    With cfg.use_flow = False ("no flow"): flow is ignored, L_B and L_T are zero.
+    Gradients (as in the official code): L_F trains θ through μ_θ(x); μ^♯, every target and the
+    adjoint are detached; L_B trains only g_φ. One ε̂_θ(x) forward serves μ_θ, the reverse score and
+    (by default) the guess at x; one ε̂^♯(x) forward serves μ^♯ and the reference score.
+    adjoint: (B, T+1, *S) from `lean_adjoint` over the trajectories `batch` was gathered from (rows
+    found by (traj, step)); required unless flow_target is "bootstrap".
 
     parts: detached scalars "loss", "forward" (θ's line of L_F), "forward_flow" (g_φ's line),
-    "reverse", "terminal", "trust_region", and
-    "reward_next" (mean r at x_0 or x̂_0(x')).
+    "reverse", "terminal", "trust_region", and "reward_next" (mean r at x_0 or x̂_0(x'); absent for
+    adjoint matching, which scores no reward here).
     """
     use_flow = cfg.use_flow and flow is not None
-    t, traj, sigma = batch.t, batch.traj, batch.sigma
-    weight_policy, weight_flow = transition_weights(sigma, cfg.weighting)
+    if cfg.flow_target != "bootstrap" and adjoint is None:
+        raise ValueError(f"flow_target {cfg.flow_target!r} needs adjoint=lean_adjoint(...) of the batch's trajectories")
+    if cfg.flow_target == "mixed" and not use_flow:
+        raise ValueError("flow_target 'mixed' needs g_φ: pass a flow callable")
+    weight_policy, weight_flow = transition_weights(batch.sigma, cfg.weighting)
+    adjoint_next = None if adjoint is None else adjoint_rows(adjoint, batch, 1)
+    eps_policy, residual, reverse = _policy_residuals(batch, policy_eps, reference_eps, log_reward, cfg,
+                                                      use_flow and cfg.trains_reverse, adjoint)
+    parts: Dict[str, Tensor] = {}
+    if use_flow or cfg.flow_target == "bootstrap":
+        guess_eps = policy_eps if cfg.guess_from == "policy" else reference_eps
+        target_next, reward_next = flow_target_next(guess_eps, log_reward, batch, cfg.beta, cfg.gamma)
+        parts["reward_next"] = reward_next.mean()
+    else:  # adjoint matching: the lean adjoint is θ's target itself
+        target_next = adjoint_next
     zero = batch.x.new_zeros(())
-
-    # ε̂_θ(x): one forward with a graph to the parameters and (for L_B) to x.
-    x = batch.x.detach().requires_grad_(use_flow)
-    eps_policy = policy_eps(x, t, traj)
-    mean_policy = step_mean(x, eps_policy, batch.alpha_bar, batch.alpha_bar_next, sigma)
-
-    guess_on_policy = cfg.guess_from == "policy"
+    flow_parts = {"forward_flow": zero, "reverse": zero, "terminal": zero}
     if use_flow:
-        eps_reference = reference_eps(x, t, traj)  # graph to x only (frozen weights)
-        mean_reference = step_mean(x, eps_reference, batch.alpha_bar, batch.alpha_bar_next, sigma)
-        # The guess's x̂_0 comes from the finetuned ε̂_θ (paper, official code) or, optionally, ε̂^♯.
-        x0_hat = x0_prediction(x, eps_policy if guess_on_policy else eps_reference, batch.alpha_bar)
-        r_grad, _ = reward_gradient(log_reward, x0_hat, traj)  # the reward's graph is freed here
-        guess_grad = _per_row(cfg.beta * gamma_weight(batch.alpha_bar, cfg.gamma), x) * r_grad
-        # ∇_x log P_F^θ(x'|x) − ∇_x log P_F^♯(x'|x) + β γ_τ ∇_x r(x̂_0(x)): one vector–Jacobian product
-        # per graph, the guess riding on the graph its x̂_0 came from. θ's graph is kept for L_F.
-        policy_part = _score_plus_guess(x, gaussian_log_prob(batch.x_next, mean_policy, sigma),
-                                        x0_hat if guess_on_policy else None, guess_grad, retain_graph=True)
-        reference_part = _score_plus_guess(x, -gaussian_log_prob(batch.x_next, mean_reference, sigma),
-                                           None if guess_on_policy else x0_hat, guess_grad)
-        # = sg[∇_x(log P_F^θ − log P_F^♯)] + sg[β γ_τ ∇r(x̂_0(x))]
-        reverse_target = (policy_part + reference_part).detach()
-        mean_reference = mean_reference.detach()
-    else:
-        with torch.no_grad():
-            mean_reference = step_mean(x, reference_eps(x, t, traj), batch.alpha_bar, batch.alpha_bar_next, sigma)
-
-    guess_eps = policy_eps if guess_on_policy else reference_eps
-    target_next, reward_next = flow_target_next(guess_eps, log_reward, batch, cfg.beta, cfg.gamma)
-    residual = forward_residual(mean_policy, mean_reference, sigma)  # (N, *S), graph to θ only
-
-    loss_forward_flow, loss_terminal, loss_reverse = zero, zero, zero
-    if use_flow:
-        flow_next = flow(batch.x_next, batch.t_next, traj)
-        if batch.is_terminal.any():
-            loss_terminal = _sq(flow_next[batch.is_terminal]).mean()
-        flow_next = _per_row((~batch.is_terminal).to(x.dtype), flow_next) * flow_next  # no g_φ at x_0
-        # L_F split by who it trains: θ sees sg[g_φ], g_φ sees sg[policy residual]. With equal
-        # weights the gradients are exactly those of the single joint term.
-        loss_forward_flow = (weight_flow * _sq(residual.detach() - target_next - flow_next)).mean()
-        residual = residual - flow_next.detach()
-        flow_here = flow(x.detach(), t, traj)
-        loss_reverse = (weight_flow * _sq(reverse_target + flow_here)).mean()
+        flow_next, flow_parts = flow_losses(batch, flow, residual, target_next, reverse, adjoint_next, weight_flow, cfg)
+        target_next = target_next + flow_next
 
     loss_forward = (weight_policy * _sq(residual - target_next)).mean()
     loss_trust = cfg.trust_region * _sq(eps_policy - batch.eps_old).mean()
-    loss = loss_forward + loss_forward_flow + cfg.reverse_weight * loss_reverse + loss_terminal + loss_trust
-    parts = {
-        "loss": loss.detach(),
-        "forward": loss_forward.detach(),
-        "forward_flow": loss_forward_flow.detach(),
-        "reverse": loss_reverse.detach(),
-        "terminal": loss_terminal.detach(),
-        "trust_region": loss_trust.detach(),
-        "reward_next": reward_next.mean(),
-    }
-    return loss, parts
+    loss = loss_forward + flow_parts["forward_flow"] + cfg.reverse_weight * flow_parts["reverse"]
+    loss = loss + flow_parts["terminal"] + loss_trust
+    parts.update(forward=loss_forward, trust_region=loss_trust, **flow_parts)
+    return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
 
 
 # ----------------------------------------------------------------------------------------------

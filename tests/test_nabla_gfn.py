@@ -21,9 +21,12 @@ from diffusers import DDIMScheduler, UNet2DModel
 from torch import nn
 from torch.distributions import Normal
 
+import nabla_gfn
 from nabla_gfn import (
     LossConfig,
+    StepSchedule,
     Transitions,
+    adjoint_rows,
     clip_grad_norms,
     ddim_schedule,
     forward_looking_score,
@@ -31,7 +34,9 @@ from nabla_gfn import (
     gamma_weight,
     gather_transitions,
     gaussian_log_prob,
+    lean_adjoint,
     nabla_db_loss,
+    reverse_target,
     sample_trajectory,
     step_mean,
     subsample_steps,
@@ -343,7 +348,7 @@ def test_gather_transitions_rows_match_trajectory(scheduler, schedule):
         assert torch.equal(batch.x[n], trajectory.states[b, i])
         assert torch.equal(batch.x_next[n], trajectory.states[b, i + 1])
         assert torch.equal(batch.eps_old[n], trajectory.eps[b, i])
-        assert int(batch.traj[n]) == b
+        assert int(batch.traj[n]) == b and int(batch.step[n]) == i
         assert bool(batch.is_terminal[n]) == (i == NUM_STEPS - 1)
         assert int(batch.t[n]) == timesteps[i] and int(batch.t_next[n]) == timesteps[i + 1]
         assert batch.alpha_bar[n] == scheduler.alphas_cumprod[timesteps[i]]
@@ -531,11 +536,12 @@ def oracle_weights(sigma, weighting):
     return {"plain": (one, one), "kl": (s2, s2), "kl-shift": (s2, s2**2)}[weighting]
 
 
-def oracle_loss(scheduler, batch, policy, reference, log_reward, flow, cfg, joint=False):
+def oracle_loss(scheduler, batch, policy, reference, log_reward, flow, cfg, joint=False, adjoint=None):
     """nabla_db_loss's docstring formula, built independently: means and x̂_0 from diffusers' step,
     scores by autograd of torch.distributions log-densities, targets detached by construction.
     Returns (loss, parts) with a graph to the policy's and g_φ's parameters. joint=True writes L_F
-    as the paper's single term w_θ ‖(μ_θ − μ♯)/σ² − target − g_φ‖² (no stop-gradients inside)."""
+    as the paper's single term w_θ ‖(μ_θ − μ♯)/σ² − target − g_φ‖² (no stop-gradients inside).
+    adjoint (B, T+1, *S): the flow targets of cfg.flow_target, rows found from each row's timestep."""
     weight_policy, weight_flow = oracle_weights(batch.sigma, cfg.weighting)
     term = rows(batch.is_terminal, batch.x).bool()
     x, x_next = batch.x.detach().requires_grad_(True), batch.x_next.detach().requires_grad_(True)
@@ -549,6 +555,10 @@ def oracle_loss(scheduler, batch, policy, reference, log_reward, flow, cfg, join
     guess_model = policy if cfg.guess_from == "policy" else reference
     guess_next = oracle_guess(scheduler, guess_model, log_reward, batch.x_next, batch.t_next, batch.traj, cfg.beta, cfg.gamma)
     target_next = torch.where(term, cfg.beta * reward_score_x0, guess_next)
+    matching = not cfg.use_flow and cfg.flow_target == "adjoint"  # adjoint matching: θ's target is a_{i+1}
+    if cfg.flow_target != "bootstrap":
+        a_next, a_here = (oracle_adjoint_rows(scheduler, adjoint, batch, k) for k in (1, 0))
+        target_next = a_next if matching else target_next
 
     zero = torch.zeros((), dtype=F64)
     loss_reverse, loss_terminal, loss_forward_flow, flow_next = zero, zero, zero, torch.zeros_like(batch.x_next)
@@ -557,13 +567,19 @@ def oracle_loss(scheduler, batch, policy, reference, log_reward, flow, cfg, join
         loss_terminal = mean_sq(flow_next[batch.is_terminal]).mean()
         guess_here = oracle_guess(scheduler, guess_model, log_reward, batch.x, batch.t, batch.traj, cfg.beta, cfg.gamma)
         flow_here = flow(batch.x, batch.t, batch.traj)
-        loss_reverse = (weight_flow * mean_sq(reverse_residual + guess_here + flow_here)).mean()
+        if cfg.flow_target == "bootstrap":
+            loss_reverse = (weight_flow * mean_sq(reverse_residual + guess_here + flow_here)).mean()
+        elif cfg.flow_target == "mixed":  # guess + g_φ at x fitted to (1−λ)·(−reverse residual) + λ·a_i
+            lam = cfg.adjoint_lambda
+            flow_target_here = -(1 - lam) * reverse_residual + lam * a_here
+            loss_reverse = (weight_flow * mean_sq(guess_here + flow_here - flow_target_here)).mean()
     flow_next = torch.where(term, torch.zeros_like(flow_next), flow_next)
     if joint:
         loss_forward = (weight_policy * mean_sq(forward_res - target_next - flow_next)).mean()
     else:
-        if cfg.use_flow:  # g_φ's view of the forward residual: the policy side detached
-            loss_forward_flow = (weight_flow * mean_sq(forward_res.detach() - target_next - flow_next)).mean()
+        if cfg.use_flow:  # g_φ's view of the forward residual (policy side detached), or its fit to a_{i+1}
+            fit_next = a_next if cfg.flow_target == "adjoint" else forward_res.detach()
+            loss_forward_flow = (weight_flow * mean_sq(fit_next - target_next - flow_next)).mean()
         loss_forward = (weight_policy * mean_sq(forward_res - target_next - flow_next.detach())).mean()
     loss_trust = cfg.trust_region * mean_sq(policy(batch.x, batch.t, batch.traj) - batch.eps_old).mean()
     loss = loss_forward + loss_forward_flow + cfg.reverse_weight * loss_reverse + loss_terminal + loss_trust
@@ -578,8 +594,9 @@ def oracle_loss(scheduler, batch, policy, reference, log_reward, flow, cfg, join
         reverse=loss_reverse,
         terminal=loss_terminal,
         trust_region=loss_trust,
-        reward_next=reward_next.mean(),
     )
+    if not matching:
+        parts["reward_next"] = reward_next.mean()
     return loss, parts
 
 
@@ -681,6 +698,339 @@ def test_loss_accepts_any_reward_dtype(scheduler, schedule, reward_dtype):
         _, x0_hat_next = diffusers_step(scheduler, policy, batch.x_next, batch.t_next, batch.traj)
         r = torch.where(batch.is_terminal, smooth_reward_f64(batch.x_next, None), smooth_reward_f64(x0_hat_next, None))
     torch.testing.assert_close(parts["reward_next"].double(), r.mean(), rtol=2e-2, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# The lean adjoint
+# ----------------------------------------------------------------------------------------------
+
+
+class GaussianPriorEps:
+    """The exact ε-model of a single-Gaussian prior N(m, s² I), an eps_fn in float64:
+
+        ε̂(x, τ) = −√(1−ᾱ) ∇ log p_τ(x) = √(1−ᾱ) (x − √ᾱ m) / (ᾱ s² + 1 − ᾱ).
+
+    Its DDIM(η=1) step mean is the true reverse process's E[x'|x], affine in x, so the whole chain is
+    linear-Gaussian."""
+
+    def __init__(self, scheduler, mean, std):
+        self.alphas_cumprod, self.mean, self.std = scheduler.alphas_cumprod.to(F64), mean, std
+
+    def __call__(self, x, t, traj):
+        a = rows(self.alphas_cumprod[t], x)
+        return (1 - a).sqrt() * (x - a.sqrt() * self.mean) / (a * self.std**2 + 1 - a)
+
+
+def linear_gaussian_flow_scale(alpha_bar, alpha_bar_final, std):
+    """k with ∇ log F̃(x_τ) = β k w exactly, for Gaussian data N(m, s² I) and r(x_f) = w·x_f.
+
+    x_f (the chain's last state, noise level ᾱ_f) has variance v_f = ᾱ_f s² + 1 − ᾱ_f, and
+    x_τ = √(ᾱ/ᾱ_f) x_f + noise, so E[x_f | x_τ] is affine with slope k = √(ᾱ/ᾱ_f) v_f / v_τ.
+    The chain's step means are the true conditional expectations, so (tower property) the chain
+    has the same slope, and log E[exp(β w·x_f) | x_τ] = β w·E[x_f | x_τ] + const."""
+    v_final = alpha_bar_final * std**2 + 1 - alpha_bar_final
+    return (alpha_bar / alpha_bar_final).sqrt() * v_final / (alpha_bar * std**2 + 1 - alpha_bar)
+
+
+def linear_gaussian_adjoint_error(num_steps=7, shape=(2,), seed=0):
+    """Max relative error of lean_adjoint against the exact linear-Gaussian flow score, all steps."""
+    scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)
+    schedule = ddim_schedule(scheduler, num_steps)
+    generator = torch.Generator().manual_seed(seed)
+    m, std, beta = torch.randn(*shape, generator=generator, dtype=F64), 0.7, 1.3
+    w = torch.randn(*shape, generator=generator, dtype=F64)
+    reference = GaussianPriorEps(scheduler, m, std)
+    # Any paths will do (the Jacobians are constant): sample them with an unrelated network.
+    x_T = torch.randn(3, *shape, generator=generator, dtype=F64)
+    trajectory = sample_trajectory(TinyNet(shape, seed=seed + 1), schedule, x_T, generator=generator)
+    adjoint, _ = lean_adjoint(reference, schedule, trajectory, lambda x0, traj: (x0 * w).flatten(1).sum(1), beta)
+    assert adjoint.shape == (3, num_steps + 1, *shape)
+    alpha_bar = torch.cat([schedule.alpha_bar, schedule.alpha_bar_next[-1:]]).to(F64)
+    k = linear_gaussian_flow_scale(alpha_bar, alpha_bar[-1], std)  # (T+1,): step T is the final state
+    expected = beta * k.reshape(1, -1, *([1] * len(shape))) * w
+    return float(((adjoint - expected).abs() / expected.abs().clamp(min=1e-12)).max())
+
+
+@pytest.mark.parametrize("num_steps", [1, 7, 50])
+@pytest.mark.parametrize("shape", [(2,), IMAGE_SHAPE])
+def test_lean_adjoint_is_the_exact_flow_score_of_a_linear_gaussian_model(num_steps, shape):
+    """Gaussian prior with its exact ε-model, linear reward: a_i = ∇ log F̃(x_i) on every path, at
+    every step (not only in expectation), against the closed form above. Tolerance: StepSchedule
+    holds its constants in float32, so σ² and ᾱ are consistent to ~1e-7 only (measured 6e-8)."""
+    assert linear_gaussian_adjoint_error(num_steps, shape) < 1e-6
+
+
+_REAL_VJP = nabla_gfn._step_mean_vjp
+
+
+def _x0_jacobian(eps_fn, schedule, i, x, traj, v):
+    """A plausible mistake: the Jacobian of x̂_0 instead of the step mean's."""
+    x = x.detach().requires_grad_(True)
+    t, a = schedule.timesteps[i].expand(len(x)), schedule.alpha_bar[i].expand(len(x))
+    (vjp,) = torch.autograd.grad(x0_prediction(x, eps_fn(x, t, traj), a), x, grad_outputs=v)
+    return vjp
+
+
+BROKEN_SWEEPS = {
+    "step-1": lambda eps_fn, s, i, x, traj, v: _REAL_VJP(eps_fn, s, max(i - 1, 0), x, traj, v),
+    "step+1": lambda eps_fn, s, i, x, traj, v: _REAL_VJP(eps_fn, s, min(i + 1, s.num_steps - 1), x, traj, v),
+    "x0-jacobian": _x0_jacobian,
+    "sign": lambda eps_fn, s, i, x, traj, v: -_REAL_VJP(eps_fn, s, i, x, traj, v),
+    "identity-jacobian": lambda eps_fn, s, i, x, traj, v: v,
+}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN_SWEEPS))
+def test_lean_adjoint_oracle_catches_broken_sweeps(monkeypatch, broken):
+    """The linear-Gaussian oracle is sharp: a wrong step index, a wrong Jacobian or a wrong sign in
+    the sweep each make it fail by orders of magnitude more than its tolerance."""
+    monkeypatch.setattr(nabla_gfn, "_step_mean_vjp", BROKEN_SWEEPS[broken])
+    assert linear_gaussian_adjoint_error(7) > 1e-3
+
+
+def test_lean_adjoint_terminal_and_steps_match_autograd_through_diffusers(scheduler, schedule):
+    """a_T = β ∇r(x_0) exactly; a_i = J♯(x_i)ᵀ a_{i+1} with J♯ by autograd through diffusers' own
+    step; r(x_0) returned; conditioning routed by the given traj ids (here offset: a slice of an
+    epoch's trajectories)."""
+    B, beta = 3, 1.7
+    reference = TinyNet(num_traj=B + 2, seed=2)
+    centres = torch.randn(B + 2, 2, dtype=F64)
+    reward = CentreReward(centres)
+    trajectory = sample_trajectory(TinyNet(seed=1), schedule, torch.randn(B, 2, dtype=F64))
+    traj = torch.arange(B) + 2
+    rec_reference, rec_reward = Recorder(reference), Recorder(reward)
+    adjoint, r0 = lean_adjoint(rec_reference, schedule, trajectory, rec_reward, beta, traj=traj)
+    x0 = trajectory.final
+    torch.testing.assert_close(adjoint[:, -1], beta * grad_of(lambda x_: reward(x_, traj), x0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(r0.double(), reward(x0, traj).double())
+    for i, t in enumerate(scheduler.timesteps):
+        x = trajectory.states[:, i]
+        t_rows = t.expand(B)
+
+        def projected_mean(x_, i=i):
+            return (diffusers_step(scheduler, reference, x_, t_rows, traj)[0] * adjoint[:, i + 1]).flatten(1).sum(1)
+
+        torch.testing.assert_close(adjoint[:, i], grad_of(projected_mean, x), rtol=RTOL_DIFFUSERS, atol=1e-10, msg=f"step {i}")
+    assert all(torch.equal(call_traj, traj) for _, call_traj in rec_reference.calls + rec_reward.calls)
+    assert len(rec_reference.calls) == NUM_STEPS
+
+
+def test_lean_adjoint_is_detached_and_leaves_no_parameter_gradients(schedule):
+    reference, reward = TinyNet(seed=2), LinearReward()
+    assert all(p.requires_grad for p in reference.parameters())  # trainable-looking, like a LoRA UNet
+    trajectory = sample_trajectory(TinyNet(seed=1), schedule, torch.randn(4, 2, dtype=F64))
+    adjoint, r0 = lean_adjoint(reference, schedule, trajectory, reward, 2.0)
+    assert not adjoint.requires_grad and not r0.requires_grad and adjoint.grad_fn is None
+    assert all(p.grad is None for p in reference.parameters()) and all(p.grad is None for p in reward.parameters())
+    assert adjoint.abs().sum() > 0 and torch.isfinite(adjoint).all()
+
+
+def test_lean_adjoint_is_unbiased_along_oracle_paths_and_biased_along_pretrained_ones():
+    """GMM task (grid25, bump reward) with the prior's exact ε-model: averaged over paths of the
+    exact-flow oracle, a_i − ∇log F̃(x_i) projected on ∇log F̃(x_i) is ≈ 0 at every step; along the
+    pretrained model's own paths it over-estimates at high noise (the bias `lean_adjoint` states).
+
+    The oracle is itself the Gaussian linearisation of P* on a 50-step chain, so it carries a small
+    bias of its own (measured +0.04…+0.06 of E‖∇log F̃‖², ~2 standard errors): the bound is
+    0.12, against +0.89 for pretrained paths at step 0."""
+    import toy_2d
+
+    torch.set_num_threads(1)
+    cfg = toy_2d.ToyConfig(prior="grid25", reward="bump")
+    task, scheduler = toy_2d.build_task(cfg), toy_2d.sd_scheduler()
+    schedule = ddim_schedule(scheduler, 50)
+    reference = toy_2d.analytic_eps(task.prior, scheduler.alphas_cumprod)
+    oracle = toy_2d.oracle_eps(task, reference, schedule)
+    generator, n = torch.Generator().manual_seed(0), 4000
+    bias = {}
+    for name, policy in (("oracle", oracle), ("pretrained", reference)):
+        trajectory = sample_trajectory(policy, schedule, torch.randn(n, 2, generator=generator, dtype=F64), generator)
+        adjoint, _ = lean_adjoint(reference, schedule, trajectory, task.log_reward, cfg.beta)
+        bias[name] = []
+        for i in range(0, 50, 5):
+            exact = toy_2d.exact_flow_score(task.prior, task.target, trajectory.states[:, i], schedule.alpha_bar[i].expand(n))
+            projected = ((adjoint[:, i] - exact) * exact).sum(1) / exact.pow(2).sum(1).mean()
+            bias[name].append(float(projected.mean()))
+    assert max(abs(b) for b in bias["oracle"]) < 0.12, bias
+    assert bias["pretrained"][0] > 0.5, bias
+
+
+# ----------------------------------------------------------------------------------------------
+# The flow targets: adjoint, mixed, adjoint matching
+# ----------------------------------------------------------------------------------------------
+
+
+def sample_batch_with_adjoint(policy, reference, log_reward, schedule, beta, batch_size=4, fraction=0.5, seed=0):
+    """A realistic batch and the lean adjoint of the trajectories it was gathered from."""
+    generator = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(batch_size, 2, generator=generator, dtype=F64)
+    trajectory = sample_trajectory(policy, schedule, x_T, generator=generator)
+    steps = subsample_steps(schedule.num_steps, fraction, batch_size, generator=generator)
+    adjoint, _ = lean_adjoint(reference, schedule, trajectory, log_reward, beta)
+    return gather_transitions(trajectory, schedule, steps), adjoint
+
+
+def oracle_adjoint_rows(scheduler, adjoint, batch, offset):
+    """a_{i+offset} per row, the step found from the row's timestep (not from batch.step)."""
+    timesteps = scheduler.timesteps.tolist()
+    return torch.stack([adjoint[int(b), timesteps.index(int(t)) + offset] for b, t in zip(batch.traj, batch.t)])
+
+
+def test_adjoint_rows_find_each_rows_step(scheduler, schedule):
+    policy = TinyNet(seed=1)
+    batch, adjoint = sample_batch_with_adjoint(policy, policy, smooth_reward, schedule, 1.0)
+    batch = batch.select(torch.randperm(len(batch)))
+    for offset in (0, 1):
+        assert torch.equal(adjoint_rows(adjoint, batch, offset), oracle_adjoint_rows(scheduler, adjoint, batch, offset))
+
+
+def row_shifted_policy(reference, batch, shift):
+    """An ε-model that, at each of the batch's states x (matched exactly), moves the step mean by
+    shift[row]: step_mean is affine in ε̂, so ε̂ = ε̂♯ + shift / slope, slope = ∂μ/∂ε̂ (per row)."""
+    slope = step_mean(torch.zeros_like(batch.x), torch.ones_like(batch.x), batch.alpha_bar, batch.alpha_bar_next, batch.sigma)
+    slope = slope - step_mean(torch.zeros_like(batch.x), torch.zeros_like(batch.x), batch.alpha_bar, batch.alpha_bar_next, batch.sigma)
+
+    def eps_fn(x, t, traj):
+        row = (x.detach()[:, None] == batch.x[None]).flatten(2).all(2).long().argmax(1)
+        return reference(x, t, traj) + shift[row] / slope[row]
+
+    return eps_fn
+
+
+@pytest.mark.parametrize("weighting", ["plain", "kl"])
+def test_adjoint_matching_loss_is_zero_when_the_policy_shift_is_sigma2_times_the_adjoint(schedule, weighting):
+    """Adjoint matching (no g_φ, flow_target "adjoint"): θ's target is a_{i+1} itself, so the loss
+    vanishes (to float64 rounding) when μ_θ − μ♯ = σ² a_{i+1} row by row, and only then."""
+    reference = TinyNet(seed=2)
+    batch, adjoint = sample_batch_with_adjoint(TinyNet(seed=1), reference, smooth_reward, schedule, 2.0)
+    cfg = LossConfig(beta=2.0, weighting=weighting, use_flow=False, flow_target="adjoint")
+    calls = Recorder(smooth_reward)
+    shift = rows(batch.sigma, batch.x) ** 2 * adjoint[batch.traj, batch.step + 1]
+    loss, parts = nabla_db_loss(batch, row_shifted_policy(reference, batch, shift), reference, calls, None, cfg, adjoint=adjoint)
+    at_reference, _ = nabla_db_loss(batch, reference, reference, calls, None, cfg, adjoint=adjoint)
+    assert at_reference > 1e-3 and loss < 1e-20 * at_reference, (float(loss), float(at_reference))
+    assert not calls.calls and "reward_next" not in parts, "adjoint matching must not score the reward"
+    wrong_rows = shift[torch.roll(torch.arange(len(batch)), 1)]  # each row given another row's shift
+    wrong, _ = nabla_db_loss(batch, row_shifted_policy(reference, batch, wrong_rows), reference, calls, None, cfg, adjoint=adjoint)
+    assert wrong > 1e-3 * at_reference
+
+
+def _policy_pass(batch, policy):
+    x = batch.x.detach().requires_grad_(True)
+    eps = policy(x, batch.t, batch.traj)
+    return x, eps, step_mean(x, eps, batch.alpha_bar, batch.alpha_bar_next, batch.sigma)
+
+
+def test_mixed_reverse_target_is_bootstrap_at_small_lambda_and_the_adjoint_at_lambda_one(scheduler, schedule):
+    """L_B = w_φ ‖v + g_φ(x)‖². "mixed" with λ → 0 gives the bootstrapped v; with λ = 1 it fits
+    guess(x) + g_φ(x) to a_i alone: v = guess(x) − a_i (guess by an independent oracle)."""
+    policy, reference = TinyNet(seed=1), TinyNet(seed=2)
+    batch, adjoint = sample_batch_with_adjoint(policy, reference, smooth_reward, schedule, 1.5)
+    a_here = oracle_adjoint_rows(scheduler, adjoint, batch, 0)
+    common = dict(beta=1.5, gamma="sqrt_alpha_bar")
+    v_boot, mean_boot = reverse_target(batch, *_policy_pass(batch, policy), reference, smooth_reward, LossConfig(**common))
+    v_tiny, _ = reverse_target(batch, *_policy_pass(batch, policy), reference, smooth_reward,
+                               LossConfig(**common, flow_target="mixed", adjoint_lambda=1e-12), a_here)
+    v_one, mean_one = reverse_target(batch, *_policy_pass(batch, policy), reference, smooth_reward,
+                                     LossConfig(**common, flow_target="mixed", adjoint_lambda=1.0), a_here)
+    torch.testing.assert_close(v_tiny, v_boot, rtol=1e-9, atol=1e-9)
+    guess = oracle_guess(scheduler, policy, smooth_reward, batch.x, batch.t, batch.traj, 1.5, "sqrt_alpha_bar")
+    torch.testing.assert_close(v_one, guess - a_here, rtol=RTOL_DIFFUSERS, atol=1e-8)
+    torch.testing.assert_close(mean_one, mean_boot)
+    assert not v_one.requires_grad and (v_boot - v_one).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "use_flow, weighting, guess_from, flow_target",
+    [(True, "kl", "policy", "adjoint"), (True, "plain", "reference", "adjoint"), (True, "kl-shift", "policy", "mixed"),
+     (True, "kl", "reference", "mixed"), (False, "kl", "policy", "adjoint"), (False, "plain", "policy", "adjoint")],
+)
+def test_flow_target_losses_match_independent_oracle(scheduler, schedule, use_flow, weighting, guess_from, flow_target):
+    B = 4
+    policy, reference, flow = (TinyNet(num_traj=B, seed=s) for s in (1, 2, 3))
+    reward = CentreReward(torch.randn(B, 2, dtype=F64))
+    batch, adjoint = sample_batch_with_adjoint(TinyNet(num_traj=B, seed=0), reference, reward, schedule, 1.5, batch_size=B)
+    batch = batch.select(torch.randperm(len(batch)))
+    assert batch.is_terminal.any() and (~batch.is_terminal).any()
+    cfg = LossConfig(beta=1.5, trust_region=0.5, reverse_weight=0.7, gamma="sqrt_alpha_bar", weighting=weighting,
+                     use_flow=use_flow, guess_from=guess_from, flow_target=flow_target, adjoint_lambda=0.3)
+    rec_policy, rec_reference, rec_flow = Recorder(policy), Recorder(reference), Recorder(flow)
+    loss, parts = nabla_db_loss(batch, rec_policy, rec_reference, reward, rec_flow, cfg, adjoint=adjoint)
+    for rec in (rec_policy, rec_reference) + ((rec_flow,) if use_flow else ()):
+        assert_routed_by_traj(rec, batch, require_match=True)
+    expected_loss, expected_parts = oracle_loss(scheduler, batch, policy, reference, reward, flow, cfg, adjoint=adjoint)
+    for name, expected in expected_parts.items():
+        torch.testing.assert_close(parts[name].double(), expected.detach().double(), rtol=RTOL_DIFFUSERS, atol=1e-12, msg=name)
+    torch.testing.assert_close(loss, expected_loss, rtol=RTOL_DIFFUSERS, atol=1e-12)
+    params = list(policy.parameters()) + (list(flow.parameters()) if use_flow else [])
+    for g, e in zip(torch.autograd.grad(loss, params), torch.autograd.grad(expected_loss, params)):
+        torch.testing.assert_close(g, e, rtol=RTOL_DIFFUSERS, atol=1e-7)
+    if flow_target == "adjoint":
+        assert parts["reverse"] == 0 and all(not x.requires_grad for x, _ in rec_policy.calls), "no L_B, no graph to x"
+
+
+@pytest.mark.parametrize("wrong_offset", [0, 2])
+def test_flow_target_oracle_catches_a_wrong_adjoint_row(scheduler, schedule, monkeypatch, wrong_offset):
+    """A loss that reads a_i (or a_{i+2}) where it should read a_{i+1} fails the oracle comparison."""
+    real = nabla_gfn.adjoint_rows
+
+    def broken(adjoint, batch, offset):
+        if offset != 1:
+            return real(adjoint, batch, offset)
+        step = (batch.step + wrong_offset).clamp(max=adjoint.shape[1] - 1)
+        return adjoint[batch.traj, step].to(batch.x.dtype)
+
+    policy, reference, flow = TinyNet(seed=1), TinyNet(seed=2), TinyNet(seed=3)
+    batch, adjoint = sample_batch_with_adjoint(policy, reference, smooth_reward, schedule, 1.5)
+    for use_flow in (True, False):
+        cfg = LossConfig(beta=1.5, weighting="kl", use_flow=use_flow, flow_target="adjoint")
+        expected, _ = oracle_loss(scheduler, batch, policy, reference, smooth_reward, flow, cfg, adjoint=adjoint)
+        loss, _ = nabla_db_loss(batch, policy, reference, smooth_reward, flow, cfg, adjoint=adjoint)
+        torch.testing.assert_close(loss, expected, rtol=RTOL_DIFFUSERS, atol=1e-12)
+        monkeypatch.setattr(nabla_gfn, "adjoint_rows", broken)
+        loss, _ = nabla_db_loss(batch, policy, reference, smooth_reward, flow, cfg, adjoint=adjoint)
+        monkeypatch.setattr(nabla_gfn, "adjoint_rows", real)
+        assert not torch.allclose(loss, expected, rtol=1e-3), use_flow
+
+
+def test_adjoint_target_trains_the_policy_exactly_as_bootstrap_and_g_phi_differently(schedule):
+    """θ's line of L_F is the same for every flow target (L_B never trains θ), so θ's gradient is
+    the same with "bootstrap" and "adjoint"; g_φ's is not. Reference and reward get none."""
+    policy, reference, flow, reward = TinyNet(seed=1), TinyNet(seed=2), TinyNet(seed=3), LinearReward()
+    for p in reference.parameters():
+        p.requires_grad_(True)
+    batch, adjoint = sample_batch_with_adjoint(TinyNet(seed=0), reference, reward, schedule, 2.0)
+    got = {}
+    for target in ("bootstrap", "adjoint", "mixed"):
+        for module in (policy, reference, flow, reward):
+            module.zero_grad(set_to_none=True)
+        cfg = LossConfig(beta=2.0, trust_region=0.5, weighting="kl", flow_target=target)
+        loss, _ = nabla_db_loss(batch, policy, reference, reward, flow, cfg, adjoint=adjoint)
+        loss.backward()
+        assert all(p.grad is None for p in reference.parameters()) and all(p.grad is None for p in reward.parameters())
+        got[target] = (grads(policy), grads(flow))
+    for target in ("adjoint", "mixed"):
+        for g, e in zip(got[target][0], got["bootstrap"][0]):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-15)
+        assert any(not torch.allclose(g, e) for g, e in zip(got[target][1], got["bootstrap"][1]))
+
+
+def test_flow_target_config_errors_are_one_line_value_errors(schedule):
+    with pytest.raises(ValueError, match=r"flow_target must be one of \('bootstrap', 'adjoint', 'mixed'\)"):
+        LossConfig(flow_target="td")
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match=r"adjoint_lambda must be in \(0, 1\]"):
+            LossConfig(flow_target="mixed", adjoint_lambda=bad)
+    with pytest.raises(ValueError, match="needs g_φ"):
+        LossConfig(flow_target="mixed", use_flow=False)
+    policy = TinyNet(seed=1)
+    batch = sample_batch(policy, schedule)
+    for target in ("adjoint", "mixed"):
+        with pytest.raises(ValueError, match="needs adjoint=lean_adjoint"):
+            nabla_db_loss(batch, policy, policy, smooth_reward, TinyNet(seed=3), LossConfig(flow_target=target))
+    _, adjoint = sample_batch_with_adjoint(policy, policy, smooth_reward, schedule, 1.0)
+    with pytest.raises(ValueError, match="needs g_φ"):
+        nabla_db_loss(batch, policy, policy, smooth_reward, None, LossConfig(flow_target="mixed"), adjoint=adjoint)
 
 
 # ----------------------------------------------------------------------------------------------
