@@ -946,7 +946,8 @@ def start_session(cfg: Config) -> Session:
     session.folder.write_json("config.json", {"config": dataclasses.asdict(cfg), "derived": derived,
                                               "command": sys.argv, "versions": _versions()})
     if cfg.report_to != "none":
-        accelerator.init_trackers("sd_finetune", config=dataclasses.asdict(cfg))
+        accelerator.init_trackers("sd_finetune", config=dataclasses.asdict(cfg),
+                                  init_kwargs={"wandb": {"dir": cfg.out}} if cfg.report_to == "wandb" else {})
     return session
 
 

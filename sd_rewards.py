@@ -7,14 +7,18 @@ gradients badly wrong), and preprocesses in plain torch what the model's own pro
 or torchvision (resize the shorter side, bicubic and antialiased; centre crop; mean/std), so that the
 gradient reaches the pixels. The tests check each preprocessing against the model's own processor.
 
-| --reward      | model (hub id)                                          | r                                            |
-|---------------|---------------------------------------------------------|----------------------------------------------|
-| `aesthetic`   | LAION improved aesthetic predictor on CLIP ViT-L/14     | MLP(L2-normalised image embedding), ~1–10     |
-|               | (`openai/clip-vit-large-patch14` + `sac+logos+ava1-l14-linearMSE.pth`) — the paper's main reward |
-| `hpsv2`       | HPSv2.1: open_clip ViT-H-14 (`xswu/HPSv2`, `HPS_v2.1_compressed.pt`) | cos(image, prompt), ~0.2–0.35 (HPSv2's score) |
-| `pickscore`   | PickScore v1, a transformers CLIPModel (`yuvalkirstain/PickScore_v1`, preprocessing of `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`) | exp(logit_scale)·cos(image, prompt), ~18–23 |
-| `imagereward` | ImageReward v1.0 (`THUDM/ImageReward`: `ImageReward.pt` + `med_config.json`; tokenizer `bert-base-uncased`) | standardised MLP on BLIP's [CLS], ~−2…2 |
-| `clip-score`  | CLIP ViT-L/14                                           | cos(image, prompt)                           |
+  aesthetic    the paper's main reward: LAION improved aesthetic predictor, an MLP on the L2-normalised
+               CLIP ViT-L/14 image embedding (openai/clip-vit-large-patch14 + sac+logos+ava1-l14-linearMSE.pth);
+               r on its 1–10 scale; ignores the prompt.
+  hpsv2        HPSv2.1: open_clip ViT-H-14 finetuned on human preferences (xswu/HPSv2, HPS_v2.1_compressed.pt);
+               r = cos(image, prompt), HPSv2's own score.
+  pickscore    PickScore v1 as a transformers CLIPModel (yuvalkirstain/PickScore_v1) with the preprocessing
+               of laion/CLIP-ViT-H-14-laion2B-s32B-b79K's processor; r = exp(logit_scale)·cos(image, prompt),
+               its authors' score.
+  imagereward  ImageReward v1.0 (THUDM/ImageReward: ImageReward.pt + med_config.json; bert-base-uncased's
+               tokenizer): BLIP ViT-L/16 tokens, cross-attended by a BERT encoder of the prompt, an MLP on
+               its [CLS] state, standardised with the authors' mean and std.
+  clip-score   r = cos(CLIP ViT-L/14 image embedding, its embedding of the prompt).
 
 ImageReward is rebuilt on transformers' BLIP classes (`BlipVisionModel` for its ViT-L/16, `BlipTextModel`
 with cross-attention for its BERT encoder): the `image-reward` package does not import with

@@ -25,13 +25,7 @@ SCRIPT = str(ROOT / "sd_finetune.py")
 TIME_KEYS = ("update_seconds", "elapsed_seconds")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and results are bitwise reproducible across runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +167,7 @@ def test_smoke_eval_runs_with_every_reward(reward, cache, tmp_path, capsys):
     assert "eval: reward_mean=" in capsys.readouterr().out
     evaluation = check_eval_json(tmp_path / "run" / "eval.json")
     assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["reward"] == reward
-    assert evaluation["reward_mean"] != evaluation["reward_mean_pretrained"] or reward == "imagereward"
+    assert evaluation["reward_mean"] != evaluation["reward_mean_pretrained"]  # the 2 updates moved the samples
 
 
 def test_report_to_tensorboard_writes_the_loss_parts_and_reward(cache, tmp_path):

@@ -15,6 +15,8 @@ import sd_finetune as sd
 import sd_metrics as sdm
 from sd_rewards import Source
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
+
 
 class Features(torch.nn.Module):
     """torchmetrics' `feature=` module that returns its input: the FID of given feature vectors."""

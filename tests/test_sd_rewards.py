@@ -27,12 +27,7 @@ LAION_PROCESSOR = {"crop_size": 224, "do_center_crop": True, "do_normalize": Tru
                    "resample": 3, "size": 224}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
