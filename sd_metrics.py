@@ -135,6 +135,7 @@ def load_dreamsim(source: Source, cache_dir: str, device) -> DreamSimDistance:
     try:
         from dreamsim import dreamsim
 
+        Path(folder).mkdir(parents=True, exist_ok=True)  # dreamsim makes only the last level itself
         with torch_hub_dir_kept(), contextlib.redirect_stdout(io.StringIO()):  # its "Using cached ..." prints
             model, _ = dreamsim(pretrained=True, device=str(device), cache_dir=folder, dreamsim_type=DREAMSIM_TYPE)
     except Exception as err:  # any failure of the package's loading makes the metric unavailable, not the run

@@ -5,6 +5,7 @@ tests check the wiring against nabla_gfn with independently written callables.
 """
 
 import copy
+import importlib.util
 import json
 import os
 import shutil
@@ -227,6 +228,15 @@ def test_bad_flag_values_give_one_line_naming_the_flag(flags, names, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sd_finetune.py: error:")
     assert all(name in err[0] for name in names), err[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_report_to_wandb_without_the_package_gives_one_line(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        sd.main(["--preset", "smoke", "--report-to", "wandb", "--out", str(tmp_path / "run")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["sd_finetune.py: error: --report-to wandb needs the wandb package: pip install wandb"]
 
 
 @pytest.mark.parametrize("flags, names", [
