@@ -5,6 +5,7 @@ tests check the wiring against nabla_gfn with independently written callables.
 """
 
 import copy
+import importlib.util
 import json
 import os
 import shutil
@@ -22,17 +23,10 @@ import sd_finetune as sd
 ROOT = Path(__file__).resolve().parents[1]  # conftest.py puts it on sys.path and sets HF_HUB_OFFLINE=1
 
 SCRIPT = str(ROOT / "sd_finetune.py")
-AESTHETIC_ASSET = ROOT.parent / "shared" / "assets" / "sac+logos+ava1-l14-linearMSE.pth"
 TIME_KEYS = ("update_seconds", "elapsed_seconds")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and results are bitwise reproducible across runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +104,20 @@ def test_one_epoch_writes_every_output(smoke_run, cache):
     assert (state["epoch"], state["update"], state["num_processes"]) == (1, 2, 1)
     assert state["optimizer"]["state"] and len(state["rng"]) == 1
 
-    evaluation = json.loads((out / "eval.json").read_text())
-    for key in ("reward_mean", "reward_mean_pretrained", "diversity", "diversity_pretrained", "prior_frechet"):
+    check_eval_json(out / "eval.json")
+
+
+def check_eval_json(path):
+    """Every metric present and finite (the tiny builds use the DreamSim and FID stand-ins)."""
+    evaluation = json.loads(path.read_text())
+    for key in ("reward_mean", "reward_std", "reward_mean_pretrained", "dreamsim_diversity",
+                "dreamsim_diversity_pretrained", "prior_fid", "clip_diversity", "clip_diversity_pretrained",
+                "clip_prior_frechet"):
         assert torch.isfinite(torch.tensor(evaluation[key])), key
-    assert evaluation["prompts"] == len(sd.EVAL_ANIMALS) and evaluation["samples_per_prompt"] == 2
+    assert evaluation["unavailable"] == {} and "stand-in" in evaluation["metric_models"]["dreamsim"]
+    assert evaluation["prompts"] == len(sd.EVAL_ANIMALS) == len(evaluation["per_prompt"])
+    assert evaluation["samples_per_prompt"] == 2
+    return evaluation
 
 
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(smoke_run, env, tmp_path):
@@ -157,6 +161,32 @@ def test_two_process_accelerate_run(env, tmp_path):
     assert (out / "checkpoints" / "epoch_0001" / "pytorch_lora_weights.safetensors").is_file()
 
 
+@pytest.mark.parametrize("reward", ["hpsv2", "pickscore", "imagereward", "clip-score"])
+def test_smoke_eval_runs_with_every_reward(reward, cache, tmp_path, capsys):
+    """`--preset smoke --reward R --eval` on the tiny builds of each reward (aesthetic: smoke_run)."""
+    sd.main(["--preset", "smoke", "--reward", reward, "--eval", "--cache-dir", str(cache), "--out", str(tmp_path / "run")])
+    assert "eval: reward_mean=" in capsys.readouterr().out
+    evaluation = check_eval_json(tmp_path / "run" / "eval.json")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["reward"] == reward
+    assert evaluation["reward_mean"] != evaluation["reward_mean_pretrained"]  # the 2 updates moved the samples
+
+
+def test_report_to_tensorboard_writes_the_loss_parts_and_reward(cache, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    sd.main(["--preset", "smoke", "--report-to", "tensorboard", "--cache-dir", str(cache), "--out", str(out)])
+    events = list((out / "sd_finetune").glob("events.out.tfevents.*"))
+    assert events, list(out.iterdir())
+    accumulator = EventAccumulator(str(out / "sd_finetune"))
+    accumulator.Reload()
+    metrics = read_jsonl(out / "metrics.jsonl")
+    for tag in ("loss", "forward", "reverse", "terminal", "trust_region", "reward_mean", "grad_norm_policy"):
+        logged = accumulator.Scalars(tag)
+        assert [e.step for e in logged] == [1, 2], tag
+        assert [e.value for e in logged] == pytest.approx([m[tag] for m in metrics], rel=1e-5), tag
+
+
 def test_missing_hub_weights_offline_give_one_line(env, tmp_path):
     result = run_script(["--out", tmp_path / "run"], {**env, "NABLA_GFN_MODEL": sd.SD15_HUB_ID})
     assert result.returncode == 1
@@ -169,7 +199,8 @@ def test_bad_flag_gives_one_line_without_traceback(env):
     result = run_script(["--reward", "nope"], env)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "sd_finetune.py: error: argument --reward: invalid choice: 'nope' (choose from 'aesthetic', 'clip-score')"
+        "sd_finetune.py: error: argument --reward: invalid choice: 'nope' (choose from 'aesthetic', 'hpsv2', "
+        "'pickscore', 'imagereward', 'clip-score')"
     ]
 
 
@@ -197,6 +228,15 @@ def test_bad_flag_values_give_one_line_naming_the_flag(flags, names, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sd_finetune.py: error:")
     assert all(name in err[0] for name in names), err[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_report_to_wandb_without_the_package_gives_one_line(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        sd.main(["--preset", "smoke", "--report-to", "wandb", "--out", str(tmp_path / "run")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["sd_finetune.py: error: --report-to wandb needs the wandb package: pip install wandb"]
 
 
 @pytest.mark.parametrize("flags, names", [
@@ -366,50 +406,3 @@ def test_reference_policy_is_the_pretrained_unet(cache, tmp_path):
     with torch.no_grad():
         again = sd.guided_eps(models.unet, cond, models.uncond, 5.0, lora=True)(x, t, traj)
     torch.testing.assert_close(again, policy)
-
-
-# ----------------------------------------------------------------------------------------------
-# Rewards and eval metrics
-# ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.skipif(not AESTHETIC_ASSET.is_file(), reason="the real aesthetic MLP is not in ../shared/assets")
-def test_aesthetic_head_loads_the_real_file_with_strict_keys():
-    head = sd.AestheticHead.from_file(AESTHETIC_ASSET, embed_dim=768)
-    state = torch.load(AESTHETIC_ASSET, map_location="cpu", weights_only=True)
-    assert set(state) == {f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")}
-    assert all(torch.equal(head.state_dict()[k], v) for k, v in state.items())
-    embeds = torch.nn.functional.normalize(torch.randn(5, 768, generator=torch.Generator().manual_seed(0)), dim=-1)
-    scores = head(embeds)
-    assert scores.shape == (5,) and torch.all((scores > 0) & (scores < 10))  # the predictor's 1–10 scale
-
-
-def test_clip_rewards_are_differentiable_in_the_image(cache, tmp_path):
-    cfg = smoke_config(cache, tmp_path)
-    embedder = sd.load_clip(cfg, torch.device("cpu"))
-    images = (torch.rand(2, 3, 48, 40) * 2 - 1).requires_grad_(True)  # non-square: resize + centre crop
-    for reward in (sd.build_reward(cfg, embedder), sd.ClipScoreReward(embedder)):
-        r = reward(images, ["cat", "dog"])
-        (grad,) = torch.autograd.grad(r.sum(), images)
-        assert r.shape == (2,) and r.dtype == torch.float32 and grad.abs().sum() > 0
-    score = sd.ClipScoreReward(embedder)
-    assert not torch.allclose(score(images, ["cat", "cat"]), score(images, ["cat", "dog"]))
-
-
-def test_frechet_distance_matches_the_closed_form():
-    import numpy as np
-    from scipy import linalg
-
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(200, 6, generator=generator) @ torch.randn(6, 6, generator=generator)
-    b = torch.randn(200, 6, generator=generator) * 0.5 + 1.0
-    mu_a, mu_b, cov_a, cov_b = a.mean(0), b.mean(0), np.cov(a.numpy().T), np.cov(b.numpy().T)
-    expected = float((mu_a - mu_b).pow(2).sum()) + np.trace(cov_a + cov_b - 2 * linalg.sqrtm(cov_a @ cov_b).real)
-    assert sd.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
-    assert sd.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
-
-
-def test_mean_pairwise_distance_of_unit_vectors():
-    e = torch.eye(3)  # orthogonal: every pair at cosine distance 1
-    assert sd.mean_pairwise_distance(e) == pytest.approx(1.0)
-    assert sd.mean_pairwise_distance(torch.ones(4, 1)) == pytest.approx(0.0)
