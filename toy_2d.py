@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import nabla_gfn as ng
+import toy_baselines
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -69,6 +70,9 @@ REWARD_PRESETS = {
 }
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class ToyConfig:
     prior: str = field(default="ring8", metadata={"help": f"prior preset {sorted(PRIOR_PRESETS)} or GMM JSON"})
@@ -93,6 +97,9 @@ class ToyConfig:
     gamma: str = field(default="sqrt_alpha_bar", metadata={"help": f"γ_τ choice {ng.GAMMA_CHOICES} (toy default √ᾱ: measured better here; nabla_gfn default ᾱ)"})
     guess_from: str = field(default="policy", metadata={"help": f"whose x̂_0 the guess uses {ng.GUESS_CHOICES} (paper: policy)"})
     weighting: str = field(default="kl-shift", metadata={"help": f"transition weighting {ng.WEIGHTING_CHOICES} (paper: plain)"})
+    flow_target: str = field(default="bootstrap", metadata={"help": f"what trains g_φ {ng.FLOW_TARGET_CHOICES}: bootstrap = the paper's L_F g-line + L_B; adjoint = g_φ(x') fit to the lean adjoint a_{{i+1}}; mixed = L_B on (1−λ)·bootstrap + λ·a_i"})
+    adjoint_lambda: float = field(default=0.5, metadata={"help": "λ ∈ (0, 1] of --flow-target mixed"})
+    lr_schedule: str = field(default="constant", metadata={"help": "learning rates over the updates: constant, or cosine decay to 0 (all groups)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max grad norm, per parameter group"})
     # baselines (toy_baselines.py); the policy lr is --lr for every method
     draft_k: int = field(default=1, metadata={"help": "DRaFT-K: last sampling steps the reward gradient flows through (1 = DRaFT-1)"})
@@ -120,8 +127,10 @@ class ToyConfig:
             reverse_weight=self.reverse_weight,
             gamma=self.gamma,
             weighting=self.weighting,
-            use_flow=self.method != "no-flow",
+            use_flow=self.method not in ("no-flow", "adjoint-matching"),
             guess_from=self.guess_from,
+            flow_target="adjoint" if self.method == "adjoint-matching" else self.flow_target,
+            adjoint_lambda=self.adjoint_lambda,
         )
 
 
@@ -141,15 +150,18 @@ class Method:
 
 
 def method_registry() -> Dict[str, Method]:
-    """--method name → Method. The baselines live in toy_baselines.py (imported here, lazily)."""
-    import toy_baselines
-
+    """--method name → Method: the whole registry lives here; the baselines' steps in toy_baselines.py."""
+    baselines = {name: Method(step, summary) for name, (step, summary) in toy_baselines.BASELINES.items()}
+    baselines["rtb"] = dataclasses.replace(
+        baselines["rtb"], make_aux=lambda cfg: toy_baselines.LogPartition(),
+        aux_group=lambda cfg: {"lr": cfg.rtb_logz_lr, "weight_decay": 0.0})
     return {
         "nabla-db": Method(train_step, "∇-GFlowNet: residual ∇-DB with forward-looking flow", make_aux=make_flow,
                            aux_group=lambda cfg: {"lr": cfg.flow_lr, "weight_decay": 1e-2}, aux_is_flow=True),
         "no-flow": Method(train_step, "∇-GFlowNet without g_φ (forward-looking guess alone)"),
+        "adjoint-matching": Method(train_step, "Adjoint Matching: forward residual regressed on the lean adjoint (no guess, no g_φ)"),
         "exact-flow": Method(train_step_exact_flow, "diagnostic: forward term with the exact residual flow as target"),
-        **toy_baselines.methods(),
+        **baselines,
     }
 
 
@@ -163,6 +175,26 @@ class RewardGradCounter:
         if torch.is_grad_enabled() and x.requires_grad:
             self.rows += len(x)
         return self.reward(x)
+
+
+class NetworkVJPCounter:
+    """Counts network rows evaluated with an autograd graph (ε̂_θ, ε̂♯ with x requiring grad, g_φ).
+
+    Each such row is backpropagated once by the loss or by the adjoint sweep: the cost unit
+    "network VJPs" of compare_toy.py. Sampling under no_grad is not counted. Remove when done.
+    """
+
+    def __init__(self, modules: List[nn.Module]):
+        self.rows = 0
+        self.handles = [m.register_forward_hook(self._count) for m in modules if m is not None]
+
+    def _count(self, module, inputs, output):
+        if torch.is_grad_enabled() and output.requires_grad:
+            self.rows += len(inputs[0])
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
 
 
 def sd_scheduler():
@@ -400,6 +432,10 @@ class Task:
     beta: float
     target: Optional[GMM]  # None for a user-supplied reward without a closed form
 
+    @property
+    def dim(self) -> int:
+        return self.prior.means.shape[1]
+
     def log_reward(self, x0: Tensor, traj: Tensor) -> Tensor:
         return self.reward(x0)
 
@@ -440,8 +476,8 @@ def metrics(task: Task, samples: Tensor, reference: Optional[Tensor] = None, see
 # ----------------------------------------------------------------------------------------------
 
 
-def sample(eps_fn: ng.EpsFn, schedule: ng.StepSchedule, n: int, gen: torch.Generator) -> ng.Trajectory:
-    return ng.sample_trajectory(eps_fn, schedule, torch.randn(n, 2, generator=gen), generator=gen)
+def sample(eps_fn: ng.EpsFn, schedule: ng.StepSchedule, n: int, gen: torch.Generator, dim: int = 2) -> ng.Trajectory:
+    return ng.sample_trajectory(eps_fn, schedule, torch.randn(n, dim, generator=gen), generator=gen)
 
 
 def analytic_eps(prior: GMM, alphas_cumprod: Tensor) -> ng.EpsFn:
@@ -488,26 +524,62 @@ def sample_oracle(task: Task, reference: nn.Module, schedule: ng.StepSchedule, n
     return sample(oracle_eps(task, as_eps_fn(reference), schedule), schedule, n, gen).final
 
 
-def flow_errors(task: Task, policy: nn.Module, flow: Optional[nn.Module], trajectory: ng.Trajectory,
-                schedule: ng.StepSchedule, cfg: ToyConfig) -> Dict[str, List[float]]:
-    """Relative error ‖learned − exact‖ / ‖exact‖ of ∇ log F̃ at each step, on the policy's own states.
+def _relative_error(estimate: Tensor, exact: Tensor) -> float:
+    return float((estimate - exact).norm(dim=1).mean() / exact.norm(dim=1).mean().clamp(min=1e-8))
 
-    learned = forward-looking guess (+ g_φ). Averaged over samples per step (step 0 = x_T).
+
+def _projection(estimate: Tensor, exact: Tensor) -> float:
+    """Σ⟨estimate, exact⟩ / Σ‖exact‖²: 1 for an unbiased estimate, < 1 when it shrinks the flow."""
+    return float((estimate * exact).sum() / exact.pow(2).sum().clamp(min=1e-12))
+
+
+def bootstrap_flow_target(policy: nn.Module, reference: nn.Module, trajectory: ng.Trajectory,
+                          schedule: ng.StepSchedule, i: int) -> Tensor:
+    """The paper's one-sample reverse target for ∇ log F̃(x_i): −∇_x[log P_F^θ − log P_F^♯](x_{i+1}|x_i).
+
+    (guess + g_φ at x is pulled towards it by L_B.) Its mean is J♯ᵀ(μ_θ − μ♯)/σ² — the policy's own
+    learned residual carried one link back: the TD(0) chain. (N, 2), detached.
     """
-    out = {"guess": [], "guess_plus_flow": []}
+    x = trajectory.states[:, i].detach().requires_grad_(True)
+    x_next, n = trajectory.states[:, i + 1], len(x)
+    coef = schedule.alpha_bar[i].expand(n), schedule.alpha_bar_next[i].expand(n), schedule.sigma[i].expand(n)
+    t = schedule.timesteps[i].expand(n)
+    log_ratio = (ng.gaussian_log_prob(x_next, ng.step_mean(x, policy(x, t), *coef), coef[2])
+                 - ng.gaussian_log_prob(x_next, ng.step_mean(x, reference(x, t), *coef), coef[2]))
+    return -torch.autograd.grad(log_ratio.sum(), x)[0]
+
+
+def flow_errors(task: Task, policy: nn.Module, flow: Optional[nn.Module], trajectory: ng.Trajectory,
+                schedule: ng.StepSchedule, cfg: ToyConfig, reference: Optional[nn.Module] = None) -> Dict[str, List[float]]:
+    """Per step (0 = x_T), on the policy's own states, against the exact ∇ log F̃:
+
+    relative error ‖· − exact‖ / ‖exact‖ (mean over samples) of the learned flow (forward-looking
+    guess, guess + g_φ) and of the two one-sample targets g_φ can be trained on (the lean adjoint
+    a_i, the bootstrapped reverse target), and each one's projection Σ⟨·, exact⟩ / Σ‖exact‖²
+    (1 = unbiased on average; the targets' noise averages out of it, their shrinkage does not).
+    The targets need the frozen `reference`; without it only the learned flow is scored.
+    """
+    out = {k: [] for k in ("guess", "guess_plus_flow", "adjoint_target", "bootstrap_target",
+                           "projection_guess_plus_flow", "projection_adjoint_target", "projection_bootstrap_target")}
+    if reference is not None:
+        adjoint, _ = ng.lean_adjoint(as_eps_fn(reference), schedule, trajectory, task.log_reward, cfg.beta)
     for i in range(schedule.num_steps):
         x = trajectory.states[:, i]
         n = len(x)
         t, a = schedule.timesteps[i].expand(n), schedule.alpha_bar[i].expand(n)
-        traj = torch.arange(n)
-        guess, _ = ng.forward_looking_score(as_eps_fn(policy), task.log_reward, x, t, a, traj, cfg.beta, cfg.gamma)
+        guess, _ = ng.forward_looking_score(as_eps_fn(policy), task.log_reward, x, t, a, torch.arange(n), cfg.beta, cfg.gamma)
         exact = exact_flow_score(task.prior, task.target, x, a)
-        norm = exact.norm(dim=1).mean().clamp(min=1e-8)
-        out["guess"].append(float((guess - exact).norm(dim=1).mean() / norm))
+        estimates = {"guess": guess.detach()}
+        if reference is not None:
+            estimates["adjoint_target"] = adjoint[:, i]
+            estimates["bootstrap_target"] = bootstrap_flow_target(policy, reference, trajectory, schedule, i)
         if flow is not None:
             with torch.no_grad():
-                learned = guess + flow(x, t)
-            out["guess_plus_flow"].append(float((learned - exact).norm(dim=1).mean() / norm))
+                estimates["guess_plus_flow"] = guess.detach() + flow(x, t)
+        for key, estimate in estimates.items():
+            out[key].append(_relative_error(estimate, exact))
+            if f"projection_{key}" in out:
+                out[f"projection_{key}"].append(_projection(estimate, exact))
     return out
 
 
@@ -541,10 +613,18 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: Tensor, groups: Dict[
 def train_step(task: Task, policy: nn.Module, reference: nn.Module, flow: Optional[nn.Module],
                optimizer: torch.optim.Optimizer, schedule: ng.StepSchedule, cfg: ToyConfig,
                gen: torch.Generator) -> Dict[str, float]:
-    """Sample trajectories with the current policy, train once on a subsample of their transitions."""
+    """Sample trajectories with the current policy, train once on a subsample of their transitions.
+
+    For the flow targets "adjoint"/"mixed" and adjoint matching, the lean adjoint of the whole batch
+    of trajectories (one VJP through the frozen reference per step) comes first.
+    """
     trajectory, batch = sample_transitions(policy, schedule, cfg, gen)
+    loss_cfg = cfg.loss_config
+    adjoint = None
+    if loss_cfg.flow_target != "bootstrap":
+        adjoint, _ = ng.lean_adjoint(as_eps_fn(reference), schedule, trajectory, task.log_reward, cfg.beta)
     loss, parts = ng.nabla_db_loss(batch, as_eps_fn(policy), as_eps_fn(reference), task.log_reward,
-                                   None if flow is None else as_eps_fn(flow), cfg.loss_config)
+                                   None if flow is None else as_eps_fn(flow), loss_cfg, adjoint=adjoint)
     groups = {"policy": policy.parameters()}
     if flow is not None:
         groups["flow"] = flow.parameters()
@@ -586,21 +666,27 @@ def finetune(cfg: ToyConfig, task: Task, reference: nn.Module, schedule: ng.Step
     if aux is not None:
         param_groups.append({"params": aux.parameters(), **method.aux_group(cfg)})
     optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
+    decay = (lambda u: 0.5 * (1 + math.cos(math.pi * u / cfg.updates))) if cfg.lr_schedule == "cosine" else (lambda u: 1.0)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)  # stepped once per update
     counter = RewardGradCounter(task.reward)
+    vjps = NetworkVJPCounter([policy, reference, aux if isinstance(aux, TimeMLP) else None])
     train_task = dataclasses.replace(task, reward=counter)
     train_time, history, eval_gen = 0.0, [], torch.Generator().manual_seed(cfg.seed + 2)
     bar = tqdm(range(cfg.updates), desc=f"finetune ({cfg.method})", disable=quiet)
     for update in bar:
         start = time.perf_counter()
         stats = method.train_step(train_task, policy, reference, aux, optimizer, schedule, cfg, gen)
+        stats["lr"] = optimizer.param_groups[0]["lr"]  # the policy's rate used by this update
+        lr_schedule.step()
         train_time += time.perf_counter() - start
-        stats.update(reward_grad_calls=counter.rows, train_time_s=train_time)  # cumulative
+        stats.update(reward_grad_calls=counter.rows, network_vjps=vjps.rows, train_time_s=train_time)  # cumulative
         if (update + 1) % cfg.eval_every == 0 or update == 0:
             with torch.no_grad():
                 x0 = sample(as_eps_fn(policy), schedule, 1000, eval_gen).final
             stats.update({f"eval_{k}": v for k, v in metrics(task, x0, seed=update).items()})
             bar.set_postfix(tv=f"{stats['eval_mode_tv']:.3f}", loss=f"{stats['loss']:.3g}")
         history.append({"update": update + 1, **stats})
+    vjps.remove()
     return policy.eval(), aux if method.aux_is_flow else None, history
 
 
@@ -623,7 +709,7 @@ def evaluate(cfg: ToyConfig, task: Task, reference: nn.Module, policy: nn.Module
         result["oracle"] = metrics(task, samples["oracle"])
         result["exact_target_samples"] = metrics(task, samples["target"], seed=cfg.seed + 7)
         sub = ng.Trajectory(finetuned.states[:500], finetuned.eps[:500])
-        result["flow_relative_error"] = flow_errors(task, policy, flow, sub, schedule, cfg)
+        result["flow_relative_error"] = flow_errors(task, policy, flow, sub, schedule, cfg, reference)
         result["prior_mode_tv"] = 0.5 * float((mode_weights(pretrained, task.prior.means) - task.prior.weights).abs().sum())
     return result, samples
 
@@ -656,7 +742,10 @@ def make_figure(path: Path, task: Task, samples: Dict[str, Tensor], result: dict
         err = result["flow_relative_error"]
         axes[4].plot(err["guess"], label="guess β γ ∇r(x̂₀)")
         if err["guess_plus_flow"]:
-            axes[4].plot(err["guess_plus_flow"], label="guess + g_φ")
+            axes[4].plot(err["guess_plus_flow"], label=f"guess + g_φ ({cfg.flow_target})")
+        for key, color, name in (("adjoint_target", "C3", "lean adjoint a_i"), ("bootstrap_target", "C4", "bootstrapped")):
+            if err[key]:
+                axes[4].plot(err[key], ":", c=color, label=f"one-sample target: {name}")
         axes[4].set_yscale("log"), axes[4].set_xlabel("step (0 = noise)"), axes[4].legend()
         axes[4].set_title("‖learned − exact ∇log F̃‖ / ‖exact‖")
     evals = [h for h in history if "eval_mode_tv" in h]
@@ -690,6 +779,9 @@ def validate(cfg: ToyConfig):
         (cfg.method in method_registry(), f"--method must be one of {tuple(method_registry())}, got {cfg.method!r}"),
         (cfg.gamma in ng.GAMMA_CHOICES, f"--gamma must be one of {ng.GAMMA_CHOICES}, got {cfg.gamma!r}"),
         (cfg.weighting in ng.WEIGHTING_CHOICES, f"--weighting must be one of {ng.WEIGHTING_CHOICES}, got {cfg.weighting!r}"),
+        (cfg.flow_target in ng.FLOW_TARGET_CHOICES, f"--flow-target must be one of {ng.FLOW_TARGET_CHOICES}, got {cfg.flow_target!r}"),
+        (cfg.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}"),
+        (0 < cfg.adjoint_lambda <= 1, f"--adjoint-lambda must be in (0, 1], got {cfg.adjoint_lambda}"),
         (0 <= cfg.fraction <= 1, f"--fraction must be in [0, 1], got {cfg.fraction}"),
         (cfg.beta > 0, f"--beta must be > 0, got {cfg.beta}"),
         (cfg.num_steps >= 1 and cfg.updates >= 1 and cfg.batch_size >= 1, "--num-steps, --updates, --batch-size must be ≥ 1"),
@@ -739,7 +831,8 @@ def dataclass_parser(cls, description: str, choices: Optional[Dict[str, tuple]] 
 
 def parse_args(argv=None) -> ToyConfig:
     choices = {"method": tuple(method_registry()), "gamma": ng.GAMMA_CHOICES, "weighting": ng.WEIGHTING_CHOICES,
-               "guess_from": ng.GUESS_CHOICES}
+               "guess_from": ng.GUESS_CHOICES, "flow_target": ng.FLOW_TARGET_CHOICES,
+               "lr_schedule": LR_SCHEDULES}
     parser = dataclass_parser(ToyConfig, __doc__.split("\n\n")[0], choices)
     return ToyConfig(**vars(parser.parse_args(argv)))
 

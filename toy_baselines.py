@@ -6,9 +6,10 @@
     python toy_2d.py --method rtb                   # relative trajectory balance
     python compare_toy.py                           # every method, 3 seeds: table + figure
 
-Each baseline is a train step with `toy_2d.train_step`'s signature, registered in
-`toy_2d.method_registry()`. All of them share toy_2d's finetuning loop, its sampler
-(`nabla_gfn.sample_trajectory` through `toy_2d.sample`), the frozen pretrained ε-network P_F^♯ (the
+Each baseline is a train step with `toy_2d.train_step`'s signature, listed in `BASELINES` and
+registered by `toy_2d.method_registry()` (toy_2d owns the registry and imports this module; this
+module imports only nabla_gfn). All of them share toy_2d's finetuning loop, its sampler
+(`nabla_gfn.sample_trajectory`), the frozen pretrained ε-network P_F^♯ (the
 policy starts as its copy) and the unit of progress: one update = one batch of `cfg.batch_size`
 trajectories sampled from the current policy. None of this lives in nabla_gfn.py, which stays the
 paper's method. r = log R; the target is p*(x_0) ∝ p^♯(x_0) exp(β r(x_0)).
@@ -45,7 +46,6 @@ import torch
 from torch import Tensor, nn
 
 import nabla_gfn as ng
-import toy_2d
 
 # ----------------------------------------------------------------------------------------------
 # Shared helpers
@@ -89,9 +89,23 @@ def trajectory_log_prob(eps_fn: ng.EpsFn, batch: ng.Transitions, num_trajectorie
     return log_prob.new_zeros(num_trajectories).index_add(0, batch.traj, log_prob)
 
 
+def eps_fn_of(net: nn.Module) -> ng.EpsFn:
+    """A (x, τ) network as nabla_gfn's eps_fn(x, t, traj) (the toy is unconditional)."""
+    return lambda x, t, traj: net(x, t)
+
+
+def sample_policy(eps_fn: ng.EpsFn, task, schedule: ng.StepSchedule, n: int, gen: torch.Generator) -> ng.Trajectory:
+    """n trajectories of the shared sampler from x_T ~ N(0, I) in the task's dimension."""
+    return ng.sample_trajectory(eps_fn, schedule, torch.randn(n, task.dim, generator=gen), generator=gen)
+
+
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: Tensor, policy: nn.Module, cfg) -> float:
-    """toy_2d.optimizer_step on the policy alone. Returns the pre-clip norm."""
-    return toy_2d.optimizer_step(optimizer, loss, {"policy": policy.parameters()}, cfg.grad_clip)["policy"]
+    """zero_grad, backward, clip the policy's gradient norm, step. Returns the pre-clip norm."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = ng.clip_grad_norms({"policy": policy.parameters()}, cfg.grad_clip)["policy"]
+    optimizer.step()
+    return norm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,8 +121,8 @@ def sample_with_grad_tail(
 
     Steps 0 … T−k−1 run through the shared sampler under no_grad; the last k steps repeat its update
     x' = μ_θ(x) + σ z with the graph kept, so ∂x_0/∂θ flows through exactly the last k ε̂_θ calls
-    (and through the states between them). Returns (x_0 (B, 2) with graph, the state x_{T−k} where
-    the graph starts (B, 2), Σ over the k steps of KL(P_F^θ(·|x) ‖ P_F^♯(·|x)) per row (B,), zero
+    (and through the states between them). Returns (x_0 (B, D) with graph, the state x_{T−k} where
+    the graph starts (B, D), Σ over the k steps of KL(P_F^θ(·|x) ‖ P_F^♯(·|x)) per row (B,), zero
     unless with_kl).
     """
     T = schedule.num_steps
@@ -132,8 +146,8 @@ def sample_with_grad_tail(
 
 def draft_train_step(task, policy, reference, aux, optimizer, schedule, cfg, gen) -> Dict[str, float]:
     """DRaFT-K: minimise −β r(x_0) (+ draft_kl · Σ_last-K KL) through the last K steps."""
-    x_T = torch.randn(cfg.batch_size, 2, generator=gen)
-    x0, _, kl = sample_with_grad_tail(toy_2d.as_eps_fn(policy), toy_2d.as_eps_fn(reference), schedule, x_T,
+    x_T = torch.randn(cfg.batch_size, task.dim, generator=gen)
+    x0, _, kl = sample_with_grad_tail(eps_fn_of(policy), eps_fn_of(reference), schedule, x_T,
                                       cfg.draft_k, gen, with_kl=cfg.draft_kl > 0)
     reward = task.log_reward(x0, torch.arange(len(x0)))
     loss = -(cfg.beta * reward).mean() + cfg.draft_kl * kl.mean()
@@ -156,7 +170,7 @@ def refl_prediction(policy_eps: ng.EpsFn, schedule: ng.StepSchedule, x_T: Tensor
                     gen: torch.Generator) -> Tuple[Tensor, Tensor]:
     """Sample without gradients to the state x_stop, then x̂_0(x_stop) with one ε̂_θ call (graph kept).
 
-    Returns (x̂_0 (B, 2) whose only path to θ is that one ε̂_θ call, x_stop (B, 2) detached).
+    Returns (x̂_0 (B, D) whose only path to θ is that one ε̂_θ call, x_stop (B, D) detached).
     """
     x = sample_prefix(policy_eps, schedule, x_T, stop, gen)
     B = len(x)
@@ -168,8 +182,8 @@ def refl_prediction(policy_eps: ng.EpsFn, schedule: ng.StepSchedule, x_T: Tensor
 def refl_train_step(task, policy, reference, aux, optimizer, schedule, cfg, gen) -> Dict[str, float]:
     """ReFL: minimise −β r(x̂_0(x_i)) at a random late step i."""
     stop = refl_step_index(schedule.num_steps, cfg.refl_start, gen)
-    x_T = torch.randn(cfg.batch_size, 2, generator=gen)
-    x0_hat, _ = refl_prediction(toy_2d.as_eps_fn(policy), schedule, x_T, stop, gen)
+    x_T = torch.randn(cfg.batch_size, task.dim, generator=gen)
+    x0_hat, _ = refl_prediction(eps_fn_of(policy), schedule, x_T, stop, gen)
     reward = task.log_reward(x0_hat, torch.arange(len(x0_hat)))
     loss = -(cfg.beta * reward).mean()
     norm = optimizer_step(optimizer, loss, policy, cfg)
@@ -207,8 +221,8 @@ def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, cl
 
 def ddpo_train_step(task, policy, reference, aux, optimizer, schedule, cfg, gen) -> Dict[str, float]:
     """DDPO: sample a batch, then ppo_epochs × ppo_minibatches PPO-clip steps on all its transitions."""
-    policy_eps = toy_2d.as_eps_fn(policy)
-    trajectory = toy_2d.sample(policy_eps, schedule, cfg.batch_size, gen)
+    policy_eps = eps_fn_of(policy)
+    trajectory = sample_policy(policy_eps, task, schedule, cfg.batch_size, gen)
     reward = task.reward(trajectory.final)
     advantages = normalised_advantages(cfg.beta * reward, cfg.ppo_adv_clip)
     batch = all_transitions(trajectory, schedule)
@@ -257,12 +271,12 @@ def rtb_loss(log_z: Tensor, log_pf_policy: Tensor, log_pf_reference: Tensor, log
 
 def rtb_train_step(task, policy, reference, aux, optimizer, schedule, cfg, gen) -> Dict[str, float]:
     """RTB on on-policy trajectories: one optimiser step on θ and log Z per batch."""
-    policy_eps = toy_2d.as_eps_fn(policy)
-    trajectory = toy_2d.sample(policy_eps, schedule, cfg.batch_size, gen)
+    policy_eps = eps_fn_of(policy)
+    trajectory = sample_policy(policy_eps, task, schedule, cfg.batch_size, gen)
     batch = all_transitions(trajectory, schedule)
     log_pf_policy = trajectory_log_prob(policy_eps, batch, cfg.batch_size)
     with torch.no_grad():
-        log_pf_reference = trajectory_log_prob(toy_2d.as_eps_fn(reference), batch, cfg.batch_size)
+        log_pf_reference = trajectory_log_prob(eps_fn_of(reference), batch, cfg.batch_size)
         reward = task.reward(trajectory.final)
     loss = rtb_loss(aux(), log_pf_policy, log_pf_reference, reward, cfg.beta)
     norm = optimizer_step(optimizer, loss, policy, cfg)
@@ -270,18 +284,13 @@ def rtb_train_step(task, policy, reference, aux, optimizer, schedule, cfg, gen) 
 
 
 # ----------------------------------------------------------------------------------------------
-# Registry entries (read by toy_2d.method_registry)
+# The baselines, as toy_2d registers them
 # ----------------------------------------------------------------------------------------------
 
-
-def methods() -> Dict[str, "toy_2d.Method"]:
-    """The baselines as toy_2d `Method`s: train step, extra trainable module, its optimiser group."""
-    return {
-        "draft": toy_2d.Method(draft_train_step, "DRaFT-K: reward backprop through the last K steps"),
-        "refl": toy_2d.Method(refl_train_step, "ReFL: reward of the one-step x̂_0 at a random late step"),
-        "ddpo": toy_2d.Method(ddpo_train_step, "DDPO: PPO-clip on per-step log-probability ratios"),
-        "rtb": toy_2d.Method(
-            rtb_train_step, "RTB: relative trajectory balance with a learned log Z",
-            make_aux=lambda cfg: LogPartition(), aux_group=lambda cfg: {"lr": cfg.rtb_logz_lr, "weight_decay": 0.0},
-        ),
-    }
+# --method name → (train step, one-line summary); RTB's extra trainable module is `LogPartition`.
+BASELINES = {
+    "draft": (draft_train_step, "DRaFT-K: reward backprop through the last K steps"),
+    "refl": (refl_train_step, "ReFL: reward of the one-step x̂_0 at a random late step"),
+    "ddpo": (ddpo_train_step, "DDPO: PPO-clip on per-step log-probability ratios"),
+    "rtb": (rtb_train_step, "RTB: relative trajectory balance with a learned log Z"),
+}

@@ -1,5 +1,6 @@
 """Oracle tests of toy_2d.py: the exact target, the exact residual flow, metrics, CLI and an end-to-end run."""
 
+import dataclasses
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import nabla_gfn as ng
 import toy_2d as T
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,3 +185,84 @@ def test_end_to_end_fast_config_reaches_its_tv_bound(tmp_path):
     assert np.load(out / "samples.npy").shape == (2000, 2)
     assert json.loads((out / "config.json").read_text())["updates"] == 150
     assert (out / "figure.png").stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------------------------
+# Flow targets, adjoint matching, cost counters, the flow diagnostics
+# ----------------------------------------------------------------------------------------------
+
+NUM_STEPS, BATCH = 6, 8
+
+
+@pytest.fixture(scope="module")
+def small():
+    schedule = ng.ddim_schedule(T.sd_scheduler(), NUM_STEPS)
+    torch.manual_seed(0)
+    reference = T.TimeMLP(hidden=16).requires_grad_(False).eval()
+    cfg = T.ToyConfig(batch_size=BATCH, num_steps=NUM_STEPS, hidden=16, flow_hidden=16, eval_every=100)
+    return schedule, reference, cfg, T.build_task(cfg)
+
+
+def test_toy_baselines_does_not_import_toy_2d():
+    """The method registry lives in toy_2d; toy_baselines depends on nabla_gfn only (no import circle)."""
+    code = "import sys, toy_baselines; assert 'toy_2d' not in sys.modules, 'toy_baselines imports toy_2d'"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("flow_target", ng.FLOW_TARGET_CHOICES)
+def test_each_flow_target_trains_policy_and_flow(small, flow_target):
+    schedule, reference, cfg, task = small
+    cfg = dataclasses.replace(cfg, flow_target=flow_target, updates=3)
+    flow_before = T.make_flow(cfg)  # zero output layer: identical init for every run
+    policy, flow, history = T.finetune(cfg, task, reference, schedule, quiet=True)
+    assert all(math.isfinite(h["loss"]) for h in history)
+    assert any((p - q).abs().sum() > 0 for p, q in zip(policy.parameters(), reference.parameters()))
+    assert flow is not None and any((p - q).abs().sum() > 0 for p, q in zip(flow.parameters(), flow_before.parameters()))
+    assert ("reverse" in history[-1]) and (history[-1]["reverse"] == 0.0) == (flow_target == "adjoint")
+
+
+def test_adjoint_matching_costs_one_sweep_and_one_reward_gradient_per_trajectory(small):
+    """Per update: B·T reference VJPs (the sweep) + one policy row per trained transition; B ∇r calls."""
+    schedule, reference, cfg, task = small
+    cfg = dataclasses.replace(cfg, method="adjoint-matching", updates=2)
+    policy, flow, history = T.finetune(cfg, task, reference, schedule, quiet=True)
+    rows = BATCH * ng.subsample_steps(NUM_STEPS, cfg.fraction, 1).shape[1]
+    assert flow is None and cfg.loss_config.flow_target == "adjoint" and not cfg.loss_config.use_flow
+    assert [h["reward_grad_calls"] for h in history] == [BATCH, 2 * BATCH]
+    assert [h["network_vjps"] for h in history] == [BATCH * NUM_STEPS + rows, 2 * (BATCH * NUM_STEPS + rows)]
+
+
+def test_cosine_schedule_decays_every_group_to_zero(small):
+    schedule, reference, cfg, task = small
+    cfg = dataclasses.replace(cfg, lr_schedule="cosine", updates=4)
+    _, _, history = T.finetune(cfg, task, reference, schedule, quiet=True)
+    expected = [cfg.lr * 0.5 * (1 + math.cos(math.pi * u / 4)) for u in range(4)]
+    assert [h["lr"] for h in history] == pytest.approx(expected)
+    _, _, flat = T.finetune(dataclasses.replace(cfg, lr_schedule="constant"), task, reference, schedule, quiet=True)
+    assert [h["lr"] for h in flat] == pytest.approx([cfg.lr] * 4)
+
+
+def test_flow_diagnostics_score_the_bootstrap_target_zero_at_the_reference(small):
+    """With policy = reference the bootstrapped target −∇_x[log P_θ − log P♯] is exactly 0 (error 1,
+    projection 0); the lean adjoint of the same paths ends at β∇r(x_0) = the exact flow at step T."""
+    schedule, reference, cfg, task = small
+    traj = T.sample(T.as_eps_fn(reference), schedule, 64, torch.Generator().manual_seed(0))
+    err = T.flow_errors(task, reference, None, traj, schedule, cfg, reference)
+    assert err["bootstrap_target"] == pytest.approx([1.0] * NUM_STEPS, abs=1e-6)
+    assert err["projection_bootstrap_target"] == pytest.approx([0.0] * NUM_STEPS, abs=1e-6)  # float32 rounding
+    assert len(err["adjoint_target"]) == NUM_STEPS and err["guess_plus_flow"] == []
+    assert T.flow_errors(task, reference, None, traj, schedule, cfg)["adjoint_target"] == []
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--flow-target", "td"], "--flow-target: invalid choice"),
+        (["--adjoint-lambda", "1.5"], "--adjoint-lambda must be in (0, 1]"),
+        (["--lr-schedule", "linear"], "--lr-schedule: invalid choice"),
+    ],
+)
+def test_bad_flow_target_values_give_one_line_errors(args, needle):
+    out = run_cli(*args, "--updates", "1")
+    assert out.returncode != 0 and needle in out.stderr and "Traceback" not in out.stderr

@@ -224,6 +224,7 @@ def test_every_method_trains_through_finetune_and_counts_reward_gradients(schedu
     reference = tiny_net(0).requires_grad_(False).eval()
     k = ng.subsample_steps(NUM_STEPS, config().fraction, 1).shape[1]  # transitions per trajectory for ∇-DB
     expected_per_update = {"nabla-db": 2 * BATCH * k, "no-flow": BATCH * k, "exact-flow": 0,
+                           "adjoint-matching": BATCH,  # the adjoint's terminal condition β∇r(x_0) only
                            "draft": BATCH, "refl": BATCH, "ddpo": 0, "rtb": 0}
     assert set(toy_2d.method_registry()) == set(expected_per_update)
     for method, per_update in expected_per_update.items():
