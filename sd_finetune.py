@@ -14,6 +14,9 @@ Run:
     python sd_finetune.py --preset smoke --reward imagereward --eval       # any reward, tiny random builds
     python sd_finetune.py --resume runs/aesthetic --epochs 40              # continue exactly, extend
     python sd_finetune.py --resume runs/aesthetic --eval                   # evaluate the last checkpoint
+    python sd_finetune.py --flow-target adjoint --out runs/adjoint         # g_φ fitted to the lean adjoint
+    python sd_finetune.py --flow-target mixed --adjoint-lambda 0.5         # L_B's target blended with it
+    python sd_finetune.py --no-flow --flow-target adjoint --out runs/am    # adjoint matching (no g_φ, no guess)
 Offline: --model DIR --clip-model DIR --aesthetic-head FILE (and --hpsv2-checkpoint, --pickscore-model,
 --pickscore-processor, --imagereward-model, --imagereward-tokenizer, --dreamsim, --fid-weights), or the
 variables named in --help (NABLA_GFN_MODEL, NABLA_GFN_CLIP, ...; NABLA_GFN_CACHE for the cache folder).
@@ -31,6 +34,8 @@ Deliberate differences from the official code (PAPER_NOTES.md §6), each also fl
     the loss runs the UNet several times and differentiates some runs with respect to the input;
   * resume restores LoRA, g_φ, optimiser, RNG states and the step;
   * g_φ's architecture is ours (a 2-level conditional UNet, width set by --flow-channels).
+Flow targets other than the paper's (--flow-target adjoint|mixed, and adjoint matching) are not in the
+paper: they need one lean-adjoint sweep per trajectory (`adjoint_sweep`), see nabla_gfn.lean_adjoint.
 Not implemented: other samplers than DDIM(η=1), text-encoder LoRA.
 """
 
@@ -198,7 +203,19 @@ class Config:
     weighting: str = _opt("plain", "per-transition weighting of the residuals, see "
                           "nabla_gfn.transition_weight(s); plain is the paper's", choices=nabla_gfn.WEIGHTING_CHOICES)
     reverse_weight: float = _opt(1.0, "w_B, weight of the reverse term L_B", check=NON_NEGATIVE)
-    no_flow: bool = _opt(False, "the 'no flow' variant: no g_φ, no L_B (forward loss with the guess alone)")
+    no_flow: bool = _opt(False, "the 'no flow' variant: no g_φ, no L_B (forward loss with the guess alone; with "
+                         "--flow-target adjoint: adjoint matching, the policy's residual fitted to the lean adjoint)")
+    flow_target: str = _opt("bootstrap", "what the flow estimate is trained on (nabla_gfn.LossConfig.flow_target): "
+                            "bootstrap = the paper (g_φ by L_F's g-line and L_B); adjoint = guess + g_φ at x' fitted to "
+                            "the lean adjoint a_{i+1}, no L_B; mixed = L_B's target (1-λ)·bootstrap + λ·a_i. With "
+                            "--no-flow, adjoint = adjoint matching (Domingo-Enrich et al. 2025). adjoint and mixed "
+                            "sweep the lean adjoint once per trajectory through the frozen reference UNet",
+                            choices=nabla_gfn.FLOW_TARGET_CHOICES)
+    adjoint_lambda: float = _opt(0.5, "λ of --flow-target mixed: weight of the lean adjoint in L_B's target",
+                                 check=(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    adjoint_jacobian: str = _opt("guided", "reference whose step-mean Jacobian the lean-adjoint sweep uses: guided "
+                                 "(ε_u + w(ε_c − ε_u), exact for the guided target) or unguided (ε_c alone, one UNet "
+                                 "call on N rows: Adjoint Matching's choice)", choices=("guided", "unguided"))
     # policy
     lora_rank: int = _opt(8, "LoRA rank on to_q, to_k, to_v, to_out.0 of the UNet", check=POSITIVE)
     lora_alpha: float = _opt(8.0, "LoRA alpha (scale = alpha / rank)", check=POSITIVE)
@@ -244,6 +261,9 @@ class Config:
             choices = f.metadata.get("choices")
             if choices is not None and value not in choices:
                 raise UsageError(f"{_flag(f.name)} must be one of {', '.join(choices)} (got {value!r})")
+        if self.no_flow and self.flow_target == "mixed":
+            raise UsageError("--flow-target mixed blends L_B's target and needs g_φ: drop --no-flow, or use --no-flow "
+                             "with --flow-target bootstrap (guess alone) or adjoint (adjoint matching)")
         for name in ("prompts", "eval_prompts"):
             if getattr(self, name) and not Path(getattr(self, name)).is_file():
                 raise UsageError(f"{_flag(name)}: no such file {getattr(self, name)!r}")
@@ -254,7 +274,13 @@ class Config:
 
     def loss_config(self) -> LossConfig:
         return LossConfig(beta=self.beta, trust_region=self.trust_region, reverse_weight=self.reverse_weight,
-                          gamma=self.gamma, weighting=self.weighting, use_flow=not self.no_flow)
+                          gamma=self.gamma, weighting=self.weighting, use_flow=not self.no_flow,
+                          flow_target=self.flow_target, adjoint_lambda=self.adjoint_lambda)
+
+    @property
+    def needs_adjoint(self) -> bool:
+        """Whether the loss needs the lean adjoint of each trajectory (every target but the paper's)."""
+        return self.flow_target != "bootstrap"
 
 
 # The paper's three runs. aesthetic: β and λ of the paper (PAPER_NOTES §5; the official code's default
@@ -529,6 +555,17 @@ def guided_eps(unet: UNet2DConditionModel, cond: Tensor, uncond: Tensor, scale: 
     return eps_fn
 
 
+def conditional_eps(unet: UNet2DConditionModel, cond: Tensor):
+    """EpsFn of the unguided reference ε_c(x, prompt) (adapters off): one UNet call on N rows, float32."""
+    dtype, layers = unet.conv_in.weight.dtype, lora_layers(unet)
+
+    def eps_fn(x: Tensor, t: Tensor, traj: Tensor) -> Tensor:
+        with lora_disabled(layers):
+            return unet(x.to(dtype), t, encoder_hidden_states=cond[traj]).sample.float()
+
+    return eps_fn
+
+
 def decode_latents(vae: AutoencoderKL, latents: Tensor) -> Tensor:
     """Latents (N, 4, h, w) → images (N, 3, H, W) in [-1, 1], float32 (differentiable)."""
     return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
@@ -556,6 +593,28 @@ def loss_callables(models: Models, cond: Tensor, prompts: Sequence[str], guidanc
         latent_log_reward(models.pipe.vae, models.reward, prompts),
         None if models.flow is None else flow_score(models.flow, cond),
     )
+
+
+def adjoint_sweep(models: Models, schedule: StepSchedule, trajectory: Trajectory, cond: Tensor,
+                  prompts: Sequence[str], cfg: Config) -> Optional[Tensor]:
+    """The lean adjoint (B, T+1, *S) of this epoch's trajectories, or None when the flow target needs none.
+
+    One sweep per trajectory, before training on its transitions: `nabla_gfn.lean_adjoint` through the
+    frozen reference (adapters off, guided or unguided by --adjoint-jacobian), in chunks of
+    --sample-batch-size trajectories (memory of one step of one chunk), detached. Row b of the result
+    belongs to trajectory b, whose prompt is cond[b] / prompts[b]: the transitions find it by (traj, step).
+    """
+    if not cfg.needs_adjoint:
+        return None
+    if cfg.adjoint_jacobian == "guided":
+        reference = guided_eps(models.unet, cond, models.uncond, cfg.guidance_scale, lora=False)
+    else:
+        reference = conditional_eps(models.unet, cond)
+    log_reward = latent_log_reward(models.pipe.vae, models.reward, prompts)
+    rows = torch.arange(len(trajectory.states), device=trajectory.states.device)
+    chunks = [nabla_gfn.lean_adjoint(reference, schedule, Trajectory(trajectory.states[r], trajectory.eps[r]),
+                                     log_reward, cfg.beta, traj=r)[0] for r in rows.split(cfg.sample_batch_size)]
+    return torch.cat(chunks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -691,11 +750,13 @@ def optimizer_step(optimizer, models: Models, cfg: Config, accelerator: Accelera
 
 def train_epoch(models: Models, schedule: StepSchedule, trajectory: Trajectory, cond: Tensor,
                 prompts: Sequence[str], optimizer, cfg: Config, plan: Plan, generator: torch.Generator,
-                accelerator: Accelerator, desc: str = "train") -> Iterator[Dict[str, float]]:
+                accelerator: Accelerator, desc: str = "train", adjoint: Optional[Tensor] = None,
+                ) -> Iterator[Dict[str, float]]:
     """Train on this epoch's subsampled transitions; yields each update's loss parts and grad norms.
 
     Transitions of all trajectories are shuffled together; each row keeps its trajectory index, which
-    the callables use to look up its prompt. Raises NonFinite before stepping on a NaN/Inf loss.
+    the callables use to look up its prompt (and its step index, which finds its row of `adjoint`,
+    `adjoint_sweep`'s result). Raises NonFinite before stepping on a NaN/Inf loss.
     """
     steps = nabla_gfn.subsample_steps(cfg.steps, cfg.subsample_fraction, len(trajectory.states), generator)
     transitions = nabla_gfn.gather_transitions(trajectory, schedule, steps)
@@ -707,7 +768,7 @@ def train_epoch(models: Models, schedule: StepSchedule, trajectory: Trajectory, 
         parts_sum: Dict[str, Tensor] = {}
         for rows in order[u * per_update : (u + 1) * per_update].split(cfg.train_batch_size):
             loss, parts = nabla_gfn.nabla_db_loss(transitions.select(rows.to(trajectory.states.device)), *callables,
-                                                  loss_cfg)
+                                                  loss_cfg, adjoint=adjoint)
             (loss / plan.grad_accum).backward()
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / plan.grad_accum
@@ -992,9 +1053,10 @@ def run_epoch(session: Session, epoch: int, started: float) -> None:
     if not torch.isfinite(all_rewards).all():
         raise NonFinite("non-finite reward of a sampled trajectory")
     reward_stats = dict(reward_mean=float(all_rewards.mean()), reward_std=float(all_rewards.std(correction=0)))
-    last = time.time()  # update_seconds: training time of the update (sampling excluded)
+    last = time.time()  # update_seconds: training time of the update (sampling excluded, adjoint sweep included)
+    adjoint = adjoint_sweep(s.models, s.schedule, trajectory, cond, prompts, cfg)
     for record in train_epoch(s.models, s.schedule, trajectory, cond, prompts, s.optimizer, cfg, s.plan, s.index_gen,
-                              s.accelerator, desc=f"train epoch {epoch}"):
+                              s.accelerator, desc=f"train epoch {epoch}", adjoint=adjoint):
         s.update += 1
         now = time.time()
         log_update(s, dict(update=s.update, epoch=epoch, **reward_stats, **record, update_seconds=round(now - last, 3),
