@@ -49,6 +49,9 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -249,6 +252,8 @@ class Config:
     grid_prompts: int = _opt(4, "eval prompts in each sample grid (rows)", check=POSITIVE)
     grid_seeds: int = _opt(4, "fixed seeds per prompt in each sample grid (columns)", check=POSITIVE)
     save_every: int = _opt(5, "checkpoint every this many epochs (and after the last)", check=POSITIVE)
+    keep_checkpoints: int = _opt(0, "keep only the last K epoch checkpoints (0 = keep all); older ones are deleted "
+                                 "after each complete save", check=NON_NEGATIVE)
     eval_samples_per_prompt: int = _opt(8, "samples per eval prompt for --eval", check=(lambda v: v >= 2,
                                                                                         "must be >= 2"))
     eval_seed: int = _opt(1234, "seed of the fixed eval and grid noise")
@@ -816,16 +821,55 @@ def save_checkpoint(path: Path, models: Models, optimizer, generators, epoch: in
     assert_replicas_in_sync(models, accelerator)
     rng = gather_object([rng_state(generators)])
     if accelerator.is_main_process:
-        path.mkdir(parents=True, exist_ok=True)
+        # Crash safety: everything goes into a hidden temporary folder, which is renamed into place only
+        # once complete; a run killed mid-save leaves only the temporary folder, which --resume ignores.
+        partial = path.parent / f".partial-{path.name}"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
         lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(models.unet))
-        StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=lora_state,
+        StableDiffusionPipeline.save_lora_weights(partial, unet_lora_layers=lora_state,
                                                   unet_lora_adapter_metadata=models.lora.to_dict())
         if models.flow is not None:
-            models.flow.save_pretrained(path / "flow")
+            models.flow.save_pretrained(partial / "flow")
+        _test_kill_point("save")
         torch.save({"epoch": epoch, "update": update, "optimizer": optimizer.state_dict(), "rng": rng,
-                    "num_processes": accelerator.num_processes}, path / "training_state.pt")
+                    "num_processes": accelerator.num_processes}, partial / COMPLETE_MARKER)
+        _replace_folder(partial, path)
     accelerator.wait_for_everyone()
     return path
+
+
+COMPLETE_MARKER = "training_state.pt"  # written last: a checkpoint folder without it is incomplete
+KILL_POINT_ENV = "NABLA_GFN_TEST_KILL_AT"  # tests only: "save:N" or "update:N" SIGKILLs the run there
+
+
+def _test_kill_point(point: str) -> None:
+    """Test hook of the crash-safety test: SIGKILL this process at the N-th time it reaches `point`."""
+    spec = os.environ.get(KILL_POINT_ENV, "")
+    if spec.partition(":")[0] == point:
+        _KILL_COUNTS[point] = _KILL_COUNTS.get(point, 0) + 1
+        if _KILL_COUNTS[point] == int(spec.partition(":")[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+_KILL_COUNTS: Dict[str, int] = {}
+
+
+def _replace_folder(source: Path, target: Path) -> None:
+    """Rename `source` to `target`; an existing `target` is moved aside first and deleted after."""
+    old = target.parent / f".old-{target.name}"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    source.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the last `keep` complete epoch checkpoints (keep = 0: delete none)."""
+    if keep > 0:
+        for path in complete_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(path)
 
 
 def load_lora(unet: UNet2DConditionModel, path: Path) -> None:
@@ -850,8 +894,16 @@ def load_checkpoint(path: Path, models: Models, optimizer, generators, accelerat
     return state["epoch"], state["update"]
 
 
+def complete_checkpoints(run_dir: Path) -> List[Path]:
+    """The epoch checkpoints of a run that were completely written, oldest first. Temporary folders
+    (`.partial-*`) and folders without the training state (written in place by an older version and
+    cut short) are not checkpoints."""
+    found = [p for p in (run_dir / "checkpoints").glob("epoch_*") if re.fullmatch(r"epoch_\d+", p.name)]
+    return sorted((p for p in found if (p / COMPLETE_MARKER).is_file()), key=lambda p: int(p.name[6:]))
+
+
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    found = sorted((run_dir / "checkpoints").glob("epoch_*"))
+    found = complete_checkpoints(run_dir)
     return found[-1] if found else None
 
 
@@ -893,20 +945,26 @@ class RunFolder:
         self.path, self.enabled = path, enabled
 
     def write_json(self, name: str, obj) -> None:
+        """Write to a temporary file, then rename: a killed run leaves the old file or the new one."""
         if self.enabled:
-            (self.path / name).write_text(json.dumps(obj, indent=2) + "\n")
+            partial = self.path / f".partial-{name}"
+            partial.write_text(json.dumps(obj, indent=2) + "\n")
+            partial.replace(self.path / name)
 
     def append(self, name: str, records: Sequence[dict]) -> None:
         if self.enabled:
             with open(self.path / name, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
 
-    def truncate_metrics(self, updates_done: int) -> None:
-        """Drop metric lines of updates after the checkpoint a run resumes from."""
-        metrics = self.path / "metrics.jsonl"
-        if self.enabled and metrics.exists():
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["update"] <= updates_done]
-            metrics.write_text("".join(line + "\n" for line in kept))
+    def truncate(self, name: str, key: str, done: int) -> None:
+        """Keep the lines of a .jsonl log with record[key] <= done: drop what a killed run logged after the
+        checkpoint it resumes from (and a last line cut short by the kill)."""
+        log = self.path / name
+        if self.enabled and log.exists():
+            kept = [line for line in log.read_text().splitlines() if _jsonl_value(line, key, done + 1) <= done]
+            partial = self.path / f".partial-{name}"
+            partial.write_text("".join(line + "\n" for line in kept))
+            partial.replace(log)
 
     def save_grid(self, name: str, images: Tensor, pipe: StableDiffusionPipeline) -> None:
         """images (rows, cols, 3, H, W) in [-1, 1] → one PNG."""
@@ -915,6 +973,13 @@ class RunFolder:
             pil = pipe.image_processor.postprocess(images.flatten(0, 1).float().cpu(), output_type="pil")
             (self.path / "samples").mkdir(exist_ok=True)
             make_image_grid(pil, rows, cols).save(self.path / "samples" / name)
+
+
+def _jsonl_value(line: str, key: str, default: int) -> int:
+    try:
+        return json.loads(line)[key]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return default
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1018,7 +1083,8 @@ def resume(session: Session) -> None:
         raise UsageError(f"--resume: {session.cfg.resume!r} has no checkpoint yet")
     session.epoch, session.update = load_checkpoint(checkpoint, session.models, session.optimizer,
                                                     session.generators, session.accelerator)
-    session.folder.truncate_metrics(session.update)
+    session.folder.truncate("metrics.jsonl", "update", session.update)
+    session.folder.truncate("trajectories.jsonl", "epoch", session.epoch - 1)  # epochs 0 .. epoch-1 are done
     if session.is_main:
         print(f"resumed from {checkpoint} (epoch {session.epoch}, update {session.update})")
 
@@ -1061,6 +1127,7 @@ def run_epoch(session: Session, epoch: int, started: float) -> None:
         now = time.time()
         log_update(s, dict(update=s.update, epoch=epoch, **reward_stats, **record, update_seconds=round(now - last, 3),
                            elapsed_seconds=round(now - started, 3)))
+        _test_kill_point("update")
         last = now
 
 
@@ -1075,6 +1142,8 @@ def train(session: Session) -> None:
             session.epoch = epoch + 1
             if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
                 checkpoint(session, f"epoch_{epoch + 1:04d}", epoch + 1)
+                if session.is_main:
+                    prune_checkpoints(Path(cfg.out), cfg.keep_checkpoints)
         save_grid(session, max(cfg.epochs, start_epoch))
     except NonFinite as err:
         saved = checkpoint(session, f"stopped_update_{session.update + 1:06d}", epoch)

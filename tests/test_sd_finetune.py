@@ -486,3 +486,80 @@ def test_adjoint_sweep_is_lean_adjoint_through_the_pretrained_unet(jacobian, cac
     other = "unguided" if jacobian == "guided" else "guided"
     flipped = sd.adjoint_sweep(models, schedule, trajectory, cond, prompts, dataclasses.replace(cfg, adjoint_jacobian=other))
     assert (flipped[:, 0] - adjoint[:, 0]).abs().max() > 1e-3 * adjoint[:, 0].abs().max()  # the flag matters
+
+
+# ----------------------------------------------------------------------------------------------
+# Crash safety: SIGKILL at several moments, then --resume
+# ----------------------------------------------------------------------------------------------
+
+
+def run_outputs(out):
+    """What a finished run must reproduce bit for bit: metrics, trajectories, LoRA and g_φ of each kept checkpoint."""
+    from safetensors.torch import load_file
+
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    weights = {name: {**load_file(out / "checkpoints" / name / "pytorch_lora_weights.safetensors"),
+                      **load_file(out / "checkpoints" / name / "flow" / "diffusion_pytorch_model.safetensors")}
+               for name in checkpoints}
+    return read_jsonl(out / "metrics.jsonl"), read_jsonl(out / "trajectories.jsonl"), checkpoints, weights
+
+
+@pytest.fixture(scope="module")
+def three_epoch_run(tmp_path_factory, env):
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    result = run_script(["--preset", "smoke", "--epochs", 3, "--keep-checkpoints", 2, "--out", out], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("kill_at, resumes_from", [("update:3", "epoch_0001"), ("update:5", "epoch_0002"),
+                                                   ("save:2", "epoch_0001")])
+def test_sigkilled_run_resumes_bit_for_bit(kill_at, resumes_from, three_epoch_run, env, tmp_path):
+    """A run SIGKILLed mid-epoch (after update 3 or 5 of 6) or mid-save (epoch 2's LoRA and g_φ written,
+    its training state not yet) resumes from its last complete checkpoint and ends with exactly the
+    uninterrupted run's metrics, trajectories, kept checkpoints (--keep-checkpoints 2) and weights."""
+    out = tmp_path / "killed"
+    args = ["--preset", "smoke", "--epochs", 3, "--keep-checkpoints", 2, "--out", out]
+    killed = run_script(args, {**env, sd.KILL_POINT_ENV: kill_at})
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL
+    if kill_at.startswith("save"):
+        assert (out / "checkpoints" / ".partial-epoch_0002" / "pytorch_lora_weights.safetensors").is_file()
+        assert not (out / "checkpoints" / "epoch_0002").exists()
+    assert sd.latest_checkpoint(out).name == resumes_from
+    resumed = run_script(["--resume", out], env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / resumes_from}" in resumed.stdout
+
+    metrics, trajectories, checkpoints, weights = run_outputs(out)
+    expected = run_outputs(three_epoch_run)
+    assert [m["update"] for m in metrics] == list(range(1, 7))
+    assert (metrics, trajectories, checkpoints) == expected[:3]
+    assert checkpoints == ["epoch_0002", "epoch_0003"]  # no temporary folder left, the oldest pruned
+    for name in checkpoints:
+        assert weights[name].keys() == expected[3][name].keys()
+        assert all(torch.equal(weights[name][k], expected[3][name][k]) for k in weights[name]), name
+
+
+def test_run_killed_during_its_first_save_has_no_checkpoint_to_resume(env, tmp_path):
+    out = tmp_path / "killed"
+    killed = run_script(["--preset", "smoke", "--out", out], {**env, sd.KILL_POINT_ENV: "save:1"})
+    assert killed.returncode == -9
+    (out / "checkpoints" / "epoch_0001").mkdir()  # as an older version's in-place save, cut short
+    (out / "checkpoints" / "epoch_0001" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert sd.latest_checkpoint(out) is None
+    resumed = run_script(["--resume", out], env)
+    assert resumed.returncode == 2
+    assert resumed.stderr.strip().splitlines()[-1] == f"sd_finetune.py: error: --resume: {str(out)!r} has no checkpoint yet"
+
+
+def test_kept_checkpoint_loads_into_a_pipeline(three_epoch_run, cache):
+    """The renamed-into-place folder is a plain diffusers LoRA folder: pipe.load_lora_weights(dir) works."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(Path(cache) / "tiny-v1" / "pipeline")
+    before = copy.deepcopy(pipe.unet)
+    pipe.load_lora_weights(three_epoch_run / "checkpoints" / "epoch_0003")
+    x, t, context = torch.randn(1, 4, 4, 4), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        assert (pipe.unet(x, t, encoder_hidden_states=context).sample
+                - before(x, t, encoder_hidden_states=context).sample).abs().max() > 0
