@@ -54,7 +54,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -186,8 +186,14 @@ class Config:
     cache_dir: str = _opt(str(Path.home() / ".cache" / "nabla-gfn"), "cache for the tiny builds, the downloaded "
                           "aesthetic head and DreamSim ($NABLA_GFN_CACHE)", env="NABLA_GFN_CACHE")
     precision: str = _opt("auto", "dtype of the frozen UNet, VAE and text encoder (LoRA, g_φ and the reward are "
-                          "always float32): auto = bf16 on GPU, fp32 on CPU. fp16 has no loss scaling",
-                          choices=("auto", "bf16", "fp16", "fp32"))
+                          "always float32): auto = bf16 on GPU, fp32 on CPU. fp16 has no loss scaling. With the "
+                          "default --residual-precision fp32 the UNet's weights are held in float32 and this dtype is "
+                          "the autocast dtype of sampling and of the lean-adjoint sweep", choices=("auto", "bf16", "fp16", "fp32"))
+    residual_precision: str = _opt("fp32", "arithmetic of the loss's UNet passes (ε̂_θ and ε̂♯, whose difference over "
+                                   "σ² is the forward residual, and their VJPs): fp32 = IEEE float32, TF32 off (the "
+                                   "default: bf16/fp16/TF32 turn the residual into rounding noise, README 'Numerics'); "
+                                   "tf32; same = the --precision dtype (the official code's all-bf16)",
+                                   choices=("fp32", "tf32", "same"))
     # sampler
     resolution: int = _opt(512, "image height and width in pixels", check=(lambda v: v > 0 and v % 8 == 0,
                                                                           "must be a positive multiple of 8"))
@@ -514,6 +520,7 @@ class Models:
     embedder: ClipEmbedder
     reward: nn.Module
     uncond: Tensor  # (1, L, D) embedding of the empty negative prompt
+    fast_dtype: Optional[torch.dtype] = None  # autocast dtype of sampling and the adjoint sweep (`unet_dtypes`)
 
     @property
     def unet(self) -> UNet2DConditionModel:
@@ -521,8 +528,13 @@ class Models:
 
 
 def load_models(cfg: Config, device, dtype: torch.dtype) -> Models:
-    """Pipeline (frozen, `dtype`), LoRA (float32), g_φ (float32), CLIP and reward (float32)."""
-    pipe = load_pipeline(cfg, dtype).to(device)
+    """Pipeline (frozen, `dtype`; its UNet in float32 when `unet_dtypes` says so), LoRA (float32), g_φ
+    (float32), CLIP and reward (float32)."""
+    unet_dtype, fast_dtype = unet_dtypes(cfg, torch.device(device))
+    pipe = load_pipeline(cfg, unet_dtype)
+    with quiet_library_logs():
+        pipe.vae.to(dtype), pipe.text_encoder.to(dtype)
+    pipe.to(device)
     multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     if cfg.resolution % multiple:
         raise UsageError(f"--resolution must be a multiple of {multiple} for this model (VAE × UNet downsampling; "
@@ -531,7 +543,7 @@ def load_models(cfg: Config, device, dtype: torch.dtype) -> Models:
     reward = build_reward(cfg, embedder)
     lora = add_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha)
     flow = None if cfg.no_flow else build_flow_net(pipe.unet, cfg.flow_widths).to(device)
-    return Models(pipe, lora, flow, embedder, reward, encode_prompts(pipe, [""]))
+    return Models(pipe, lora, flow, embedder, reward, encode_prompts(pipe, [""]), fast_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,14 +557,21 @@ def encode_prompts(pipe: StableDiffusionPipeline, prompts: Sequence[str]) -> Ten
     return pipe.encode_prompt(list(prompts), pipe.device, 1, False)[0]
 
 
-def guided_eps(unet: UNet2DConditionModel, cond: Tensor, uncond: Tensor, scale: float, lora: bool = True):
+def unet_autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """Autocast to `dtype` (sampling, adjoint sweep) or nothing (None: the loss's passes, `unet_dtypes`)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def guided_eps(unet: UNet2DConditionModel, cond: Tensor, uncond: Tensor, scale: float, lora: bool = True,
+               autocast: Optional[torch.dtype] = None):
     """EpsFn of the guided policy (lora=True) or reference (lora=False) for rows whose prompt embedding
-    is cond[traj]: one UNet call on [uncond; cond] rows, then ε̂ = ε_u + w (ε_c − ε_u), in float32."""
+    is cond[traj]: one UNet call on [uncond; cond] rows, then ε̂ = ε_u + w (ε_c − ε_u), in float32.
+    The UNet runs in its weights' dtype, or under autocast to `autocast` when given."""
     dtype, layers = unet.conv_in.weight.dtype, [] if lora else lora_layers(unet)
 
     def eps_fn(x: Tensor, t: Tensor, traj: Tensor) -> Tensor:
-        context = torch.cat([uncond.expand(len(x), -1, -1), cond[traj]])
-        with lora_disabled(layers):
+        context = torch.cat([uncond.expand(len(x), -1, -1), cond[traj]]).to(dtype)
+        with lora_disabled(layers), unet_autocast(x.device, autocast):
             eps = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), encoder_hidden_states=context).sample
         eps_uncond, eps_cond = eps.float().chunk(2)
         return nabla_gfn.classifier_free_guidance(eps_uncond, eps_cond, scale)
@@ -560,13 +579,13 @@ def guided_eps(unet: UNet2DConditionModel, cond: Tensor, uncond: Tensor, scale: 
     return eps_fn
 
 
-def conditional_eps(unet: UNet2DConditionModel, cond: Tensor):
+def conditional_eps(unet: UNet2DConditionModel, cond: Tensor, autocast: Optional[torch.dtype] = None):
     """EpsFn of the unguided reference ε_c(x, prompt) (adapters off): one UNet call on N rows, float32."""
     dtype, layers = unet.conv_in.weight.dtype, lora_layers(unet)
 
     def eps_fn(x: Tensor, t: Tensor, traj: Tensor) -> Tensor:
-        with lora_disabled(layers):
-            return unet(x.to(dtype), t, encoder_hidden_states=cond[traj]).sample.float()
+        with lora_disabled(layers), unet_autocast(x.device, autocast):
+            return unet(x.to(dtype), t, encoder_hidden_states=cond[traj].to(dtype)).sample.float()
 
     return eps_fn
 
@@ -612,9 +631,10 @@ def adjoint_sweep(models: Models, schedule: StepSchedule, trajectory: Trajectory
     if not cfg.needs_adjoint:
         return None
     if cfg.adjoint_jacobian == "guided":
-        reference = guided_eps(models.unet, cond, models.uncond, cfg.guidance_scale, lora=False)
+        reference = guided_eps(models.unet, cond, models.uncond, cfg.guidance_scale, lora=False,
+                               autocast=models.fast_dtype)
     else:
-        reference = conditional_eps(models.unet, cond)
+        reference = conditional_eps(models.unet, cond, models.fast_dtype)
     log_reward = latent_log_reward(models.pipe.vae, models.reward, prompts)
     rows = torch.arange(len(trajectory.states), device=trajectory.states.device)
     chunks = [nabla_gfn.lean_adjoint(reference, schedule, Trajectory(trajectory.states[r], trajectory.eps[r]),
@@ -640,7 +660,7 @@ def sample_trajectories(models: Models, schedule: StepSchedule, cond: Tensor, cf
     parts = []
     chunks = torch.arange(len(cond)).split(cfg.sample_batch_size)
     for rows in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
-        eps_fn = guided_eps(models.unet, cond[rows], models.uncond, cfg.guidance_scale, lora)
+        eps_fn = guided_eps(models.unet, cond[rows], models.uncond, cfg.guidance_scale, lora, models.fast_dtype)
         x_T = torch.randn(latent_shape(models, len(rows), cfg.resolution), generator=generator,
                           device=generator.device)
         parts.append(nabla_gfn.sample_trajectory(eps_fn, schedule, x_T, generator))
@@ -753,6 +773,18 @@ def optimizer_step(optimizer, models: Models, cfg: Config, accelerator: Accelera
     return {f"grad_norm_{name}": value for name, value in norms.items()}
 
 
+@torch.no_grad()
+def recorded_eps(policy_eps, transitions, batch: int) -> Tensor:
+    """ε̂_θ(x) of the sampling policy (the LoRA before this epoch's first update) in the loss's arithmetic.
+
+    Why: trajectories sampled under bf16 autocast record a bf16 ε̂_old; the trust region λ‖ε̂_θ − ε̂_old‖²
+    with ε̂_θ in float32 would then start at λ·(rounding)² instead of 0 (tiny pipeline: 0.47, twice the
+    forward term) and pull the LoRA towards rounding noise. One no-grad pass per trained transition.
+    """
+    rows = torch.arange(len(transitions), device=transitions.x.device)
+    return torch.cat([policy_eps(transitions.x[r], transitions.t[r], transitions.traj[r]) for r in rows.split(batch)])
+
+
 def train_epoch(models: Models, schedule: StepSchedule, trajectory: Trajectory, cond: Tensor,
                 prompts: Sequence[str], optimizer, cfg: Config, plan: Plan, generator: torch.Generator,
                 accelerator: Accelerator, desc: str = "train", adjoint: Optional[Tensor] = None,
@@ -767,6 +799,8 @@ def train_epoch(models: Models, schedule: StepSchedule, trajectory: Trajectory, 
     transitions = nabla_gfn.gather_transitions(trajectory, schedule, steps)
     order = torch.randperm(len(transitions), generator=generator)
     callables = loss_callables(models, cond, prompts, cfg.guidance_scale)
+    if models.fast_dtype is not None:  # sampled under autocast: ε_old again in the loss's arithmetic
+        transitions.eps_old = recorded_eps(callables[0], transitions, cfg.train_batch_size)
     loss_cfg = cfg.loss_config()
     per_update = cfg.train_batch_size * plan.grad_accum
     for u in tqdm(range(plan.updates_per_epoch), desc=desc, disable=not accelerator.is_main_process, leave=False):
@@ -1002,6 +1036,30 @@ def weight_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
+def unet_dtypes(cfg: Config, device: torch.device) -> Tuple[torch.dtype, Optional[torch.dtype]]:
+    """(dtype the UNet's weights are held in, autocast dtype of sampling and the adjoint sweep or None).
+
+    Why (README 'Numerics'): the forward residual (μ_θ − μ♯)/σ² is the difference of two UNet passes
+    over σ² (down to ~4e-4); computed in bf16, each pass's rounding (~2⁻⁹ relative, on every layer) is
+    larger than what a small LoRA changes, so the residual is rounding noise (tiny pipeline, bf16: the
+    forward term at update 2 was 23.9 against 0.31 in fp32). With --residual-precision fp32/tf32 the
+    loss's passes run on float32 weights without autocast; sampling, which takes no differences, keeps
+    the cheaper --precision through autocast.
+    """
+    weights = weight_dtype(cfg.precision, device)
+    if cfg.residual_precision == "same" or weights == torch.float32:
+        return weights, None
+    return torch.float32, weights
+
+
+def set_float32_matmul(residual_precision: str) -> None:
+    """IEEE float32 (fp32) or TF32 (tf32) matmuls and convolutions on CUDA; cuDNN's default is TF32."""
+    if residual_precision != "same":
+        mode = "ieee" if residual_precision == "fp32" else "tf32"
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+
+
 @dataclass
 class Session:
     """What one run holds: config, accelerate, models, optimiser, RNGs, prompts, outputs and progress."""
@@ -1052,6 +1110,7 @@ def start_session(cfg: Config) -> Session:
     torch.manual_seed(cfg.seed)  # same on every process: identical LoRA and g_φ initialisation
     with accelerator.main_process_first():  # the tiny builds and downloads are made once
         models = load_models(cfg, device, weight_dtype(cfg.precision, device))
+    set_float32_matmul(cfg.residual_precision)
     if cfg.model == TINY and accelerator.is_main_process:
         print(f"--model tiny: a tiny randomly initialised pipeline for smoke tests, not a real model "
               f"(cached in {tiny_assets(cfg.cache_dir)})")
@@ -1068,7 +1127,8 @@ def start_session(cfg: Config) -> Session:
     if session.is_main:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
     derived = {**dataclasses.asdict(plan), "processes": accelerator.num_processes,
-               "weight_dtype": str(models.unet.conv_in.weight.dtype)}
+               "weight_dtype": str(models.unet.conv_in.weight.dtype),
+               "sampling_autocast": str(models.fast_dtype) if models.fast_dtype else "none"}
     session.folder.write_json("config.json", {"config": dataclasses.asdict(cfg), "derived": derived,
                                               "command": sys.argv, "versions": _versions()})
     if cfg.report_to != "none":

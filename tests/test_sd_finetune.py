@@ -563,3 +563,60 @@ def test_kept_checkpoint_loads_into_a_pipeline(three_epoch_run, cache):
     with torch.no_grad():
         assert (pipe.unet(x, t, encoder_hidden_states=context).sample
                 - before(x, t, encoder_hidden_states=context).sample).abs().max() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Numerics: the residual's precision (README "Numerics")
+# ----------------------------------------------------------------------------------------------
+
+
+def forward_residuals(models, cfg, prompts=("cat", "owl")):
+    """(μ_θ − μ♯)/σ² of every transition of two sampled trajectories, with the driver's loss callables."""
+    batch, cond = shuffled_transitions(models, cfg, list(prompts))
+    policy_eps, reference_eps, _, _ = sd.loss_callables(models, cond, list(prompts), cfg.guidance_scale)
+    coef = (batch.alpha_bar, batch.alpha_bar_next, batch.sigma)
+    with torch.no_grad():
+        means = [nabla_gfn.step_mean(batch.x, eps(batch.x, batch.t, batch.traj), *coef) for eps in (policy_eps, reference_eps)]
+    return nabla_gfn.forward_residual(*means, batch.sigma)
+
+
+@pytest.mark.parametrize("flags", [["--precision", "bf16", "--residual-precision", "same"], ["--precision", "bf16"],
+                                   ["--precision", "fp16", "--residual-precision", "same"]])
+def test_forward_residual_is_exactly_zero_at_init(flags, cache, tmp_path):
+    """LoRA at init (B = 0): ε̂_θ and ε̂♯ are bitwise equal in every precision, all-bf16 (the official
+    code's), bf16 sampling with the float32 residual (the default) and all-fp16."""
+    cfg = smoke_config(cache, tmp_path, *flags)
+    models = sd.load_models(cfg, torch.device("cpu"), sd.weight_dtype(cfg.precision, torch.device("cpu")))
+    residual = forward_residuals(models, cfg)
+    assert residual.numel() > 0 and torch.equal(residual, torch.zeros_like(residual))
+
+
+def test_bf16_sampling_keeps_the_float32_residual_and_a_zero_trust_region(cache, tmp_path):
+    """Default --residual-precision fp32 with --precision bf16: the residual of a non-zero LoRA is bitwise
+    the all-fp32 one (the UNet is held in float32), while all-bf16 (--residual-precision same) makes it
+    mostly rounding noise, the cause of the tiny run's bf16 blow-up; and the trust region starts at 0."""
+    residual = {}
+    for name, flags in {"fp32": ["--precision", "fp32"], "bf16-sampling": ["--precision", "bf16"],
+                        "all-bf16": ["--precision", "bf16", "--residual-precision", "same"]}.items():
+        cfg = smoke_config(cache, tmp_path, *flags)
+        torch.manual_seed(0)  # the same LoRA init
+        models = sd.load_models(cfg, torch.device("cpu"), sd.weight_dtype(cfg.precision, torch.device("cpu")))
+        with torch.no_grad():
+            for p in sd.lora_parameters(models.unet):
+                p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        if name == "fp32":  # the same transitions and text embeddings for each: the float32 models'
+            batch, cond = shuffled_transitions(models, cfg, ["cat", "owl"])
+            uncond = models.uncond
+        models.uncond = uncond
+        policy_eps, reference_eps, _, _ = sd.loss_callables(models, cond, ["cat", "owl"], cfg.guidance_scale)
+        coef = (batch.alpha_bar, batch.alpha_bar_next, batch.sigma)
+        with torch.no_grad():
+            means = [nabla_gfn.step_mean(batch.x, e(batch.x, batch.t, batch.traj), *coef) for e in (policy_eps, reference_eps)]
+        residual[name] = nabla_gfn.forward_residual(*means, batch.sigma)
+    assert torch.equal(residual["bf16-sampling"], residual["fp32"])
+    noise = (residual["all-bf16"] - residual["fp32"]).norm() / residual["fp32"].norm()
+    assert noise > 0.5, noise
+
+    out = tmp_path / "run"
+    sd.main(["--preset", "smoke", "--precision", "bf16", "--trust-region", "2000", "--cache-dir", str(cache), "--out", str(out)])
+    assert read_jsonl(out / "metrics.jsonl")[0]["trust_region"] == 0.0  # ε̂_old recomputed in float32
