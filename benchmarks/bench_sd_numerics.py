@@ -201,7 +201,7 @@ def measure(args) -> dict:
     # At init (B = 0): the forward residual must be exactly 0 in every precision.
     for name, p in passes.items():
         result["init"][name] = max(float(targets(p, x[s], x[s], x[s], s, schedule, ["forward"])["forward"].abs().max())
-                                   for s in steps[: args.init_timesteps])
+                                   for s in steps[: args.init_timesteps]) if args.init_timesteps else None
     # Perturb the LoRA to ‖ε̂_θ − ε̂♯‖/‖ε̂♯‖ ≈ lora_size at the first timestep (ε̂ is linear in B when small).
     ref, s0 = passes[args.reference], steps[0]
     set_lora_b(unet, 1e-3, args.seed + 1)
@@ -239,7 +239,7 @@ def print_tables(result: dict) -> None:
     print(f"\n{cfg['size']} UNet, batch {cfg['batch']}, guidance {cfg['guidance']}, reference {cfg['reference']}, "
           f"{cfg['device']}, {result['seconds']:.0f} s")
     print("LoRA at init, max |forward residual| (first " f"{cfg['init_timesteps']} timestep(s)): "
-          + ", ".join(f"{n} {v:.3g}" for n, v in result["init"].items()))
+          + ", ".join(f"{n} {v:.3g}" for n, v in result["init"].items() if v is not None))
     for target in [t for t in ("forward", "reverse", "adjoint", "eps") if t in cfg["targets"].split(",") + ["eps"]]:
         print(f"\nrelative error of {target} vs {cfg['reference']} (LoRA perturbed):")
         print("| t | σ² | ‖ε̂_θ − ε̂♯‖/‖ε̂♯‖ | " + " | ".join(names) + " |")
