@@ -128,7 +128,8 @@ class ToyConfig:
             weighting=self.weighting,
             use_flow=self.method not in ("no-flow", "adjoint-matching"),
             guess_from=self.guess_from,
-            flow_target="adjoint" if self.method == "adjoint-matching" else self.flow_target,
+            # no-flow: the guess alone is θ's target; adjoint matching: a_{i+1} is (no guess, no g_φ)
+            flow_target={"adjoint-matching": "adjoint", "no-flow": "bootstrap"}.get(self.method, self.flow_target),
             adjoint_lambda=self.adjoint_lambda,
         )
 
