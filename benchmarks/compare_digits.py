@@ -252,7 +252,10 @@ def write_figure(args) -> None:
     fig, axes = plt.subplots(len(REWARDS), 2, figsize=(12, 4.2 * len(REWARDS)), squeeze=False)
     for (reward, _), (ax_curve, ax_scatter) in zip(REWARDS, axes):
         records = load_records(args, reward)
-        if not records:
+        if not records:  # not run (yet): say so instead of an empty frame
+            for ax in (ax_curve, ax_scatter):
+                ax.axis("off")
+            ax_curve.text(0, 0.5, f"{reward}: no finished runs", fontsize=12)
             continue
         key = "frac_class" if "frac_class" in next(iter(records.values()))[0]["reference"] else "mean_reward"
         for i, (row, rs) in enumerate(records.items()):
