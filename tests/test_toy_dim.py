@@ -221,3 +221,19 @@ def test_end_to_end_tiny_run_at_d8(tmp_path):
         assert 0 <= metrics[key]["mode_tv"] <= 1 and math.isfinite(metrics[key]["sliced_w1"])
     assert len(metrics["flow_relative_error"]["guess_plus_flow"]) == 10
     assert (tmp_path / "run" / "figure.png").stat().st_size > 10_000
+
+
+def test_dim_sweep_quick_writes_its_table_and_figure(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "toy_dim_sweep.py"), "--quick", "--jobs", "1",
+                          "--out", str(tmp_path / "sweep"), "--cache-dir", str(tmp_path / "cache")],
+                         capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = (tmp_path / "sweep" / "table.md").read_text()
+    for dim in (2, 3):
+        for label in ("∇-GFlowNet", "Adjoint Matching", "RTB", "DDPO"):
+            assert any(line.startswith(f"| {dim} | {label}") for line in table.splitlines()), (dim, label)
+    summary = json.loads((tmp_path / "sweep" / "table.json").read_text())
+    assert {r["dim"] for r in summary["rows"]} == {2, 3} and all(len(r["final_tv"]) == 1 for r in summary["rows"])
+    assert json.loads((tmp_path / "sweep" / "runs" / "d3" / "rtb" / "seed0" / "config.json").read_text())["dim"] == 3
+    assert (tmp_path / "sweep" / "toy_dim.png").stat().st_size > 10_000
