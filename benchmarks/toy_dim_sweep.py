@@ -15,8 +15,9 @@ pretrained ε-network (widths max(128, 2·D), `toy_2d.network_width`).
 
 Budget, chosen to fit 30 min on 2 idle cores: BUDGET below (200 updates × 64 trajectories, TV
 evaluated every 10 updates on 1000 samples, final metrics on 2000). Learning rates: toy_2d's --lr
-for every method and D, except where LEARNING_RATES scales one down because it diverged at the
-default rate (listed in the table; divergence that remains is reported, never dropped). Per method
+for every method and D, times LR_SCALE[(method, D)] where the default rate diverged or flung the
+samples off the data (found with --lr-factor on seed 0; every rate is in the table; divergence that
+remains is reported, never dropped). Per method
 and D: final mode TV (mean ± std over seeds), updates and train seconds to TV ≤ 0.1 (median over the
 seeds that reached it), train seconds per update, network VJPs and reward gradients per update.
 """
@@ -50,8 +51,8 @@ import toy_2d  # noqa: E402
 METHODS = {"nabla-db": "∇-GFlowNet (toy_2d default)", "adjoint-matching": "Adjoint Matching", "rtb": "RTB", "ddpo": "DDPO"}
 BUDGET = dict(updates=200, batch_size=64, eval_every=10, eval_samples=2000)
 QUICK = dict(updates=4, batch_size=16, num_steps=10, eval_every=2, eval_samples=200, pretrain_iters=100, pretrain_batch=128)
-# (method, D) → policy learning rate where toy_2d's --lr diverged (found with this script, seed 0).
-LEARNING_RATES: Dict[Tuple[str, int], float] = {}
+# (method, D) → factor on toy_2d's --lr where that rate diverged (found with this script's --lr-factor, seed 0).
+LR_SCALE: Dict[Tuple[str, int], float] = {}
 README_TABLE = ("<!-- TOY-DIM-TABLE:BEGIN -->", "<!-- TOY-DIM-TABLE:END -->")
 README_FIGURE = "assets/toy_dim.png"
 
@@ -68,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", default="", help="pretrained-model cache (as toy_2d.py)")
     parser.add_argument("--readme", action="store_true", help=f"write the figure to {README_FIGURE} and the table into README.md")
     parser.add_argument("--quick", action="store_true", help="tiny budget for tests: D ∈ {2, 3}, 1 seed, 4 updates")
+    parser.add_argument("--lr-factor", type=float, default=1.0, help="multiplies every run's policy lr (for probing rates)")
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs in --out whose config matches exactly")
     args = parser.parse_args(argv)
     try:
@@ -92,7 +94,7 @@ def run_configs(args) -> Dict[Tuple[str, int, int], toy_2d.ToyConfig]:
     jobs = {}
     for dim in args.dim_list:
         for method in args.method_list:
-            lr = LEARNING_RATES.get((method, dim), base.lr)
+            lr = LR_SCALE.get((method, dim), 1.0) * args.lr_factor * base.lr
             for seed in range(args.seeds):
                 out = Path(args.out) / "runs" / f"d{dim}" / method / f"seed{seed}"
                 jobs[(method, dim, seed)] = dataclasses.replace(base, dim=dim, method=method, lr=lr, seed=seed, out=str(out))
