@@ -13,7 +13,7 @@ and toy_2d's current defaults otherwise — ∇-GFlowNet is toy_2d's default `na
 flow target, weighting and rates toy_2d defaults to when this runs. Each (D, seed) has its own
 pretrained ε-network (widths max(128, 2·D), `toy_2d.network_width`).
 
-Budget, chosen to fit 30 min on 2 idle cores: BUDGET below (200 updates × 64 trajectories, TV
+Budget, chosen to fit 30 min on 2 idle cores: BUDGET below (300 updates × 128 trajectories, TV
 evaluated every 10 updates on 1000 samples, final metrics on 2000). Learning rates: toy_2d's --lr
 for every method and D, times LR_SCALE[(method, D)] where the default rate diverged or flung the
 samples off the data (found with --lr-factor on seed 0; every rate is in the table; divergence that
@@ -34,7 +34,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -49,10 +49,17 @@ import toy_2d  # noqa: E402
 # ----------------------------------------------------------------------------------------------
 
 METHODS = {"nabla-db": "∇-GFlowNet (toy_2d default)", "adjoint-matching": "Adjoint Matching", "rtb": "RTB", "ddpo": "DDPO"}
-BUDGET = dict(updates=200, batch_size=64, eval_every=10, eval_samples=2000)
+BUDGET = dict(updates=300, batch_size=128, eval_every=10, eval_samples=2000)
 QUICK = dict(updates=4, batch_size=16, num_steps=10, eval_every=2, eval_samples=200, pretrain_iters=100, pretrain_batch=128)
 # (method, D) → factor on toy_2d's --lr where that rate diverged (found with this script's --lr-factor, seed 0).
-LR_SCALE: Dict[Tuple[str, int], float] = {}
+# At lr 2e-3 (seed 0, 200 updates × 64 trajectories): RTB diverged at D = 32 (0.3× collapsed, 0.1× still improving) and
+# D = 128 (0.1× still flung off the data); DDPO flung off at D = 32 and 128 (0.1× at D = 128 too);
+# ∇-GFlowNet diverged and adjoint matching flung off at D = 128 (Adam's first steps move every weight of
+# the D-wide output layer by ~lr, also those whose gradient is noise). D = 2 and 8: all at 2e-3.
+LR_SCALE: Dict[Tuple[str, int], float] = {
+    ("rtb", 32): 0.1, ("ddpo", 32): 0.3,
+    ("nabla-db", 128): 0.1, ("adjoint-matching", 128): 0.1, ("rtb", 128): 0.03, ("ddpo", 128): 0.03,
+}
 README_TABLE = ("<!-- TOY-DIM-TABLE:BEGIN -->", "<!-- TOY-DIM-TABLE:END -->")
 README_FIGURE = "assets/toy_dim.png"
 
@@ -117,6 +124,23 @@ def pretrain(cfg: toy_2d.ToyConfig) -> float:
     return time.perf_counter() - start
 
 
+def held_crossing(cfg: toy_2d.ToyConfig, run: dict, threshold: float) -> Tuple[Optional[int], Optional[float]]:
+    """(update, train seconds) of the first evaluation from which TV stays ≤ threshold to the end; (None, None) if never.
+
+    A policy that swings through the target on its way elsewhere (over-tilting, collapsing) crosses
+    the threshold once and leaves: its first crossing is not a cost of reaching the target.
+    """
+    curve = run["curve"]  # compare_toy.read_run's (update, TV), cut where a diverged run left the data
+    if run["diverged_at"] is not None or not curve or curve[-1][1] > threshold:
+        return None, None
+    start = len(curve)
+    while start > 0 and curve[start - 1][1] <= threshold:
+        start -= 1
+    update = curve[start][0]
+    history = json.loads((Path(cfg.out) / "metrics.json").read_text())["history"]
+    return update, next(h["train_time_s"] for h in history if h["update"] == update)
+
+
 def run_all(args, jobs) -> Dict[Tuple[str, int, int], dict]:
     """Pretrain every (D, seed), then every run, largest D first; each summarised by compare_toy.read_run."""
     results = {}
@@ -127,6 +151,7 @@ def run_all(args, jobs) -> Dict[Tuple[str, int, int], dict]:
         futures = {key: pool.submit(compare_toy.run_one, jobs[key], args.threshold, args.reuse) for key in order}
         for key, future in futures.items():
             results[key] = r = future.result()
+            r["updates_held"], r["train_s_held"] = held_crossing(jobs[key], r, args.threshold)
             status = f"final TV {r['final_tv']:.3f}" if r["diverged_at"] is None else f"diverged at update {r['diverged_at']}"
             print(f"D={key[1]} {key[0]} seed {key[2]}: {status}, train {r['train_s']:.0f} s", flush=True)
     return results
@@ -150,6 +175,10 @@ def summarise(args, jobs, results) -> List[dict]:
                 "min_tv": [r["min_tv"] for r in seeds],
                 "updates_to_threshold": [r["updates_to_threshold"] for r in seeds],
                 "train_s_to_threshold": [r["train_s_to_threshold"] for r in seeds],
+                "updates_held": [r["updates_held"] for r in seeds],
+                "train_s_held": [r["train_s_held"] for r in seeds],
+                "mean_log_reward": [r["final_log_reward"] for r in seeds],
+                "exact_mean_log_reward": first["exact_mean_log_reward"],
                 "diverged_at": [r["diverged_at"] for r in seeds],
                 "train_s_per_update": [r["train_s"] / r["updates"] for r in seeds],
                 "network_vjps_per_update": first["network_vjps_total"] / first["updates"],
@@ -164,22 +193,25 @@ def markdown_table(rows: List[dict], args, cfg: toy_2d.ToyConfig) -> str:
     """The README table: one row per (D, method), then the pretrained and oracle TV of that D; `cfg`: any run's config."""
     default_lr = toy_2d.ToyConfig.lr
     thr = f"{args.threshold:g}"
-    head = (f"| D | method | final mode TV ↓ | best TV seen | updates to TV ≤ {thr} | train s to TV ≤ {thr} | train s / update | "
-            "network VJPs / update | ∇r / update | policy lr | diverged |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
-    lines, ms = [], compare_toy._mean_std
+    head = (f"| D | method | final mode TV ↓ | mean log r | updates to TV ≤ {thr}, held | train s, held | first TV ≤ {thr} at | "
+            "best TV seen | train s / update | network VJPs / update | ∇r / update | policy lr | diverged |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines, ms, reached = [], compare_toy._mean_std, compare_toy._median_reached
     for i, row in enumerate(rows):
         lines.append(
-            f"| {row['dim']} | {row['label']} | {ms(row['final_tv'], '.3f')} | {ms(row['min_tv'], '.3f')} | "
-            f"{compare_toy._median_reached(row['updates_to_threshold'], '.0f')} | {compare_toy._median_reached(row['train_s_to_threshold'], '.1f')} | "
-            f"{ms(row['train_s_per_update'], '.3f')} | {row['network_vjps_per_update']:.0f} | {row['reward_grads_per_update']:.0f} | "
+            f"| {row['dim']} | {row['label']} | {ms(row['final_tv'], '.3f')} | {ms(row['mean_log_reward'], '.2f')} | "
+            f"{reached(row['updates_held'], '.0f')} | {reached(row['train_s_held'], '.1f')} | "
+            f"{reached(row['updates_to_threshold'], '.0f')} | {ms(row['min_tv'], '.3f')} | {ms(row['train_s_per_update'], '.3f')} | {row['network_vjps_per_update']:.0f} | {row['reward_grads_per_update']:.0f} | "
             f"{row['lr']:g} | {compare_toy._diverged(row['diverged_at'])} |")
         if i == len(rows) - 1 or rows[i + 1]["dim"] != row["dim"]:
-            lines.append(f"| {row['dim']} | *pretrained P_F♯ / oracle (exact flow)* | {ms(row['pretrained_tv'], '.3f')} / "
-                         f"{ms(row['oracle_tv'], '.3f')} | | | | | | | | |")
+            lines.append(f"| {row['dim']} | *pretrained P_F♯ / oracle (exact flow) / exact* | {ms(row['pretrained_tv'], '.3f')} / "
+                         f"{ms(row['oracle_tv'], '.3f')} / 0 | {row['exact_mean_log_reward']:.2f} (exact) | | | | | | | | | |")
     changed = [f"{r['label']} at D = {r['dim']}: {r['lr']:g}" for r in rows if r["lr"] != default_lr]
     note = (f"\n{args.seeds} seed(s) × {args.updates} updates × {cfg.batch_size} trajectories × {cfg.num_steps} steps; "
-            f"mean ± std over seeds; 'to TV ≤ {thr}': median over the seeds that reached it at an evaluation "
-            f"(every {cfg.eval_every} updates, 1000 samples), (reached/seeds) when not all did. Policy lr {default_lr:g} "
+            f"mean ± std over seeds. 'Held': the first evaluation (every {cfg.eval_every} updates, 1000 samples) from which TV "
+            f"stayed ≤ {thr} to the end of the budget; 'first TV ≤ {thr} at': the first evaluation below it, even if it left "
+            "again (a swing through the target on the way to over-tilting); both medians over the seeds that got there, "
+            f"(reached/seeds) when not all did. Policy lr {default_lr:g} "
             f"(toy_2d's) unless listed: {'; '.join(changed) if changed else 'none changed'}. Diverged: seeds whose sampler "
             "ended non-finite or flung off the data (compare_toy's rule); their final TV is left out of the mean.\n")
     return head + "\n".join(lines) + "\n" + note
@@ -212,8 +244,8 @@ def make_figure(path: Path, rows: List[dict], args):
 
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
     panels = [("final_tv", mean, "final mode TV (mean over seeds)"),
-              ("updates_to_threshold", median_or_budget, f"updates to TV ≤ {args.threshold:g} (median; budget = not reached)"),
-              ("train_s_to_threshold", mean, f"train seconds to TV ≤ {args.threshold:g} (mean of reached)"),
+              ("updates_held", median_or_budget, f"updates to TV ≤ {args.threshold:g}, held (median; budget = never)"),
+              ("train_s_held", mean, f"train seconds to TV ≤ {args.threshold:g}, held (mean of seeds that got there)"),
               ("train_s_per_update", mean, "train seconds per update")]
     for ax, (key, agg, title) in zip(axes, panels):
         _plot_rows(ax, rows, args.method_list, key, agg)
