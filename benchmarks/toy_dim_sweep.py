@@ -210,7 +210,7 @@ def markdown_table(rows: List[dict], args, cfg: toy_2d.ToyConfig) -> str:
     note = (f"\n{args.seeds} seed(s) × {args.updates} updates × {cfg.batch_size} trajectories × {cfg.num_steps} steps; "
             f"mean ± std over seeds. 'Held': the first evaluation (every {cfg.eval_every} updates, 1000 samples) from which TV "
             f"stayed ≤ {thr} to the end of the budget; 'first TV ≤ {thr} at': the first evaluation below it, even if it left "
-            "again (a swing through the target on the way to over-tilting); both medians over the seeds that got there, "
+            "again (a swing through the target on the way elsewhere); both medians over the seeds that got there, "
             f"(reached/seeds) when not all did. Policy lr {default_lr:g} "
             f"(toy_2d's) unless listed: {'; '.join(changed) if changed else 'none changed'}. Diverged: seeds whose sampler "
             "ended non-finite or flung off the data (compare_toy's rule); their final TV is left out of the mean.\n")
