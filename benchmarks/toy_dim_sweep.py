@@ -300,7 +300,8 @@ def main(argv=None):
     if args.readme:
         given = argv if argv is not None else sys.argv[1:]
         command = "python benchmarks/toy_dim_sweep.py " + " ".join(a for a in given if a != "--reuse")
-        write_readme_table(table, command.strip(), f"wall {wall / 60:.1f} min with --jobs {args.jobs}")
+        timing = "runs reused from an earlier invocation" if args.reuse else f"wall {wall / 60:.1f} min with --jobs {args.jobs}"
+        write_readme_table(table, command.strip(), timing)
     print(table)
     print(f"wall time {wall:.0f} s; table in {out / 'table.md'}, figure in {figure}")
 
