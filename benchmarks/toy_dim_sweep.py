@@ -5,6 +5,7 @@
     python benchmarks/toy_dim_sweep.py            # the same without touching README.md / assets (figure in --out)
     python benchmarks/toy_dim_sweep.py --quick    # tiny budget, D ∈ {2, 3}, 1 seed (seconds; the test)
     python benchmarks/toy_dim_sweep.py --dims 2,32 --methods rtb --seeds 1
+    python benchmarks/toy_dim_sweep.py --reward bump-all --out runs/toy_dim_sweep_bump_all   # a reward on all D
 
 Every run is `toy_2d.run` with `--dim D` (ring8 in the first two coordinates, a fixed norm-2 offset
 per mode in the others, std 0.3; reward "bump" on the first two coordinates, β = 1: the target's
@@ -68,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dims", default="2,8,32,128", help="comma-separated dimensions D ≥ 2")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
+    parser.add_argument("--reward", default="bump", choices=sorted(toy_2d.REWARD_PRESETS),
+                        help="toy_2d reward preset: bump/linear read the first two coordinates, bump-all all D")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 … seeds−1 (each with its own pretrained model)")
     parser.add_argument("--updates", type=int, default=BUDGET["updates"], help="updates per run (the fixed budget)")
     parser.add_argument("--threshold", type=float, default=0.1, help="TV level for 'updates to TV ≤ threshold'")
@@ -97,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_configs(args) -> Dict[Tuple[str, int, int], toy_2d.ToyConfig]:
     """(method, D, seed) → the toy_2d config of that run."""
     budget = {**BUDGET, **(QUICK if args.quick else {}), "updates": args.updates}
-    base = toy_2d.ToyConfig(prior="ring8", reward="bump", beta=1.0, cache_dir=args.cache_dir, no_figure=True, **budget)
+    base = toy_2d.ToyConfig(prior="ring8", reward=args.reward, beta=1.0, cache_dir=args.cache_dir, no_figure=True, **budget)
     jobs = {}
     for dim in args.dim_list:
         for method in args.method_list:
@@ -256,7 +259,7 @@ def make_figure(path: Path, rows: List[dict], args):
     axes[0].plot(args.dim_list, oracle, ":", c="gray", label="oracle (exact flow)")
     axes[1].axhline(args.updates, ls=":", c="gray", lw=0.8)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"ring8 + bump in D dimensions: {args.seeds} seed(s) × {args.updates} updates; × = a seed diverged", fontsize=10)
+    fig.suptitle(f"ring8 + {args.reward} in D dimensions: {args.seeds} seed(s) × {args.updates} updates; × = a seed diverged", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=72)

@@ -237,3 +237,16 @@ def test_dim_sweep_quick_writes_its_table_and_figure(tmp_path):
     assert {r["dim"] for r in summary["rows"]} == {2, 3} and all(len(r["final_tv"]) == 1 for r in summary["rows"])
     assert json.loads((tmp_path / "sweep" / "runs" / "d3" / "rtb" / "seed0" / "config.json").read_text())["dim"] == 3
     assert (tmp_path / "sweep" / "toy_dim.png").stat().st_size > 10_000
+
+
+def test_held_crossing_is_the_start_of_the_final_run_below_the_threshold(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import toy_dim_sweep
+
+    history = [{"update": u, "train_time_s": 0.5 * u} for u in range(1, 61)]
+    (tmp_path / "metrics.json").write_text(json.dumps({"history": history}))
+    cfg = T.ToyConfig(out=str(tmp_path), updates=60)
+    run = {"diverged_at": None, "curve": [(10, 0.3), (20, 0.05), (30, 0.2), (40, 0.09), (50, 0.1), (60, 0.08)]}
+    assert toy_dim_sweep.held_crossing(cfg, run, 0.1) == (40, 20.0)  # the swing at update 20 does not count
+    assert toy_dim_sweep.held_crossing(cfg, {**run, "curve": run["curve"][:3]}, 0.1) == (None, None)  # ends above
+    assert toy_dim_sweep.held_crossing(cfg, {**run, "diverged_at": 60}, 0.1) == (None, None)
