@@ -220,6 +220,23 @@ def markdown_table(rows: List[dict], args, cfg: toy_2d.ToyConfig) -> str:
     return head + "\n".join(lines) + "\n" + note
 
 
+def compact_table(rows: List[dict], args) -> str:
+    """Final mode TV (mean ± std over seeds; † = some seed diverged) with methods as rows and D as columns."""
+    dims = sorted({r["dim"] for r in rows})
+    lines = ["| final mode TV | " + " | ".join(f"D = {d}" for d in dims) + " |", "|---|" + "---|" * len(dims)]
+    for method in args.method_list:
+        cells = []
+        for dim in dims:
+            row = next(r for r in rows if r["method"] == method and r["dim"] == dim)
+            dagger = " †" if any(d is not None for d in row["diverged_at"]) else ""
+            cells.append(compare_toy._mean_std(row["final_tv"], ".3f") + dagger)
+        lines.append(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
+    oracle = [compare_toy._mean_std(next(r for r in rows if r["dim"] == d)["oracle_tv"], ".3f") for d in dims]
+    pretrained = [compare_toy._mean_std(next(r for r in rows if r["dim"] == d)["pretrained_tv"], ".3f") for d in dims]
+    lines += ["| *oracle (exact flow)* | " + " | ".join(oracle) + " |", "| *pretrained P_F♯* | " + " | ".join(pretrained) + " |"]
+    return "\n".join(lines) + "\n"
+
+
 def _plot_rows(ax, rows, methods, key, agg):
     for i, method in enumerate(methods):
         mine = [r for r in rows if r["method"] == method]
@@ -295,7 +312,7 @@ def main(argv=None):
     figure = Path(README_FIGURE) if args.readme else out / "toy_dim.png"
     make_figure(figure, rows, args)
     wall = time.time() - start
-    (out / "table.md").write_text(table)
+    (out / "table.md").write_text(table + "\n" + compact_table(rows, args))
     summary = {"args": {k: v for k, v in vars(args).items()}, "toy_config": dataclasses.asdict(next(iter(jobs.values()))),
                "git": compare_toy.git_state(), "wall_s": wall, "rows": rows,
                "runs": {f"d{d}/{m}/seed{s}": r for (m, d, s), r in results.items()}}
@@ -305,7 +322,7 @@ def main(argv=None):
         command = "python benchmarks/toy_dim_sweep.py " + " ".join(a for a in given if a != "--reuse")
         timing = "runs reused from an earlier invocation" if args.reuse else f"wall {wall / 60:.1f} min with --jobs {args.jobs}"
         write_readme_table(table, command.strip(), timing)
-    print(table)
+    print(table + "\n" + compact_table(rows, args))
     print(f"wall time {wall:.0f} s; table in {out / 'table.md'}, figure in {figure}")
 
 
