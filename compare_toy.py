@@ -192,7 +192,7 @@ def read_run(cfg: toy_2d.ToyConfig, threshold: float) -> dict:
         "oracle": result.get("oracle"),
         "target_entropy": mode_entropy(task.target.weights),
         "curve": curve,
-        "min_tv": min(tv for _, tv in curve),
+        "min_tv": min((tv for _, tv in curve), default=None),  # None: diverged before its first evaluation
         "updates_to_threshold": hit["update"] if hit else None,
         "train_s_to_threshold": hit["train_time_s"] if hit else None,
         "reward_grads_to_threshold": hit["reward_grad_calls"] if hit else None,

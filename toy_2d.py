@@ -4,6 +4,8 @@
     python toy_2d.py --prior grid25 --reward bump
     python toy_2d.py --reward '{"type": "linear", "w": [0.7, 0.3]}' --beta 1
     python toy_2d.py --prior '{"means": [[-2, 0], [2, 0]], "weights": [0.5, 0.5], "std": 0.4}'
+    python toy_2d.py --dim 32                          # ring8 in the first two of 32 coordinates (see --dim)
+    python toy_2d.py --dim 32 --reward bump-all        # a bump that reads all 32 coordinates
 
 A small MLP ε-network is pretrained on samples of a Gaussian mixture prior p^♯ and frozen as
 P_F^♯. The finetuned policy P_F^θ starts as an exact copy and is trained with
@@ -13,6 +15,11 @@ score ∇ log F̃_τ(x) = ∇ log p*_τ(x) − ∇ log p^♯_τ(x) at every nois
 noised by the forward process). That gives three things no image model can: exact metrics, an
 oracle sampler (the pretrained step shifted by the exact residual flow: the best a Gaussian-step
 policy can do), and a direct check of the learned flow (guess + g_φ) against the exact one.
+
+`--dim D` keeps all of this exact in D dimensions: the preset's modes stay in the first two
+coordinates and get one fixed offset each (norm 2) in the other D − 2, all components share a
+diagonal covariance (a reward on the first two coordinates makes the target anisotropic), mode TV
+counts the nearest mean in all D coordinates, and the figures show the first two coordinates.
 
 Outputs (in --out): samples.npy, metrics.json, config.json, figure.png.
 The sampler uses diffusers' DDIMScheduler with Stable Diffusion's scaled-linear betas, so this rung
@@ -31,7 +38,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -66,6 +73,8 @@ REWARD_PRESETS = {
     "bump": {"type": "gaussian", "center": [3.0, 0.0], "std": 2.0},
     # A linear log-reward: tilts mass towards +x (and a little +y).
     "linear": {"type": "linear", "w": [0.5, 0.25]},
+    # "bump" on all D coordinates: its centre extended by the offsets of the mode it sits on (D = 2: "bump").
+    "bump-all": {"type": "gaussian", "center": [3.0, 0.0], "std": 2.0, "extend": "nearest-mode"},
 }
 
 
@@ -76,6 +85,7 @@ LR_SCHEDULES = ("constant", "cosine")
 class ToyConfig:
     prior: str = field(default="ring8", metadata={"help": f"prior preset {sorted(PRIOR_PRESETS)} or GMM JSON"})
     reward: str = field(default="bump", metadata={"help": f"reward preset {sorted(REWARD_PRESETS)} or JSON"})
+    dim: int = field(default=2, metadata={"help": "dimension D ≥ 2: the prior's modes in the first two coordinates, plus fixed per-mode offsets (norm 2) in the others; ε-network and g_φ widths max(hidden, 2·D)"})
     beta: float = field(default=1.0, metadata={"help": "reward scale β: target p♯·R^β"})
     num_steps: int = field(default=50, metadata={"help": "DDIM(η=1) sampling steps"})
     # pretraining of the ε-network (cached on disk, keyed by these fields and the prior)
@@ -214,77 +224,125 @@ def sd_scheduler():
 
 @dataclass
 class GMM:
-    """Isotropic Gaussian mixture with a shared std: Σ_k w_k N(m_k, s² I)."""
+    """Gaussian mixture with a covariance shared by all components: Σ_k w_k N(m_k, diag(s²)).
 
-    means: Tensor  # (K, 2)
+    std is a float (isotropic, s² I: every prior, and every target of an isotropic tilt) or a (D,)
+    tensor of per-coordinate stds (diagonal: the target of a reward that reads only some coordinates,
+    e.g. the bump on the first two coordinates of a D-dimensional prior).
+    """
+
+    means: Tensor  # (K, D)
     weights: Tensor  # (K,)
-    std: float
+    std: Union[float, Tensor]
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def variances(self) -> Tensor:
+        """Per-coordinate variance s_d² of every component. (D,) float64."""
+        return (torch.as_tensor(self.std, dtype=torch.float64) ** 2).expand(self.dim).clone()
+
+    def marginal(self, coords: int) -> "GMM":
+        """The mixture of the first `coords` coordinates (for figures): same weights, sliced means and stds."""
+        std = self.std if not isinstance(self.std, Tensor) else self.std[:coords]
+        return GMM(self.means[:, :coords], self.weights, std)
 
     def noised(self, alpha_bar: Tensor) -> Tuple[Tensor, Tensor]:
-        """Marginal under x_τ = √ᾱ x_0 + √(1−ᾱ) ε, per row: means (N, K, 2) and variance (N,)."""
+        """Marginal under x_τ = √ᾱ x_0 + √(1−ᾱ) ε, per row: means (N, K, D) and variance (N,), or (N, D) if diagonal."""
         a = alpha_bar.to(self.means.dtype)
+        if isinstance(self.std, Tensor):
+            return a.sqrt()[:, None, None] * self.means, a[:, None] * self.std.to(a) ** 2 + (1 - a)[:, None]
         return a.sqrt()[:, None, None] * self.means, a * self.std**2 + (1 - a)
 
     def _log_resp_terms(self, x: Tensor, alpha_bar: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         means, var = self.noised(alpha_bar)
-        diff = x[:, None, :] - means  # (N, K, 2)
-        log_comp = self.weights.log() - 0.5 * diff.pow(2).sum(-1) / var[:, None] - torch.log(2 * math.pi * var)[:, None]
-        return log_comp, diff, var
+        diff = x[:, None, :] - means  # (N, K, D)
+        if var.ndim == 2:  # diagonal: var (N, D)
+            log_comp = (self.weights.log() - 0.5 * (diff.pow(2) / var[:, None, :]).sum(-1)
+                        - 0.5 * torch.log(2 * math.pi * var).sum(-1)[:, None])
+            return log_comp, diff, var
+        # isotropic: for D = 2 these are exactly the original 2-D operations (0.5·D = 1)
+        log_comp = self.weights.log() - 0.5 * diff.pow(2).sum(-1) / var[:, None] - 0.5 * self.dim * torch.log(2 * math.pi * var)[:, None]
+        return log_comp, diff, var[:, None]
 
     def log_prob(self, x: Tensor, alpha_bar: Optional[Tensor] = None) -> Tensor:
         alpha_bar = torch.ones(len(x), dtype=x.dtype) if alpha_bar is None else alpha_bar
         return self._log_resp_terms(x, alpha_bar)[0].logsumexp(-1)
 
     def score(self, x: Tensor, alpha_bar: Tensor) -> Tensor:
-        """∇_x log p_τ(x) in closed form: Σ_k resp_k(x) · (−(x − √ᾱ m_k)/v_τ). (N, 2)."""
+        """∇_x log p_τ(x) in closed form: Σ_k resp_k(x) · (−(x − √ᾱ m_k)/v_τ), v_τ per coordinate. (N, D)."""
         log_comp, diff, var = self._log_resp_terms(x, alpha_bar)
         resp = log_comp.softmax(-1)
-        return -(resp[..., None] * diff).sum(1) / var[:, None]
+        return -(resp[..., None] * diff).sum(1) / var
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        return self.means[k] + self.std * torch.randn(n, 2, generator=generator, dtype=self.means.dtype)
+        std = self.std.to(self.means.dtype) if isinstance(self.std, Tensor) else self.std
+        return self.means[k] + std * torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype)
 
 
 class GaussianReward:
-    """r(x) = −‖x − c‖² / (2 s²): R^β is a Gaussian bump with variance s²/β."""
+    """r(x) = −‖x_{:n} − c‖² / (2 s²) on the first n = len(c) coordinates: R^β is a Gaussian bump with variance s²/β.
+
+    Coordinates beyond n are not read: a 2-D centre on a D-dimensional prior is a bump on the first
+    two coordinates (whose tilted target is then diagonal, not isotropic).
+    """
 
     def __init__(self, center, std):
         self.center, self.std = torch.tensor(center, dtype=torch.float64), float(std)
 
     def __call__(self, x: Tensor) -> Tensor:
-        return -(x - self.center.to(x)).pow(2).sum(-1) / (2 * self.std**2)
+        return -(x[..., : len(self.center)] - self.center.to(x)).pow(2).sum(-1) / (2 * self.std**2)
 
     def tilt(self, prior: GMM, beta: float) -> GMM:
-        """p♯·R^β: per component a Gaussian product. Precision 1/s² + β/s_r²; weight w_k N(m_k; c, s² + s_r²/β)."""
-        prec = 1 / prior.std**2 + beta / self.std**2
-        means = (prior.means / prior.std**2 + beta * self.center / self.std**2) / prec
-        v = prior.std**2 + self.std**2 / beta
-        log_w = prior.weights.log() - 0.5 * (prior.means - self.center).pow(2).sum(-1) / v
-        return GMM(means, log_w.softmax(0), prec**-0.5)
+        """p♯·R^β: per component a Gaussian product. On the read coordinates precision 1/s_d² + β/s_r² and
+        mean (m/s_d² + βc/s_r²)/precision, the others as in the prior; weight w_k Π_{d<n} N(m_kd; c_d, s_d² + s_r²/β)."""
+        n = len(self.center)
+        isotropic = not isinstance(prior.std, Tensor)
+        s2 = prior.std**2 if isotropic else prior.variances()[:n]
+        prec = 1 / s2 + beta / self.std**2
+        read = (prior.means[:, :n] / s2 + beta * self.center / self.std**2) / prec
+        v = s2 + self.std**2 / beta
+        sq = (prior.means[:, :n] - self.center).pow(2)
+        log_w = prior.weights.log() - (0.5 * sq.sum(-1) / v if isotropic else 0.5 * (sq / v).sum(-1))
+        if isotropic and n == prior.dim:  # an isotropic tilt (the 2-D toy, a bump on all D coordinates)
+            return GMM(read, log_w.softmax(0), prec**-0.5)
+        std = torch.cat([torch.as_tensor(prec, dtype=torch.float64).expand(n) ** -0.5, prior.variances()[n:].sqrt()])
+        return GMM(torch.cat([read, prior.means[:, n:]], 1), log_w.softmax(0), std)
 
     def expectation(self, gmm: GMM) -> float:
-        """E_gmm[r] = −Σ_k w_k (‖m_k − c‖² + 2 s²) / (2 s_r²)."""
-        sq = (gmm.means - self.center).pow(2).sum(-1) + 2 * gmm.std**2
+        """E_gmm[r] = −Σ_k w_k (‖m_k − c‖² + Σ_{d<n} s_d²) / (2 s_r²), over the read coordinates."""
+        n = len(self.center)
+        spread = n * gmm.std**2 if not isinstance(gmm.std, Tensor) else gmm.variances()[:n].sum()
+        sq = (gmm.means[:, :n] - self.center).pow(2).sum(-1) + spread
         return float(-(gmm.weights * sq).sum() / (2 * self.std**2))
 
 
 class LinearReward:
-    """r(x) = w·x: R^β tilts each component's mean by β s² w."""
+    """r(x) = w·x_{:n} on the first n = len(w) coordinates: R^β tilts each component's mean by β s² w."""
 
     def __init__(self, w):
         self.w = torch.tensor(w, dtype=torch.float64)
 
     def __call__(self, x: Tensor) -> Tensor:
-        return x @ self.w.to(x)
+        return x[..., : len(self.w)] @ self.w.to(x)
 
     def tilt(self, prior: GMM, beta: float) -> GMM:
-        """Weight w_k exp(β w·m_k + β² s² ‖w‖²/2), mean m_k + β s² w, same std."""
-        log_w = prior.weights.log() + beta * prior.means @ self.w + 0.5 * beta**2 * prior.std**2 * self.w.pow(2).sum()
-        return GMM(prior.means + beta * prior.std**2 * self.w, log_w.softmax(0), prior.std)
+        """Weight w_k exp(β w·m_k + β² Σ_d s_d² w_d²/2), mean m_k + β s² w (w zero-padded to D), same std."""
+        n = len(self.w)
+        w_full = torch.cat([self.w, self.w.new_zeros(prior.dim - n)])
+        if not isinstance(prior.std, Tensor):  # the 2-D toy's operations, in their order
+            spread = 0.5 * beta**2 * prior.std**2 * self.w.pow(2).sum()
+            shift = beta * prior.std**2 * w_full
+        else:
+            spread = 0.5 * beta**2 * (prior.variances()[:n] * self.w.pow(2)).sum()
+            shift = beta * prior.variances() * w_full
+        log_w = prior.weights.log() + beta * prior.means[:, :n] @ self.w + spread
+        return GMM(prior.means + shift, log_w.softmax(0), prior.std)
 
     def expectation(self, gmm: GMM) -> float:
-        return float(gmm.weights @ (gmm.means @ self.w))
+        return float(gmm.weights @ (gmm.means[:, : len(self.w)] @ self.w))
 
 
 def _json_or_preset(text: str, presets: Dict[str, dict], flag: str) -> dict:
@@ -298,7 +356,20 @@ def _json_or_preset(text: str, presets: Dict[str, dict], flag: str) -> dict:
     raise SystemExit(f"error: {flag}: unknown preset {text!r}; use one of {sorted(presets)} or a JSON object")
 
 
-def parse_prior(text: str) -> GMM:
+# D > 2: the preset's 2-D means are extended by one fixed offset per mode in coordinates 3 … D, of norm
+# OFFSET_NORM (directions of N(0, I) draws from a generator seeded OFFSET_SEED, independent of --seed), so
+# that the modes are separated in every coordinate, not only in the plane.
+OFFSET_NORM, OFFSET_SEED = 2.0, 0
+
+
+def mode_offsets(num_modes: int, extra_dims: int) -> Tensor:
+    """(K, D − 2) per-mode offsets of norm OFFSET_NORM for the coordinates beyond the first two."""
+    draws = torch.randn(num_modes, extra_dims, generator=torch.Generator().manual_seed(OFFSET_SEED), dtype=torch.float64)
+    return OFFSET_NORM * draws / draws.norm(dim=1, keepdim=True)
+
+
+def parse_prior(text: str, dim: int = 2) -> GMM:
+    """A preset or JSON GMM in `dim` dimensions: K×2 means are extended by `mode_offsets`, K×dim taken as given."""
     spec = _json_or_preset(text, PRIOR_PRESETS, "--prior")
     try:
         means = torch.tensor(spec["means"], dtype=torch.float64)
@@ -307,22 +378,39 @@ def parse_prior(text: str) -> GMM:
         std = float(spec["std"])
     except (KeyError, TypeError, ValueError) as err:
         raise SystemExit(f'error: --prior: expected {{"means": [[x, y], ...], "weights": [...], "std": s}}, got {text} ({err})')
-    if means.ndim != 2 or means.shape[1] != 2 or weights.shape != (k,) or std <= 0 or (weights < 0).any():
-        raise SystemExit("error: --prior: means must be K×2, weights K non-negative numbers, std > 0")
+    if means.ndim != 2 or means.shape[1] not in (2, dim) or weights.shape != (k,) or std <= 0 or (weights < 0).any():
+        raise SystemExit(f"error: --prior: means must be K×2 (or K×{dim} for --dim {dim}), weights K non-negative numbers, std > 0")
+    if means.shape[1] < dim:
+        means = torch.cat([means, mode_offsets(k, dim - 2)], 1)
     return GMM(means, weights / weights.sum(), std)
 
 
-def parse_reward(text: str):
+def parse_reward(text: str, prior: Optional[GMM] = None):
+    """A preset or JSON reward on the first len(center) / len(w) coordinates of `prior` (default: the 2-D plane).
+
+    "extend": "nearest-mode" (gaussian only) appends to the centre the other coordinates of the prior
+    mode nearest to it in the given ones: a bump on all D coordinates ("bump-all"; at D = 2 it is "bump").
+    """
     spec = _json_or_preset(text, REWARD_PRESETS, "--reward")
-    kind = spec.get("type")
+    kind, dim = spec.get("type"), 2 if prior is None else prior.dim
     try:
         if kind == "gaussian":
-            return GaussianReward(spec["center"], spec["std"])
-        if kind == "linear":
-            return LinearReward(spec["w"])
+            center = torch.tensor(spec["center"], dtype=torch.float64)
+            if spec.get("extend") == "nearest-mode" and prior is not None and len(center) < dim:
+                nearest = (prior.means[:, : len(center)] - center).norm(dim=1).argmin()
+                center = torch.cat([center, prior.means[nearest, len(center):]])
+            reward = GaussianReward(center.tolist(), spec["std"])
+            size = len(center)
+        elif kind == "linear":
+            reward = LinearReward(spec["w"])
+            size = len(reward.w)
+        else:
+            raise SystemExit(f'error: --reward: "type" must be "gaussian" (center, std) or "linear" (w), got {kind!r}')
     except KeyError as err:
         raise SystemExit(f"error: --reward: missing field {err} for type {kind!r}")
-    raise SystemExit(f'error: --reward: "type" must be "gaussian" (center, std) or "linear" (w), got {kind!r}')
+    if not 1 <= size <= dim:
+        raise SystemExit(f"error: --reward: center / w must have 1 … {dim} coordinates (--dim {dim}), got {size}")
+    return reward
 
 
 def exact_flow_score(prior: GMM, target: GMM, x: Tensor, alpha_bar: Tensor) -> Tensor:
@@ -359,6 +447,15 @@ class TimeMLP(nn.Module):
         return self.net(torch.cat([x, angle.sin(), angle.cos()], -1))
 
 
+def network_width(hidden: int, dim: int) -> int:
+    """Hidden width of the ε-network and g_φ in D dimensions: max(hidden, 2·D) (128 up to D = 64, 256 at D = 128).
+
+    A layer must stay wider than its D-dimensional output; the prior's score needs only ~K mode
+    features, so growing the width faster (4·D was tried) buys nothing the toy measures and costs CPU.
+    """
+    return max(hidden, 2 * dim)
+
+
 def as_eps_fn(net: nn.Module) -> ng.EpsFn:
     """Adapt a (x, τ) network to nabla_gfn's eps_fn(x, t, traj) (the toy is unconditional)."""
     return lambda x, t, traj: net(x, t)
@@ -375,11 +472,12 @@ def cache_root(cfg: ToyConfig) -> Path:
 
 def pretrain(cfg: ToyConfig, prior: GMM, scheduler, quiet: bool = False) -> TimeMLP:
     """Denoising score matching on prior samples: E‖ε − ε̂(√ᾱ x_0 + √(1−ᾱ) ε, τ)‖². Cached on disk."""
-    key = {"prior": [prior.means.tolist(), prior.weights.tolist(), prior.std], "hidden": cfg.hidden,
+    width = network_width(cfg.hidden, prior.dim)
+    key = {"prior": [prior.means.tolist(), prior.weights.tolist(), prior.std], "hidden": width,
            "iters": cfg.pretrain_iters, "batch": cfg.pretrain_batch, "lr": cfg.pretrain_lr, "seed": cfg.seed}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_root(cfg) / "toy_2d" / f"eps_{digest}.pt"
-    net = TimeMLP(cfg.hidden)
+    net = TimeMLP(width, prior.dim)
     if path.exists():
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return net.requires_grad_(False).eval()
@@ -417,7 +515,7 @@ def mode_weights(samples: Tensor, means: Tensor, weights: Optional[Tensor] = Non
 def sliced_wasserstein(a: Tensor, b: Tensor, projections: int = 128, seed: int = 0) -> float:
     """Sliced 1-Wasserstein distance between two equal-size sample sets (exact per projection)."""
     gen = torch.Generator().manual_seed(seed)
-    theta = torch.randn(projections, 2, generator=gen, dtype=torch.float64)
+    theta = torch.randn(projections, a.shape[1], generator=gen, dtype=torch.float64)
     theta = theta / theta.norm(dim=1, keepdim=True)
     pa, pb = (a.double() @ theta.T).sort(0).values, (b.double() @ theta.T).sort(0).values
     return float((pa - pb).abs().mean())
@@ -521,7 +619,7 @@ def oracle_eps(task: Task, reference_eps: ng.EpsFn, schedule: ng.StepSchedule) -
 @torch.no_grad()
 def sample_oracle(task: Task, reference: nn.Module, schedule: ng.StepSchedule, n: int, gen: torch.Generator) -> Tensor:
     """Final samples of the exact-flow oracle policy (`oracle_eps`)."""
-    return sample(oracle_eps(task, as_eps_fn(reference), schedule), schedule, n, gen).final
+    return sample(oracle_eps(task, as_eps_fn(reference), schedule), schedule, n, gen, task.dim).final
 
 
 def _relative_error(estimate: Tensor, exact: Tensor) -> float:
@@ -590,13 +688,13 @@ def flow_errors(task: Task, policy: nn.Module, flow: Optional[nn.Module], trajec
 
 def make_flow(cfg: ToyConfig) -> TimeMLP:
     """g_φ: a TimeMLP whose output layer is zeroed, so ∇ log F̃ starts at the forward-looking guess."""
-    return ng.zero_output_layer(TimeMLP(cfg.flow_hidden))
+    return ng.zero_output_layer(TimeMLP(network_width(cfg.flow_hidden, cfg.dim), cfg.dim))
 
 
 def sample_transitions(policy: nn.Module, schedule: ng.StepSchedule, cfg: ToyConfig,
                        gen: torch.Generator) -> Tuple[ng.Trajectory, ng.Transitions]:
     """On-policy trajectories and the subsample of their transitions (terminal + one per chunk)."""
-    trajectory = sample(as_eps_fn(policy), schedule, cfg.batch_size, gen)
+    trajectory = sample(as_eps_fn(policy), schedule, cfg.batch_size, gen, cfg.dim)
     steps = ng.subsample_steps(schedule.num_steps, cfg.fraction, cfg.batch_size, gen)
     return trajectory, ng.gather_transitions(trajectory, schedule, steps)
 
@@ -682,7 +780,7 @@ def finetune(cfg: ToyConfig, task: Task, reference: nn.Module, schedule: ng.Step
         stats.update(reward_grad_calls=counter.rows, network_vjps=vjps.rows, train_time_s=train_time)  # cumulative
         if (update + 1) % cfg.eval_every == 0 or update == 0:
             with torch.no_grad():
-                x0 = sample(as_eps_fn(policy), schedule, 1000, eval_gen).final
+                x0 = sample(as_eps_fn(policy), schedule, 1000, eval_gen, task.dim).final
             stats.update({f"eval_{k}": v for k, v in metrics(task, x0, seed=update).items()})
             bar.set_postfix(tv=f"{stats['eval_mode_tv']:.3f}", loss=f"{stats['loss']:.3g}")
         history.append({"update": update + 1, **stats})
@@ -699,8 +797,8 @@ def evaluate(cfg: ToyConfig, task: Task, reference: nn.Module, policy: nn.Module
     """Final metrics for the finetuned, pretrained and oracle samplers. Returns (metrics, samples)."""
     gen = torch.Generator().manual_seed(cfg.seed + 3)
     n = cfg.eval_samples
-    finetuned = sample(as_eps_fn(policy), schedule, n, gen)
-    pretrained = sample(as_eps_fn(reference), schedule, n, gen).final
+    finetuned = sample(as_eps_fn(policy), schedule, n, gen, task.dim)
+    pretrained = sample(as_eps_fn(reference), schedule, n, gen, task.dim).final
     samples = {"finetuned": finetuned.final, "pretrained": pretrained}
     result = {"finetuned": metrics(task, finetuned.final, pretrained), "pretrained": metrics(task, pretrained, pretrained)}
     if task.target is not None:
@@ -726,9 +824,9 @@ def make_figure(path: Path, task: Task, samples: Dict[str, Tensor], result: dict
     if task.target is not None:
         gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 200), np.linspace(lo[1], hi[1], 200))
         grid = torch.tensor(np.stack([gx.ravel(), gy.ravel()], 1))
-        dens = task.target.log_prob(grid).exp().reshape(200, 200).numpy()
+        dens = task.target.marginal(2).log_prob(grid).exp().reshape(200, 200).numpy()
         axes[0].contourf(gx, gy, dens, levels=30, cmap="viridis")
-        axes[0].set_title("exact target p♯·R^β")
+        axes[0].set_title("exact target p♯·R^β" + (f"\n(D = {task.dim}: first two coordinates)" if task.dim > 2 else ""))
     panels = [("pretrained", "pretrained P_F♯"), ("finetuned", f"finetuned ({cfg.method})"), ("oracle", "oracle (exact flow)")]
     for ax, (key, title) in zip(axes[1:4], panels):
         if key in samples:
@@ -767,10 +865,10 @@ def make_figure(path: Path, task: Task, samples: Dict[str, Tensor], result: dict
 
 def build_task(cfg: ToyConfig, log_reward: Optional[Callable[[Tensor], Tensor]] = None) -> Task:
     """Prior and reward from the config; a user callable `log_reward` replaces --reward (no exact target)."""
-    prior = parse_prior(cfg.prior)
+    prior = parse_prior(cfg.prior, cfg.dim)
     if log_reward is not None:
         return Task(prior, log_reward, cfg.beta, None)
-    reward = parse_reward(cfg.reward)
+    reward = parse_reward(cfg.reward, prior)
     return Task(prior, reward, cfg.beta, reward.tilt(prior, cfg.beta))
 
 
@@ -784,6 +882,7 @@ def validate(cfg: ToyConfig):
         (0 < cfg.adjoint_lambda <= 1, f"--adjoint-lambda must be in (0, 1], got {cfg.adjoint_lambda}"),
         (0 <= cfg.fraction <= 1, f"--fraction must be in [0, 1], got {cfg.fraction}"),
         (cfg.beta > 0, f"--beta must be > 0, got {cfg.beta}"),
+        (cfg.dim >= 2, f"--dim must be an integer ≥ 2 (the modes sit in the first two coordinates), got {cfg.dim}"),
         (cfg.num_steps >= 1 and cfg.updates >= 1 and cfg.batch_size >= 1, "--num-steps, --updates, --batch-size must be ≥ 1"),
     ]
     for ok, message in checks:
@@ -805,7 +904,7 @@ def run(cfg: ToyConfig, log_reward: Optional[Callable[[Tensor], Tensor]] = None,
     result, samples = evaluate(cfg, task, reference, policy, flow, schedule)
     result["time_s"] = {"pretrain_or_load": pretrain_done - start, "total": time.time() - start}
     out = Path(cfg.out or f"runs/toy_2d/{Path(cfg.prior).stem if cfg.prior in PRIOR_PRESETS else 'custom'}_"
-               f"{cfg.reward if cfg.reward in REWARD_PRESETS else 'custom'}_{cfg.method}")
+               f"{cfg.reward if cfg.reward in REWARD_PRESETS else 'custom'}_{cfg.method}" + (f"_d{cfg.dim}" if cfg.dim != 2 else ""))
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "samples.npy", samples["finetuned"].numpy())
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
