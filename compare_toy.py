@@ -49,6 +49,7 @@ README_FIGURE = "assets/toy_baselines.png"
 class CompareConfig:
     prior: str = field(default=toy_2d.ToyConfig.prior, metadata={"help": "prior preset or GMM JSON (as toy_2d.py)"})
     reward: str = field(default=toy_2d.ToyConfig.reward, metadata={"help": "reward preset or JSON (as toy_2d.py)"})
+    beta: float = field(default=toy_2d.ToyConfig.beta, metadata={"help": "reward scale β (as toy_2d.py)"})
     methods: str = field(default="all", metadata={"help": "comma-separated variant ids (see --list) or 'all'"})
     seeds: int = field(default=3, metadata={"help": "seeds 0 … seeds−1 (each seed: its own pretrained model)"})
     updates: int = field(default=0, metadata={"help": "updates per run (0: toy_2d's default)"})
@@ -66,24 +67,31 @@ class CompareConfig:
 QUICK = dict(updates=6, batch_size=16, num_steps=10, eval_every=2, eval_samples=200, pretrain_iters=200, pretrain_batch=256)
 
 
+PAPER = {"flow_target": "bootstrap", "weighting": "plain", "gamma": "alpha_bar", "guess_from": "policy"}  # the paper's ∇-DB
+
+
 def variants(base: toy_2d.ToyConfig) -> Dict[str, dict]:
     """Variant id → {"label", "overrides"} relative to toy_2d's defaults `base` (labels follow them).
 
-    ∇-GFlowNet at the defaults, with each other weighting, with the other γ, and without g_φ; then
-    the baselines at their defaults.
+    ∇-GFlowNet at the defaults, with each other flow target, with the paper's settings, without g_φ,
+    adjoint matching (no guess, no g_φ); then the baselines at their defaults.
     """
     gamma_label = {"alpha_bar": "ᾱ", "sqrt_alpha_bar": "√ᾱ"}
 
-    def nabla(weighting, gamma, prefix="∇-GFlowNet"):
-        return f"{prefix} ({weighting}, γ={gamma_label.get(gamma, gamma)})"
+    def nabla(flow_target, weighting, gamma, prefix="∇-GFlowNet"):
+        return f"{prefix} ({flow_target}, {weighting}, γ={gamma_label.get(gamma, gamma)})"
 
-    table = {"nabla-db": {"label": nabla(base.weighting, base.gamma), "overrides": {"method": "nabla-db"}}}
-    for weighting in (w for w in ng.WEIGHTING_CHOICES if w != base.weighting):
-        table[f"nabla-db-{weighting}"] = {"label": nabla(weighting, base.gamma),
-                                          "overrides": {"method": "nabla-db", "weighting": weighting}}
-    for gamma in (g for g in ng.GAMMA_CHOICES if g != base.gamma):
-        table[f"nabla-db-{gamma}"] = {"label": nabla(base.weighting, gamma), "overrides": {"method": "nabla-db", "gamma": gamma}}
-    table["no-flow"] = {"label": nabla(base.weighting, base.gamma, "∇-GFlowNet no-flow"), "overrides": {"method": "no-flow"}}
+    table = {"nabla-db": {"label": nabla(base.flow_target, base.weighting, base.gamma) + " default",
+                          "overrides": {"method": "nabla-db"}}}
+    for target in (t for t in ng.FLOW_TARGET_CHOICES if t != base.flow_target):
+        label = nabla(target if target != "mixed" else f"mixed λ={base.adjoint_lambda:g}", base.weighting, base.gamma)
+        table[f"nabla-db-{target}"] = {"label": label, "overrides": {"method": "nabla-db", "flow_target": target}}
+    if any(getattr(base, k) != v for k, v in PAPER.items()):
+        table["nabla-db-paper"] = {"label": nabla(PAPER["flow_target"], PAPER["weighting"], PAPER["gamma"]) + " paper",
+                                   "overrides": {"method": "nabla-db", **PAPER}}
+    table["no-flow"] = {"label": f"∇-GFlowNet no-flow ({base.weighting}, γ={gamma_label.get(base.gamma, base.gamma)})",
+                        "overrides": {"method": "no-flow"}}
+    table["adjoint-matching"] = {"label": f"Adjoint Matching ({base.weighting})", "overrides": {"method": "adjoint-matching"}}
     table.update({
         "draft": {"label": f"DRaFT-{base.draft_k}", "overrides": {"method": "draft"}},
         "refl": {"label": "ReFL", "overrides": {"method": "refl"}},
@@ -189,6 +197,7 @@ def read_run(cfg: toy_2d.ToyConfig, threshold: float) -> dict:
         "train_s_to_threshold": hit["train_time_s"] if hit else None,
         "reward_grads_to_threshold": hit["reward_grad_calls"] if hit else None,
         "reward_grads_total": history[-1]["reward_grad_calls"],
+        "network_vjps_total": history[-1].get("network_vjps", 0),
         "train_s": history[-1]["train_time_s"],
         "optimizer_steps_per_update": history[-1].get("optimizer_steps", 1),
         "updates": cfg.updates,
@@ -240,6 +249,7 @@ def summarise(runs: Dict[str, List[dict]], labels: Dict[str, str]) -> List[dict]
             "train_s_to_threshold": [r["train_s_to_threshold"] for r in seeds],
             "reward_grads_to_threshold": [r["reward_grads_to_threshold"] for r in seeds],
             "reward_grads_per_update": seeds[0]["reward_grads_total"] / seeds[0]["updates"],
+            "network_vjps_per_update": seeds[0]["network_vjps_total"] / seeds[0]["updates"],
             "optimizer_steps_per_update": seeds[0]["optimizer_steps_per_update"],
             "train_s": [r["train_s"] for r in seeds],
         })
@@ -249,22 +259,23 @@ def summarise(runs: Dict[str, List[dict]], labels: Dict[str, str]) -> List[dict]
 def markdown_table(rows: List[dict], reference: dict, threshold: float, updates: int, seeds: int) -> str:
     thr, mid = f"{threshold:g}", updates // 5
     head = (f"| method | final mode TV ↓ | TV at update {mid} | best TV seen | mean log-reward | mode entropy (nats) | "
-            f"updates to TV ≤ {thr} | train s to TV ≤ {thr} | ∇r calls per update | diverged |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")
+            f"updates to TV ≤ {thr} | train s to TV ≤ {thr} | network VJPs per update | ∇r calls per update | diverged |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for row in rows:
         lines.append(
             f"| {row['method']} | {_mean_std(row['final_tv'], '.3f')} | {_mean_std(row['tv_at_mid'], '.3f')} | {_mean_std(row['min_tv'], '.3f')} | "
             f"{_mean_std(row['mean_log_reward'], '.2f')} | {_mean_std(row['mode_entropy'], '.2f')} | "
             f"{_median_reached(row['updates_to_threshold'], '.0f')} | {_median_reached(row['train_s_to_threshold'], '.1f')} | "
-            f"{row['reward_grads_per_update']:.0f} | {_diverged(row['diverged_at'])} |")
+            f"{row['network_vjps_per_update']:.0f} | {row['reward_grads_per_update']:.0f} | {_diverged(row['diverged_at'])} |")
     for name, ref in reference.items():
         entropy = "" if ref.get("entropy") is None else f"{ref['entropy']:.2f}"
-        lines.append(f"| *{name}* | {ref['mode_tv']:.3f} | | | {ref['mean_log_reward']:.2f} | {entropy} | | | | |")
+        lines.append(f"| *{name}* | {ref['mode_tv']:.3f} | | | {ref['mean_log_reward']:.2f} | {entropy} | | | | | |")
     note = (f"\n{seeds} seed(s) × {updates} updates; mean ± std over seeds; 'updates/train s to TV ≤ {thr}': median over "
             f"the seeds that reached it at an evaluation (every few updates, 1000 samples), with (reached/seeds) when not all did; "
             f"exact mean log-reward under the target: {rows[0]['exact_mean_log_reward']:.2f}. "
-            "∇r calls: per-sample reward gradients per update. Diverged: seeds whose sampler ended non-finite or flung "
+            "Network VJPs: rows of ε̂_θ, ε̂♯ and g_φ evaluated with a graph and backpropagated (the lean adjoint's "
+            "sweep is one ε̂♯ VJP per step of every trajectory); ∇r calls: per-sample reward gradients per update. Diverged: seeds whose sampler ended non-finite or flung "
             "off the data, with the update where that began; their final columns are left out of the mean and their "
             "curves stop there. Every method samples the same number of trajectories "
             "per update; DDPO then takes ppo_epochs × ppo_minibatches optimiser steps on them, the others one.\n")
@@ -356,7 +367,7 @@ def git_state() -> dict:
 def compare(cc: CompareConfig, command: str = "python compare_toy.py") -> dict:
     """Run every (variant, seed), write table.{md,json} and the figure. Returns the table's json."""
     start = time.time()
-    base = toy_2d.ToyConfig(prior=cc.prior, reward=cc.reward, cache_dir=cc.cache_dir, no_figure=True, eval_samples=2000,
+    base = toy_2d.ToyConfig(prior=cc.prior, reward=cc.reward, beta=cc.beta, cache_dir=cc.cache_dir, no_figure=True, eval_samples=2000,
                             eval_every=cc.eval_every)
     if cc.quick:
         base = dataclasses.replace(base, **QUICK)

@@ -14,6 +14,9 @@ Run:
     python sd_finetune.py --preset smoke --reward imagereward --eval       # any reward, tiny random builds
     python sd_finetune.py --resume runs/aesthetic --epochs 40              # continue exactly, extend
     python sd_finetune.py --resume runs/aesthetic --eval                   # evaluate the last checkpoint
+    python sd_finetune.py --flow-target adjoint --out runs/adjoint         # g_φ fitted to the lean adjoint
+    python sd_finetune.py --flow-target mixed --adjoint-lambda 0.5         # L_B's target blended with it
+    python sd_finetune.py --no-flow --flow-target adjoint --out runs/am    # adjoint matching (no g_φ, no guess)
 Offline: --model DIR --clip-model DIR --aesthetic-head FILE (and --hpsv2-checkpoint, --pickscore-model,
 --pickscore-processor, --imagereward-model, --imagereward-tokenizer, --dreamsim, --fid-weights), or the
 variables named in --help (NABLA_GFN_MODEL, NABLA_GFN_CLIP, ...; NABLA_GFN_CACHE for the cache folder).
@@ -31,6 +34,8 @@ Deliberate differences from the official code (PAPER_NOTES.md §6), each also fl
     the loss runs the UNet several times and differentiates some runs with respect to the input;
   * resume restores LoRA, g_φ, optimiser, RNG states and the step;
   * g_φ's architecture is ours (a 2-level conditional UNet, width set by --flow-channels).
+Flow targets other than the paper's (--flow-target adjoint|mixed, and adjoint matching) are not in the
+paper: they need one lean-adjoint sweep per trajectory (`adjoint_sweep`), see nabla_gfn.lean_adjoint.
 Not implemented: other samplers than DDIM(η=1), text-encoder LoRA.
 """
 
@@ -44,9 +49,12 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
+import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -178,8 +186,14 @@ class Config:
     cache_dir: str = _opt(str(Path.home() / ".cache" / "nabla-gfn"), "cache for the tiny builds, the downloaded "
                           "aesthetic head and DreamSim ($NABLA_GFN_CACHE)", env="NABLA_GFN_CACHE")
     precision: str = _opt("auto", "dtype of the frozen UNet, VAE and text encoder (LoRA, g_φ and the reward are "
-                          "always float32): auto = bf16 on GPU, fp32 on CPU. fp16 has no loss scaling",
-                          choices=("auto", "bf16", "fp16", "fp32"))
+                          "always float32): auto = bf16 on GPU, fp32 on CPU. fp16 has no loss scaling. With the "
+                          "default --residual-precision fp32 the UNet's weights are held in float32 and this dtype is "
+                          "the autocast dtype of sampling and of the lean-adjoint sweep", choices=("auto", "bf16", "fp16", "fp32"))
+    residual_precision: str = _opt("fp32", "arithmetic of the loss's UNet passes (ε̂_θ and ε̂♯, whose difference over "
+                                   "σ² is the forward residual, and their VJPs): fp32 = IEEE float32, TF32 off (the "
+                                   "default: bf16/fp16/TF32 turn the residual into rounding noise, README 'Numerics'); "
+                                   "tf32; same = the --precision dtype (the official code's all-bf16)",
+                                   choices=("fp32", "tf32", "same"))
     # sampler
     resolution: int = _opt(512, "image height and width in pixels", check=(lambda v: v > 0 and v % 8 == 0,
                                                                           "must be a positive multiple of 8"))
@@ -198,7 +212,19 @@ class Config:
     weighting: str = _opt("plain", "per-transition weighting of the residuals, see "
                           "nabla_gfn.transition_weight(s); plain is the paper's", choices=nabla_gfn.WEIGHTING_CHOICES)
     reverse_weight: float = _opt(1.0, "w_B, weight of the reverse term L_B", check=NON_NEGATIVE)
-    no_flow: bool = _opt(False, "the 'no flow' variant: no g_φ, no L_B (forward loss with the guess alone)")
+    no_flow: bool = _opt(False, "the 'no flow' variant: no g_φ, no L_B (forward loss with the guess alone; with "
+                         "--flow-target adjoint: adjoint matching, the policy's residual fitted to the lean adjoint)")
+    flow_target: str = _opt("bootstrap", "what the flow estimate is trained on (nabla_gfn.LossConfig.flow_target): "
+                            "bootstrap = the paper (g_φ by L_F's g-line and L_B); adjoint = guess + g_φ at x' fitted to "
+                            "the lean adjoint a_{i+1}, no L_B; mixed = L_B's target (1-λ)·bootstrap + λ·a_i. With "
+                            "--no-flow, adjoint = adjoint matching (Domingo-Enrich et al. 2025). adjoint and mixed "
+                            "sweep the lean adjoint once per trajectory through the frozen reference UNet",
+                            choices=nabla_gfn.FLOW_TARGET_CHOICES)
+    adjoint_lambda: float = _opt(0.5, "λ of --flow-target mixed: weight of the lean adjoint in L_B's target",
+                                 check=(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    adjoint_jacobian: str = _opt("guided", "reference whose step-mean Jacobian the lean-adjoint sweep uses: guided "
+                                 "(ε_u + w(ε_c − ε_u), exact for the guided target) or unguided (ε_c alone, one UNet "
+                                 "call on N rows: Adjoint Matching's choice)", choices=("guided", "unguided"))
     # policy
     lora_rank: int = _opt(8, "LoRA rank on to_q, to_k, to_v, to_out.0 of the UNet", check=POSITIVE)
     lora_alpha: float = _opt(8.0, "LoRA alpha (scale = alpha / rank)", check=POSITIVE)
@@ -232,6 +258,8 @@ class Config:
     grid_prompts: int = _opt(4, "eval prompts in each sample grid (rows)", check=POSITIVE)
     grid_seeds: int = _opt(4, "fixed seeds per prompt in each sample grid (columns)", check=POSITIVE)
     save_every: int = _opt(5, "checkpoint every this many epochs (and after the last)", check=POSITIVE)
+    keep_checkpoints: int = _opt(0, "keep only the last K epoch checkpoints (0 = keep all); older ones are deleted "
+                                 "after each complete save", check=NON_NEGATIVE)
     eval_samples_per_prompt: int = _opt(8, "samples per eval prompt for --eval", check=(lambda v: v >= 2,
                                                                                         "must be >= 2"))
     eval_seed: int = _opt(1234, "seed of the fixed eval and grid noise")
@@ -244,6 +272,9 @@ class Config:
             choices = f.metadata.get("choices")
             if choices is not None and value not in choices:
                 raise UsageError(f"{_flag(f.name)} must be one of {', '.join(choices)} (got {value!r})")
+        if self.no_flow and self.flow_target == "mixed":
+            raise UsageError("--flow-target mixed blends L_B's target and needs g_φ: drop --no-flow, or use --no-flow "
+                             "with --flow-target bootstrap (guess alone) or adjoint (adjoint matching)")
         for name in ("prompts", "eval_prompts"):
             if getattr(self, name) and not Path(getattr(self, name)).is_file():
                 raise UsageError(f"{_flag(name)}: no such file {getattr(self, name)!r}")
@@ -254,7 +285,13 @@ class Config:
 
     def loss_config(self) -> LossConfig:
         return LossConfig(beta=self.beta, trust_region=self.trust_region, reverse_weight=self.reverse_weight,
-                          gamma=self.gamma, weighting=self.weighting, use_flow=not self.no_flow)
+                          gamma=self.gamma, weighting=self.weighting, use_flow=not self.no_flow,
+                          flow_target=self.flow_target, adjoint_lambda=self.adjoint_lambda)
+
+    @property
+    def needs_adjoint(self) -> bool:
+        """Whether the loss needs the lean adjoint of each trajectory (every target but the paper's)."""
+        return self.flow_target != "bootstrap"
 
 
 # The paper's three runs. aesthetic: β and λ of the paper (PAPER_NOTES §5; the official code's default
@@ -483,6 +520,7 @@ class Models:
     embedder: ClipEmbedder
     reward: nn.Module
     uncond: Tensor  # (1, L, D) embedding of the empty negative prompt
+    fast_dtype: Optional[torch.dtype] = None  # autocast dtype of sampling and the adjoint sweep (`unet_dtypes`)
 
     @property
     def unet(self) -> UNet2DConditionModel:
@@ -490,8 +528,13 @@ class Models:
 
 
 def load_models(cfg: Config, device, dtype: torch.dtype) -> Models:
-    """Pipeline (frozen, `dtype`), LoRA (float32), g_φ (float32), CLIP and reward (float32)."""
-    pipe = load_pipeline(cfg, dtype).to(device)
+    """Pipeline (frozen, `dtype`; its UNet in float32 when `unet_dtypes` says so), LoRA (float32), g_φ
+    (float32), CLIP and reward (float32)."""
+    unet_dtype, fast_dtype = unet_dtypes(cfg, torch.device(device))
+    pipe = load_pipeline(cfg, unet_dtype)
+    with quiet_library_logs():
+        pipe.vae.to(dtype), pipe.text_encoder.to(dtype)
+    pipe.to(device)
     multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     if cfg.resolution % multiple:
         raise UsageError(f"--resolution must be a multiple of {multiple} for this model (VAE × UNet downsampling; "
@@ -500,7 +543,7 @@ def load_models(cfg: Config, device, dtype: torch.dtype) -> Models:
     reward = build_reward(cfg, embedder)
     lora = add_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha)
     flow = None if cfg.no_flow else build_flow_net(pipe.unet, cfg.flow_widths).to(device)
-    return Models(pipe, lora, flow, embedder, reward, encode_prompts(pipe, [""]))
+    return Models(pipe, lora, flow, embedder, reward, encode_prompts(pipe, [""]), fast_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,17 +557,35 @@ def encode_prompts(pipe: StableDiffusionPipeline, prompts: Sequence[str]) -> Ten
     return pipe.encode_prompt(list(prompts), pipe.device, 1, False)[0]
 
 
-def guided_eps(unet: UNet2DConditionModel, cond: Tensor, uncond: Tensor, scale: float, lora: bool = True):
+def unet_autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """Autocast to `dtype` (sampling, adjoint sweep) or nothing (None: the loss's passes, `unet_dtypes`)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def guided_eps(unet: UNet2DConditionModel, cond: Tensor, uncond: Tensor, scale: float, lora: bool = True,
+               autocast: Optional[torch.dtype] = None):
     """EpsFn of the guided policy (lora=True) or reference (lora=False) for rows whose prompt embedding
-    is cond[traj]: one UNet call on [uncond; cond] rows, then ε̂ = ε_u + w (ε_c − ε_u), in float32."""
+    is cond[traj]: one UNet call on [uncond; cond] rows, then ε̂ = ε_u + w (ε_c − ε_u), in float32.
+    The UNet runs in its weights' dtype, or under autocast to `autocast` when given."""
     dtype, layers = unet.conv_in.weight.dtype, [] if lora else lora_layers(unet)
 
     def eps_fn(x: Tensor, t: Tensor, traj: Tensor) -> Tensor:
-        context = torch.cat([uncond.expand(len(x), -1, -1), cond[traj]])
-        with lora_disabled(layers):
+        context = torch.cat([uncond.expand(len(x), -1, -1), cond[traj]]).to(dtype)
+        with lora_disabled(layers), unet_autocast(x.device, autocast):
             eps = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), encoder_hidden_states=context).sample
         eps_uncond, eps_cond = eps.float().chunk(2)
         return nabla_gfn.classifier_free_guidance(eps_uncond, eps_cond, scale)
+
+    return eps_fn
+
+
+def conditional_eps(unet: UNet2DConditionModel, cond: Tensor, autocast: Optional[torch.dtype] = None):
+    """EpsFn of the unguided reference ε_c(x, prompt) (adapters off): one UNet call on N rows, float32."""
+    dtype, layers = unet.conv_in.weight.dtype, lora_layers(unet)
+
+    def eps_fn(x: Tensor, t: Tensor, traj: Tensor) -> Tensor:
+        with lora_disabled(layers), unet_autocast(x.device, autocast):
+            return unet(x.to(dtype), t, encoder_hidden_states=cond[traj].to(dtype)).sample.float()
 
     return eps_fn
 
@@ -558,6 +619,29 @@ def loss_callables(models: Models, cond: Tensor, prompts: Sequence[str], guidanc
     )
 
 
+def adjoint_sweep(models: Models, schedule: StepSchedule, trajectory: Trajectory, cond: Tensor,
+                  prompts: Sequence[str], cfg: Config) -> Optional[Tensor]:
+    """The lean adjoint (B, T+1, *S) of this epoch's trajectories, or None when the flow target needs none.
+
+    One sweep per trajectory, before training on its transitions: `nabla_gfn.lean_adjoint` through the
+    frozen reference (adapters off, guided or unguided by --adjoint-jacobian), in chunks of
+    --sample-batch-size trajectories (memory of one step of one chunk), detached. Row b of the result
+    belongs to trajectory b, whose prompt is cond[b] / prompts[b]: the transitions find it by (traj, step).
+    """
+    if not cfg.needs_adjoint:
+        return None
+    if cfg.adjoint_jacobian == "guided":
+        reference = guided_eps(models.unet, cond, models.uncond, cfg.guidance_scale, lora=False,
+                               autocast=models.fast_dtype)
+    else:
+        reference = conditional_eps(models.unet, cond, models.fast_dtype)
+    log_reward = latent_log_reward(models.pipe.vae, models.reward, prompts)
+    rows = torch.arange(len(trajectory.states), device=trajectory.states.device)
+    chunks = [nabla_gfn.lean_adjoint(reference, schedule, Trajectory(trajectory.states[r], trajectory.eps[r]),
+                                     log_reward, cfg.beta, traj=r)[0] for r in rows.split(cfg.sample_batch_size)]
+    return torch.cat(chunks)
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling
 # ----------------------------------------------------------------------------------------------
@@ -576,7 +660,7 @@ def sample_trajectories(models: Models, schedule: StepSchedule, cond: Tensor, cf
     parts = []
     chunks = torch.arange(len(cond)).split(cfg.sample_batch_size)
     for rows in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
-        eps_fn = guided_eps(models.unet, cond[rows], models.uncond, cfg.guidance_scale, lora)
+        eps_fn = guided_eps(models.unet, cond[rows], models.uncond, cfg.guidance_scale, lora, models.fast_dtype)
         x_T = torch.randn(latent_shape(models, len(rows), cfg.resolution), generator=generator,
                           device=generator.device)
         parts.append(nabla_gfn.sample_trajectory(eps_fn, schedule, x_T, generator))
@@ -689,25 +773,41 @@ def optimizer_step(optimizer, models: Models, cfg: Config, accelerator: Accelera
     return {f"grad_norm_{name}": value for name, value in norms.items()}
 
 
+@torch.no_grad()
+def recorded_eps(policy_eps, transitions, batch: int) -> Tensor:
+    """ε̂_θ(x) of the sampling policy (the LoRA before this epoch's first update) in the loss's arithmetic.
+
+    Why: trajectories sampled under bf16 autocast record a bf16 ε̂_old; the trust region λ‖ε̂_θ − ε̂_old‖²
+    with ε̂_θ in float32 would then start at λ·(rounding)² instead of 0 (tiny pipeline: 0.47, twice the
+    forward term) and pull the LoRA towards rounding noise. One no-grad pass per trained transition.
+    """
+    rows = torch.arange(len(transitions), device=transitions.x.device)
+    return torch.cat([policy_eps(transitions.x[r], transitions.t[r], transitions.traj[r]) for r in rows.split(batch)])
+
+
 def train_epoch(models: Models, schedule: StepSchedule, trajectory: Trajectory, cond: Tensor,
                 prompts: Sequence[str], optimizer, cfg: Config, plan: Plan, generator: torch.Generator,
-                accelerator: Accelerator, desc: str = "train") -> Iterator[Dict[str, float]]:
+                accelerator: Accelerator, desc: str = "train", adjoint: Optional[Tensor] = None,
+                ) -> Iterator[Dict[str, float]]:
     """Train on this epoch's subsampled transitions; yields each update's loss parts and grad norms.
 
     Transitions of all trajectories are shuffled together; each row keeps its trajectory index, which
-    the callables use to look up its prompt. Raises NonFinite before stepping on a NaN/Inf loss.
+    the callables use to look up its prompt (and its step index, which finds its row of `adjoint`,
+    `adjoint_sweep`'s result). Raises NonFinite before stepping on a NaN/Inf loss.
     """
     steps = nabla_gfn.subsample_steps(cfg.steps, cfg.subsample_fraction, len(trajectory.states), generator)
     transitions = nabla_gfn.gather_transitions(trajectory, schedule, steps)
     order = torch.randperm(len(transitions), generator=generator)
     callables = loss_callables(models, cond, prompts, cfg.guidance_scale)
+    if models.fast_dtype is not None:  # sampled under autocast: ε_old again in the loss's arithmetic
+        transitions.eps_old = recorded_eps(callables[0], transitions, cfg.train_batch_size)
     loss_cfg = cfg.loss_config()
     per_update = cfg.train_batch_size * plan.grad_accum
     for u in tqdm(range(plan.updates_per_epoch), desc=desc, disable=not accelerator.is_main_process, leave=False):
         parts_sum: Dict[str, Tensor] = {}
         for rows in order[u * per_update : (u + 1) * per_update].split(cfg.train_batch_size):
             loss, parts = nabla_gfn.nabla_db_loss(transitions.select(rows.to(trajectory.states.device)), *callables,
-                                                  loss_cfg)
+                                                  loss_cfg, adjoint=adjoint)
             (loss / plan.grad_accum).backward()
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / plan.grad_accum
@@ -755,16 +855,55 @@ def save_checkpoint(path: Path, models: Models, optimizer, generators, epoch: in
     assert_replicas_in_sync(models, accelerator)
     rng = gather_object([rng_state(generators)])
     if accelerator.is_main_process:
-        path.mkdir(parents=True, exist_ok=True)
+        # Crash safety: everything goes into a hidden temporary folder, which is renamed into place only
+        # once complete; a run killed mid-save leaves only the temporary folder, which --resume ignores.
+        partial = path.parent / f".partial-{path.name}"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
         lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(models.unet))
-        StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=lora_state,
+        StableDiffusionPipeline.save_lora_weights(partial, unet_lora_layers=lora_state,
                                                   unet_lora_adapter_metadata=models.lora.to_dict())
         if models.flow is not None:
-            models.flow.save_pretrained(path / "flow")
+            models.flow.save_pretrained(partial / "flow")
+        _test_kill_point("save")
         torch.save({"epoch": epoch, "update": update, "optimizer": optimizer.state_dict(), "rng": rng,
-                    "num_processes": accelerator.num_processes}, path / "training_state.pt")
+                    "num_processes": accelerator.num_processes}, partial / COMPLETE_MARKER)
+        _replace_folder(partial, path)
     accelerator.wait_for_everyone()
     return path
+
+
+COMPLETE_MARKER = "training_state.pt"  # written last: a checkpoint folder without it is incomplete
+KILL_POINT_ENV = "NABLA_GFN_TEST_KILL_AT"  # tests only: "save:N" or "update:N" SIGKILLs the run there
+
+
+def _test_kill_point(point: str) -> None:
+    """Test hook of the crash-safety test: SIGKILL this process at the N-th time it reaches `point`."""
+    spec = os.environ.get(KILL_POINT_ENV, "")
+    if spec.partition(":")[0] == point:
+        _KILL_COUNTS[point] = _KILL_COUNTS.get(point, 0) + 1
+        if _KILL_COUNTS[point] == int(spec.partition(":")[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+_KILL_COUNTS: Dict[str, int] = {}
+
+
+def _replace_folder(source: Path, target: Path) -> None:
+    """Rename `source` to `target`; an existing `target` is moved aside first and deleted after."""
+    old = target.parent / f".old-{target.name}"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    source.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the last `keep` complete epoch checkpoints (keep = 0: delete none)."""
+    if keep > 0:
+        for path in complete_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(path)
 
 
 def load_lora(unet: UNet2DConditionModel, path: Path) -> None:
@@ -789,8 +928,16 @@ def load_checkpoint(path: Path, models: Models, optimizer, generators, accelerat
     return state["epoch"], state["update"]
 
 
+def complete_checkpoints(run_dir: Path) -> List[Path]:
+    """The epoch checkpoints of a run that were completely written, oldest first. Temporary folders
+    (`.partial-*`) and folders without the training state (written in place by an older version and
+    cut short) are not checkpoints."""
+    found = [p for p in (run_dir / "checkpoints").glob("epoch_*") if re.fullmatch(r"epoch_\d+", p.name)]
+    return sorted((p for p in found if (p / COMPLETE_MARKER).is_file()), key=lambda p: int(p.name[6:]))
+
+
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    found = sorted((run_dir / "checkpoints").glob("epoch_*"))
+    found = complete_checkpoints(run_dir)
     return found[-1] if found else None
 
 
@@ -832,20 +979,26 @@ class RunFolder:
         self.path, self.enabled = path, enabled
 
     def write_json(self, name: str, obj) -> None:
+        """Write to a temporary file, then rename: a killed run leaves the old file or the new one."""
         if self.enabled:
-            (self.path / name).write_text(json.dumps(obj, indent=2) + "\n")
+            partial = self.path / f".partial-{name}"
+            partial.write_text(json.dumps(obj, indent=2) + "\n")
+            partial.replace(self.path / name)
 
     def append(self, name: str, records: Sequence[dict]) -> None:
         if self.enabled:
             with open(self.path / name, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
 
-    def truncate_metrics(self, updates_done: int) -> None:
-        """Drop metric lines of updates after the checkpoint a run resumes from."""
-        metrics = self.path / "metrics.jsonl"
-        if self.enabled and metrics.exists():
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["update"] <= updates_done]
-            metrics.write_text("".join(line + "\n" for line in kept))
+    def truncate(self, name: str, key: str, done: int) -> None:
+        """Keep the lines of a .jsonl log with record[key] <= done: drop what a killed run logged after the
+        checkpoint it resumes from (and a last line cut short by the kill)."""
+        log = self.path / name
+        if self.enabled and log.exists():
+            kept = [line for line in log.read_text().splitlines() if _jsonl_value(line, key, done + 1) <= done]
+            partial = self.path / f".partial-{name}"
+            partial.write_text("".join(line + "\n" for line in kept))
+            partial.replace(log)
 
     def save_grid(self, name: str, images: Tensor, pipe: StableDiffusionPipeline) -> None:
         """images (rows, cols, 3, H, W) in [-1, 1] → one PNG."""
@@ -854,6 +1007,13 @@ class RunFolder:
             pil = pipe.image_processor.postprocess(images.flatten(0, 1).float().cpu(), output_type="pil")
             (self.path / "samples").mkdir(exist_ok=True)
             make_image_grid(pil, rows, cols).save(self.path / "samples" / name)
+
+
+def _jsonl_value(line: str, key: str, default: int) -> int:
+    try:
+        return json.loads(line)[key]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return default
 
 
 # ----------------------------------------------------------------------------------------------
@@ -874,6 +1034,30 @@ def weight_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def unet_dtypes(cfg: Config, device: torch.device) -> Tuple[torch.dtype, Optional[torch.dtype]]:
+    """(dtype the UNet's weights are held in, autocast dtype of sampling and the adjoint sweep or None).
+
+    Why (README 'Numerics'): the forward residual (μ_θ − μ♯)/σ² is the difference of two UNet passes
+    over σ² (down to ~4e-4); computed in bf16, each pass's rounding (~2⁻⁹ relative, on every layer) is
+    larger than what a small LoRA changes, so the residual is rounding noise (tiny pipeline, bf16: the
+    forward term at update 2 was 23.9 against 0.31 in fp32). With --residual-precision fp32/tf32 the
+    loss's passes run on float32 weights without autocast; sampling, which takes no differences, keeps
+    the cheaper --precision through autocast.
+    """
+    weights = weight_dtype(cfg.precision, device)
+    if cfg.residual_precision == "same" or weights == torch.float32:
+        return weights, None
+    return torch.float32, weights
+
+
+def set_float32_matmul(residual_precision: str) -> None:
+    """IEEE float32 (fp32) or TF32 (tf32) matmuls and convolutions on CUDA; cuDNN's default is TF32."""
+    if residual_precision != "same":
+        mode = "ieee" if residual_precision == "fp32" else "tf32"
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
 
 
 @dataclass
@@ -926,6 +1110,7 @@ def start_session(cfg: Config) -> Session:
     torch.manual_seed(cfg.seed)  # same on every process: identical LoRA and g_φ initialisation
     with accelerator.main_process_first():  # the tiny builds and downloads are made once
         models = load_models(cfg, device, weight_dtype(cfg.precision, device))
+    set_float32_matmul(cfg.residual_precision)
     if cfg.model == TINY and accelerator.is_main_process:
         print(f"--model tiny: a tiny randomly initialised pipeline for smoke tests, not a real model "
               f"(cached in {tiny_assets(cfg.cache_dir)})")
@@ -942,7 +1127,8 @@ def start_session(cfg: Config) -> Session:
     if session.is_main:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
     derived = {**dataclasses.asdict(plan), "processes": accelerator.num_processes,
-               "weight_dtype": str(models.unet.conv_in.weight.dtype)}
+               "weight_dtype": str(models.unet.conv_in.weight.dtype),
+               "sampling_autocast": str(models.fast_dtype) if models.fast_dtype else "none"}
     session.folder.write_json("config.json", {"config": dataclasses.asdict(cfg), "derived": derived,
                                               "command": sys.argv, "versions": _versions()})
     if cfg.report_to != "none":
@@ -957,7 +1143,8 @@ def resume(session: Session) -> None:
         raise UsageError(f"--resume: {session.cfg.resume!r} has no checkpoint yet")
     session.epoch, session.update = load_checkpoint(checkpoint, session.models, session.optimizer,
                                                     session.generators, session.accelerator)
-    session.folder.truncate_metrics(session.update)
+    session.folder.truncate("metrics.jsonl", "update", session.update)
+    session.folder.truncate("trajectories.jsonl", "epoch", session.epoch - 1)  # epochs 0 .. epoch-1 are done
     if session.is_main:
         print(f"resumed from {checkpoint} (epoch {session.epoch}, update {session.update})")
 
@@ -992,13 +1179,15 @@ def run_epoch(session: Session, epoch: int, started: float) -> None:
     if not torch.isfinite(all_rewards).all():
         raise NonFinite("non-finite reward of a sampled trajectory")
     reward_stats = dict(reward_mean=float(all_rewards.mean()), reward_std=float(all_rewards.std(correction=0)))
-    last = time.time()  # update_seconds: training time of the update (sampling excluded)
+    last = time.time()  # update_seconds: training time of the update (sampling excluded, adjoint sweep included)
+    adjoint = adjoint_sweep(s.models, s.schedule, trajectory, cond, prompts, cfg)
     for record in train_epoch(s.models, s.schedule, trajectory, cond, prompts, s.optimizer, cfg, s.plan, s.index_gen,
-                              s.accelerator, desc=f"train epoch {epoch}"):
+                              s.accelerator, desc=f"train epoch {epoch}", adjoint=adjoint):
         s.update += 1
         now = time.time()
         log_update(s, dict(update=s.update, epoch=epoch, **reward_stats, **record, update_seconds=round(now - last, 3),
                            elapsed_seconds=round(now - started, 3)))
+        _test_kill_point("update")
         last = now
 
 
@@ -1013,6 +1202,8 @@ def train(session: Session) -> None:
             session.epoch = epoch + 1
             if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
                 checkpoint(session, f"epoch_{epoch + 1:04d}", epoch + 1)
+                if session.is_main:
+                    prune_checkpoints(Path(cfg.out), cfg.keep_checkpoints)
         save_grid(session, max(cfg.epochs, start_epoch))
     except NonFinite as err:
         saved = checkpoint(session, f"stopped_update_{session.update + 1:06d}", epoch)

@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,20 +85,20 @@ class ToyConfig:
     hidden: int = field(default=128, metadata={"help": "hidden width of the ε-network"})
     # finetuning
     method: str = field(default="nabla-db", metadata={"help": "finetuning method"})
-    updates: int = field(default=500, metadata={"help": "finetuning updates (one optimiser step each)"})
+    updates: int = field(default=300, metadata={"help": "finetuning updates (one optimiser step each)"})
     batch_size: int = field(default=128, metadata={"help": "trajectories sampled per update"})
     fraction: float = field(default=0.1, metadata={"help": "fraction of non-terminal transitions trained on"})
     lr: float = field(default=2e-3, metadata={"help": "policy learning rate (AdamW)"})
-    flow_lr: float = field(default=1e-2, metadata={"help": "g_φ learning rate (AdamW)"})
+    flow_lr: float = field(default=2e-3, metadata={"help": "g_φ learning rate (AdamW)"})
     flow_hidden: int = field(default=128, metadata={"help": "hidden width of g_φ"})
     trust_region: float = field(default=0.0, metadata={"help": "λ, weight of ‖ε̂_θ − ε̂_old‖²"})
     reverse_weight: float = field(default=1.0, metadata={"help": "w_B, weight of the reverse term"})
     gamma: str = field(default="sqrt_alpha_bar", metadata={"help": f"γ_τ choice {ng.GAMMA_CHOICES} (toy default √ᾱ: measured better here; nabla_gfn default ᾱ)"})
-    guess_from: str = field(default="policy", metadata={"help": f"whose x̂_0 the guess uses {ng.GUESS_CHOICES} (paper: policy)"})
-    weighting: str = field(default="kl-shift", metadata={"help": f"transition weighting {ng.WEIGHTING_CHOICES} (paper: plain)"})
-    flow_target: str = field(default="bootstrap", metadata={"help": f"what trains g_φ {ng.FLOW_TARGET_CHOICES}: bootstrap = the paper's L_F g-line + L_B; adjoint = g_φ(x') fit to the lean adjoint a_{{i+1}}; mixed = L_B on (1−λ)·bootstrap + λ·a_i"})
+    guess_from: str = field(default="reference", metadata={"help": f"whose x̂_0 the guess uses {ng.GUESS_CHOICES} (paper: policy; toy default reference: the policy's guess runs away on sharp rewards)"})
+    weighting: str = field(default="kl", metadata={"help": f"transition weighting {ng.WEIGHTING_CHOICES} (paper: plain)"})
+    flow_target: str = field(default="adjoint", metadata={"help": f"what trains g_φ {ng.FLOW_TARGET_CHOICES} (toy default adjoint): bootstrap = the paper's L_F g-line + L_B; adjoint = g_φ(x') fit to the lean adjoint a_{{i+1}}; mixed = L_B on (1−λ)·bootstrap + λ·a_i"})
     adjoint_lambda: float = field(default=0.5, metadata={"help": "λ ∈ (0, 1] of --flow-target mixed"})
-    lr_schedule: str = field(default="constant", metadata={"help": "learning rates over the updates: constant, or cosine decay to 0 (all groups)"})
+    lr_schedule: str = field(default="cosine", metadata={"help": "learning rates over the updates: constant, or cosine decay to 0 (all groups)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max grad norm, per parameter group"})
     # baselines (toy_baselines.py); the policy lr is --lr for every method
     draft_k: int = field(default=1, metadata={"help": "DRaFT-K: last sampling steps the reward gradient flows through (1 = DRaFT-1)"})
@@ -129,7 +128,8 @@ class ToyConfig:
             weighting=self.weighting,
             use_flow=self.method not in ("no-flow", "adjoint-matching"),
             guess_from=self.guess_from,
-            flow_target="adjoint" if self.method == "adjoint-matching" else self.flow_target,
+            # no-flow: the guess alone is θ's target; adjoint matching: a_{i+1} is (no guess, no g_φ)
+            flow_target={"adjoint-matching": "adjoint", "no-flow": "bootstrap"}.get(self.method, self.flow_target),
             adjoint_lambda=self.adjoint_lambda,
         )
 

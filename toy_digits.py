@@ -61,12 +61,14 @@ import dataclasses
 import hashlib
 import json
 import os
+import math
 import shutil
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -75,12 +77,15 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.loaders.peft import PeftAdapterMixin
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import nabla_gfn as ng
+import toy_baselines as baselines  # the baselines' losses and sampler helpers, shared with the 2-D toy
 
-METHODS = ("nabla-db", "draft")
+METHOD_NAMES = ("nabla-db", "adjoint-matching", "rtb", "ddpo", "refl", "draft")
+
 IMAGE_SHAPE = (1, 8, 8)
 
 # ----------------------------------------------------------------------------------------------
@@ -104,7 +109,7 @@ class Config:
     # target
     reward: str = _f("class:3", "reward: 'class:K' (log p(K|x) under the classifier, K in 0..9) or 'ink'")
     beta: float = _f(1.0, "β, reward scale of the target p♯(x)·R(x)^β")
-    method: str = _f("nabla-db", "comma-separated methods to run on the same budget: nabla-db, draft")
+    method: str = _f("nabla-db", "comma-separated methods to run on the same budget: " + ", ".join(METHOD_NAMES))
     # diffusion model (pretraining; cached by these fields)
     hidden: int = _f(256, "denoiser MLP width")
     depth: int = _f(3, "denoiser MLP residual blocks")
@@ -116,32 +121,48 @@ class Config:
     classifier_noise: float = _f(0.1, "classifier augmentation: Gaussian pixel noise, std drawn uniformly up to this")
     num_steps: int = _f(25, "DDIM(η=1) sampling steps")
     # finetuning
-    updates: int = _f(500, "finetuning updates (one batch of fresh trajectories each)")
+    updates: int = _f(200, "finetuning updates (one batch of fresh trajectories each)")
     batch: int = _f(32, "trajectories sampled per update")
     subsample: float = _f(0.1, "fraction of non-terminal transitions trained on per trajectory (+ the terminal one)")
     lora_rank: int = _f(8, "LoRA rank (alpha = rank)")
-    lr: float = _f(3e-3, "policy (LoRA) learning rate")
-    flow_lr: float = _f(1e-3, "g_φ learning rate")
+    lr: float = _f(3e-3, "nabla-db: policy (LoRA) learning rate")
+    flow_lr: float = _f(5e-4, "g_φ learning rate (paper preset: 1e-3; with the adjoint target 1e-3 swings more)")
     flow_hidden: int = _f(128, "g_φ MLP width")
     trust_region: float = _f(0.0, "λ, weight of ‖ε̂_θ − ε̂_old‖²")
     reverse_weight: float = _f(5.0, "w_B, weight of the reverse ∇-DB term (paper: 1)")
     gamma: str = _f("sqrt_alpha_bar", "γ_τ of the forward-looking guess: alpha_bar (official default) or sqrt_alpha_bar")
     weighting: str = _f("kl", "timestep weighting of the loss: plain (paper) or kl (σ²)")
     use_flow: bool = _f(True, "learn g_φ (False = the 'no flow' variant)")
+    flow_target: str = _f("adjoint", "what trains g_φ: bootstrap (the paper: L_F's g-line + L_B), adjoint (guess + g_φ at x′ on the lean adjoint a_{i+1}), mixed (L_B's target (1−λ)·bootstrap + λ·a_i)")
+    adjoint_lambda: float = _f(0.5, "λ ∈ (0, 1] of --flow-target mixed")
+    guess_from: str = _f("reference", "whose x̂_0 the forward-looking guess uses: policy (paper, official code) or reference")
     max_grad_norm: float = _f(1.0, "gradient-norm clip, applied to the policy and g_φ separately")
     draft_k: int = _f(1, "DRaFT-K: sampling steps the reward is backpropagated through")
     draft_lr: float = _f(3e-4, "DRaFT-K learning rate (its own: at --lr it leaves the data range within a few updates)")
+    am_lr: float = _f(3e-3, "adjoint-matching learning rate")
+    rtb_lr: float = _f(3e-4, "RTB policy learning rate")
+    rtb_logz_lr: float = _f(1e-1, "RTB: learning rate of log Z")
+    ddpo_lr: float = _f(3e-4, "DDPO learning rate")
+    ppo_clip: float = _f(1e-4, "DDPO: PPO clip range of the per-step ratio (DDPO's default 1e-4)")
+    ppo_epochs: int = _f(1, "DDPO: inner epochs over each sampled batch (DDPO's default 1)")
+    ppo_minibatches: int = _f(4, "DDPO: minibatches per inner epoch, one optimiser step each")
+    ppo_adv_clip: float = _f(5.0, "DDPO: clip of the batch-normalised advantages (DDPO's default 5)")
+    refl_lr: float = _f(3e-4, "ReFL learning rate")
+    refl_start: float = _f(0.75, "ReFL: stop at a uniform step in [refl_start·T, T−1] (ImageReward: 30–39 of 40)")
     # evaluation
     reference_pool: int = _f(4000, "pretrained samples importance-reweighted into the reference")
     eval_samples: int = _f(500, "samples per model for the final metrics")
-    curve_every: int = _f(25, "updates between points of the metric curves")
-    curve_samples: int = _f(128, "samples per point of the metric curves")
+    curve_every: int = _f(20, "updates between points of the metric curves")
+    curve_samples: int = _f(256, "samples per point of the metric curves")
 
 
 PRESETS: Dict[str, Dict] = {
     "default": {},
     # the loss exactly as the paper and the official code set it (see the docstring for why not the default)
-    "paper": {"weighting": "plain", "gamma": "alpha_bar", "reverse_weight": 1.0, "out": "runs/digits-paper"},
+    "paper": {"weighting": "plain", "gamma": "alpha_bar", "reverse_weight": 1.0, "flow_target": "bootstrap",
+              "guess_from": "policy", "flow_lr": 1e-3, "out": "runs/digits-paper"},
+    # the previous default: the paper's bootstrapped g_φ and guess, with kl weighting, γ = √ᾱ, w_B = 5
+    "bootstrap": {"flow_target": "bootstrap", "guess_from": "policy", "flow_lr": 1e-3, "out": "runs/digits-bootstrap"},
     "ink": {"reward": "ink", "beta": 0.5, "out": "runs/digits-ink"},
     # seconds, for tests and a first check: tiny pretraining, a handful of updates
     "smoke": {
@@ -158,6 +179,13 @@ def validate(cfg: Config) -> None:
     methods = parse_methods(cfg.method)
     if cfg.beta < 0:
         raise ValueError(f"--beta must be ≥ 0, got {cfg.beta}")
+    for name, choices in (("flow_target", ng.FLOW_TARGET_CHOICES), ("guess_from", ng.GUESS_CHOICES)):
+        if getattr(cfg, name) not in choices:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
+    if not 0.0 < cfg.adjoint_lambda <= 1.0:
+        raise ValueError(f"--adjoint-lambda must be in (0, 1], got {cfg.adjoint_lambda}")
+    if cfg.flow_target == "mixed" and not cfg.use_flow:
+        raise ValueError("--flow-target mixed needs g_φ: drop --no-use-flow, or use --flow-target bootstrap or adjoint")
     if cfg.gamma not in ng.GAMMA_CHOICES:
         raise ValueError(f"--gamma must be one of {', '.join(ng.GAMMA_CHOICES)}, got {cfg.gamma!r}")
     if cfg.weighting not in ng.WEIGHTING_CHOICES:
@@ -166,10 +194,16 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--subsample must be in [0, 1], got {cfg.subsample}")
     if "draft" in methods and not 1 <= cfg.draft_k <= cfg.num_steps:
         raise ValueError(f"--draft-k must be in 1..--num-steps ({cfg.num_steps}), got {cfg.draft_k}")
+    if not 0.0 <= cfg.refl_start <= 1.0:
+        raise ValueError(f"--refl-start must be in [0, 1], got {cfg.refl_start}")
+    for name in ("lr", "flow_lr", "draft_lr", "am_lr", "rtb_lr", "rtb_logz_lr", "ddpo_lr", "refl_lr", "ppo_clip", "ppo_adv_clip"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
     if cfg.threads < 0:
         raise ValueError(f"--threads must be ≥ 0 (0 = torch's default), got {cfg.threads}")
     for name in ("num_steps", "updates", "batch", "reference_pool", "eval_samples", "curve_every",
-                 "curve_samples", "hidden", "depth", "pretrain_steps", "classifier_steps", "lora_rank"):
+                 "curve_samples", "hidden", "depth", "pretrain_steps", "classifier_steps", "lora_rank",
+                 "ppo_epochs", "ppo_minibatches"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(cfg, name)}")
     if cfg.eval_samples < 2 or cfg.curve_samples < 2:
@@ -188,9 +222,9 @@ def parse_reward(spec: str) -> Tuple[str, Optional[int]]:
 
 def parse_methods(spec: str) -> List[str]:
     methods = [m.strip() for m in spec.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in METHOD_NAMES]
     if not methods or bad or len(set(methods)) != len(methods):
-        raise ValueError(f"--method must be a comma-separated list of distinct {', '.join(METHODS)}; got {spec!r}")
+        raise ValueError(f"--method must be a comma-separated list of distinct {', '.join(METHOD_NAMES)}; got {spec!r}")
     return methods
 
 
@@ -458,12 +492,20 @@ def add_lora(model: DigitDenoiser, rank: int) -> List[nn.Parameter]:
 
 @contextmanager
 def adapters_disabled(model: DigitDenoiser):
-    """The pretrained policy P_F^♯: the same network with its LoRA adapters switched off."""
-    model.disable_adapters()
+    """The pretrained policy P_F^♯: the same network with its LoRA adapters switched off.
+
+    Switches each peft layer (`BaseTunerLayer.enable_adapters`, what diffusers' `disable_adapters`
+    calls) directly: diffusers' wrapper looks up peft's version via importlib.metadata on every call,
+    which was 40 % of a ∇-DB update here (the lean adjoint calls the reference 25 times per update).
+    """
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
     try:
         yield
     finally:
-        model.enable_adapters()
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def policy_eps_fn(model: DigitDenoiser) -> ng.EpsFn:
@@ -609,30 +651,79 @@ def uniform(n: int) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+class CostMeter:
+    """Counts, per update, the rows backpropagated through the ε-network and through the reward.
+
+    "Network VJPs": rows of every backward pass through the denoiser (policy with adapters on, or
+    the reference with them off; a graph backpropagated twice counts twice), via a full backward
+    hook. "Reward gradients": rows whose reward input receives a gradient, via a tensor hook.
+    Sampling and evaluation run without gradients and are not counted.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.network_vjps = 0
+        self.reward_grads = 0
+        # the hook also fires when only the parameters (LoRA), not the input, need a gradient: wanted
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
+        model.register_full_backward_hook(self._on_network_backward)
+
+    def _on_network_backward(self, module, grad_input, grad_output) -> None:
+        self.network_vjps += int(grad_output[0].shape[0])
+
+    def _on_reward_backward(self, grad: Tensor) -> None:
+        self.reward_grads += int(grad.shape[0])
+
+    def wrap(self, log_reward: ng.LogRewardFn) -> ng.LogRewardFn:
+        def counted(x0: Tensor, traj: Tensor) -> Tensor:
+            if x0.requires_grad and torch.is_grad_enabled():
+                x0.register_hook(self._on_reward_backward)
+            return log_reward(x0, traj)
+
+        return counted
+
+    def take(self) -> Dict[str, int]:
+        """The counts since the last call, then reset."""
+        counts = {"network_vjps": self.network_vjps, "reward_grads": self.reward_grads}
+        self.network_vjps = self.reward_grads = 0
+        return counts
+
+
 @dataclass
 class Finetuner:
-    """The trainable pieces of one finetuning run."""
+    """The trainable pieces of one finetuning run (flow: g_φ of nabla-db; log_z: RTB's log Z)."""
 
     model: DigitDenoiser
     lora_params: List[nn.Parameter]
     flow: Optional[FlowCorrection]
     optimizer: torch.optim.Optimizer
+    log_z: Optional[nn.Module] = None
+    meter: Optional[CostMeter] = None
+    update: int = 0  # updates taken so far
+
+
+def method_lr(cfg: Config, method: str) -> float:
+    return getattr(cfg, METHODS[method].lr_field)
 
 
 def make_finetuner(cfg: Config, pretrained: DigitDenoiser, method: str) -> Finetuner:
+    """A fresh LoRA copy of the pretrained denoiser at the method's learning rate (+ g_φ or log Z)."""
     model = DigitDenoiser.from_config(pretrained.config)
     model.load_state_dict(pretrained.state_dict())
     lora_params = add_lora(model, cfg.lora_rank)
-    groups = [{"params": lora_params, "lr": cfg.draft_lr if method == "draft" else cfg.lr, "weight_decay": 0.0}]
-    flow = None
+    groups = [{"params": lora_params, "lr": method_lr(cfg, method), "weight_decay": 0.0}]
+    flow, log_z = None, None
     if method == "nabla-db" and cfg.use_flow:
         flow = FlowCorrection(cfg.flow_hidden)
         groups.append({"params": list(flow.parameters()), "lr": cfg.flow_lr, "weight_decay": 1e-2})
-    return Finetuner(model, lora_params, flow, torch.optim.AdamW(groups, betas=(0.9, 0.999)))
+    if method == "rtb":
+        log_z = baselines.LogPartition()
+        groups.append({"params": list(log_z.parameters()), "lr": cfg.rtb_logz_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+    return Finetuner(model, lora_params, flow, optimizer, log_z, CostMeter(model))
 
 
 def optimizer_step(ft: Finetuner, loss: Tensor, max_grad_norm: float) -> Dict[str, float]:
-    """Backward, clip the policy and g_φ gradients separately, step."""
+    """Backward, clip the policy and g_φ gradients separately (log Z unclipped), step."""
     ft.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     groups = {"policy": ft.lora_params}
@@ -643,69 +734,169 @@ def optimizer_step(ft: Finetuner, loss: Tensor, max_grad_norm: float) -> Dict[st
     return {f"grad_norm_{k}": v for k, v in norms.items()}
 
 
-def nabla_db_update(
-    cfg: Config, ft: Finetuner, schedule: ng.StepSchedule, log_reward: ng.LogRewardFn, gen: torch.Generator
-) -> Dict[str, float]:
-    """Sample a batch of trajectories with the current policy, train on a subsample of transitions."""
-    policy_eps = policy_eps_fn(ft.model)
+def loss_config(cfg: Config, method: str) -> ng.LossConfig:
+    """nabla-db: the configured ∇-DB; adjoint-matching: no g_φ, no guess, θ's residual on a_{i+1}."""
+    if method == "adjoint-matching":
+        return ng.LossConfig(beta=cfg.beta, trust_region=cfg.trust_region, weighting=cfg.weighting,
+                             use_flow=False, flow_target="adjoint")
+    return ng.LossConfig(
+        beta=cfg.beta, trust_region=cfg.trust_region, reverse_weight=cfg.reverse_weight, gamma=cfg.gamma,
+        weighting=cfg.weighting, use_flow=cfg.use_flow, guess_from=cfg.guess_from,
+        flow_target=cfg.flow_target, adjoint_lambda=cfg.adjoint_lambda,
+    )
+
+
+def residual_db_update(cfg: Config, ft: Finetuner, schedule: ng.StepSchedule, log_reward: ng.LogRewardFn,
+                       gen: torch.Generator, method: str) -> Dict[str, float]:
+    """Sample a batch of trajectories with the current policy, sweep the lean adjoint when the flow
+    target needs it, train on a subsample of transitions (nabla-db and adjoint-matching)."""
+    policy_eps, reference_eps = policy_eps_fn(ft.model), reference_eps_fn(ft.model)
+    loss_cfg = loss_config(cfg, method)
     x_T = torch.randn((cfg.batch, *IMAGE_SHAPE), generator=gen)
     trajectory = ng.sample_trajectory(policy_eps, schedule, x_T, gen)
+    adjoint = None
+    if loss_cfg.flow_target != "bootstrap":
+        adjoint, _ = ng.lean_adjoint(reference_eps, schedule, trajectory, log_reward, cfg.beta)
     steps = ng.subsample_steps(schedule.num_steps, cfg.subsample, cfg.batch, gen)
     batch = ng.gather_transitions(trajectory, schedule, steps)
-    loss_cfg = ng.LossConfig(
-        beta=cfg.beta, trust_region=cfg.trust_region, reverse_weight=cfg.reverse_weight,
-        gamma=cfg.gamma, weighting=cfg.weighting, use_flow=cfg.use_flow,
-    )
-    loss, parts = ng.nabla_db_loss(batch, policy_eps, reference_eps_fn(ft.model), log_reward, ft.flow, loss_cfg)
+    loss, parts = ng.nabla_db_loss(batch, policy_eps, reference_eps, log_reward, ft.flow, loss_cfg, adjoint=adjoint)
     logs = {k: float(v) for k, v in parts.items()}
     logs.update(optimizer_step(ft, loss, cfg.max_grad_norm))
     logs["reward"] = float(score(log_reward, trajectory.final).mean())
+    if adjoint is not None:
+        logs["adjoint_rms"] = float(adjoint.pow(2).mean().sqrt())
     return logs
 
 
-def draft_update(
-    cfg: Config, ft: Finetuner, schedule: ng.StepSchedule, log_reward: ng.LogRewardFn, gen: torch.Generator
-) -> Dict[str, float]:
+def nabla_db_update(cfg, ft, schedule, log_reward, gen) -> Dict[str, float]:
+    """∇-GFlowNet: residual ∇-DB with guess + g_φ, g_φ trained by cfg.flow_target."""
+    return residual_db_update(cfg, ft, schedule, log_reward, gen, "nabla-db")
+
+
+def adjoint_matching_update(cfg, ft, schedule, log_reward, gen) -> Dict[str, float]:
+    """Adjoint matching (Domingo-Enrich et al. 2025) in ∇-DB form: (μ_θ − μ♯)/σ² regressed on a_{i+1}."""
+    return residual_db_update(cfg, ft, schedule, log_reward, gen, "adjoint-matching")
+
+
+def draft_update(cfg, ft, schedule, log_reward, gen) -> Dict[str, float]:
     """DRaFT-K: sample without gradients up to the last K steps, then differentiate r(x_0) through them.
 
     Loss −mean r(x_0): reward maximisation with no term tying the model to the prior.
     """
     policy_eps = policy_eps_fn(ft.model)
-    first = schedule.num_steps - cfg.draft_k
-    head = ng.StepSchedule(*(getattr(schedule, f)[:first] for f in schedule.__dataclass_fields__))
-    x = torch.randn((cfg.batch, *IMAGE_SHAPE), generator=gen)
-    if first > 0:
-        x = ng.sample_trajectory(policy_eps, head, x, gen).final
+    x_T = torch.randn((cfg.batch, *IMAGE_SHAPE), generator=gen)
+    x = baselines.sample_prefix(policy_eps, schedule, x_T, schedule.num_steps - cfg.draft_k, gen)
     traj = torch.arange(cfg.batch)
-    for i in range(first, schedule.num_steps):
-        coef = [getattr(schedule, f)[i].expand(cfg.batch) for f in ("alpha_bar", "alpha_bar_next", "sigma")]
+    for i in range(schedule.num_steps - cfg.draft_k, schedule.num_steps):
+        coef = baselines.step_coefficients(schedule, i, cfg.batch)
         mean = ng.step_mean(x, policy_eps(x, schedule.timesteps[i].expand(cfg.batch), traj), *coef)
         x = mean + schedule.sigma[i] * torch.randn(x.shape, generator=gen)
     r = log_reward(x, traj)
-    logs = optimizer_step(ft, -r.mean(), cfg.max_grad_norm)
+    logs = optimizer_step(ft, -(cfg.beta * r).mean(), cfg.max_grad_norm)
     logs["reward"] = float(r.detach().mean())
     return logs
 
 
-UPDATES = {"nabla-db": nabla_db_update, "draft": draft_update}
+def refl_update(cfg, ft, schedule, log_reward, gen) -> Dict[str, float]:
+    """ReFL: sample without gradients to a random late step i, ascend β r(x̂_0(x_i)) (one ε̂_θ call)."""
+    stop = baselines.refl_step_index(schedule.num_steps, cfg.refl_start, gen)
+    x_T = torch.randn((cfg.batch, *IMAGE_SHAPE), generator=gen)
+    x0_hat, _ = baselines.refl_prediction(policy_eps_fn(ft.model), schedule, x_T, stop, gen)
+    r = log_reward(x0_hat, torch.arange(cfg.batch))
+    logs = optimizer_step(ft, -(cfg.beta * r).mean(), cfg.max_grad_norm)
+    logs.update(reward=float(r.detach().mean()), refl_step=stop)
+    return logs
+
+
+def ddpo_update(cfg, ft, schedule, log_reward, gen) -> Dict[str, float]:
+    """DDPO: sample a batch, then ppo_epochs × ppo_minibatches PPO-clip steps on all its transitions."""
+    policy_eps = policy_eps_fn(ft.model)
+    x_T = torch.randn((cfg.batch, *IMAGE_SHAPE), generator=gen)
+    trajectory = ng.sample_trajectory(policy_eps, schedule, x_T, gen)
+    reward = score(log_reward, trajectory.final)
+    advantages = baselines.normalised_advantages(cfg.beta * reward, cfg.ppo_adv_clip)
+    batch = baselines.all_transitions(trajectory, schedule)
+    # π_old: the Gaussian step the sampler took, from the ε̂ it recorded
+    old_mean = ng.step_mean(batch.x, batch.eps_old, batch.alpha_bar, batch.alpha_bar_next, batch.sigma)
+    old_log_prob = ng.gaussian_log_prob(batch.x_next, old_mean, batch.sigma)
+    losses, clip_fractions = [], []
+    for _ in range(cfg.ppo_epochs):
+        for rows in torch.randperm(len(batch), generator=gen).chunk(cfg.ppo_minibatches):
+            log_prob = baselines.transition_log_prob(policy_eps, batch.select(rows))
+            loss, stats = baselines.ppo_clip_loss(log_prob, old_log_prob[rows], advantages[batch.traj[rows]], cfg.ppo_clip)
+            logs = optimizer_step(ft, loss, cfg.max_grad_norm)
+            losses.append(float(loss.detach()))
+            clip_fractions.append(float(stats["clip_fraction"]))
+    logs.update(loss=float(np.mean(losses)), clip_fraction=float(np.mean(clip_fractions)), reward=float(reward.mean()))
+    return logs
+
+
+def rtb_update(cfg, ft, schedule, log_reward, gen) -> Dict[str, float]:
+    """RTB: (log Z + Σ log P_F^θ − Σ log P_F♯ − β r(x_0))² on on-policy trajectories; learned log Z.
+
+    log Z starts at the first batch's log-mean-exp of β r (its value at θ = ♯, a Jensen lower bound
+    of the true log Z), not at 0: with the ink reward β r ≈ 10, and Adam would need ~100 updates to
+    get there while the policy absorbs the offset.
+    """
+    policy_eps = policy_eps_fn(ft.model)
+    x_T = torch.randn((cfg.batch, *IMAGE_SHAPE), generator=gen)
+    trajectory = ng.sample_trajectory(policy_eps, schedule, x_T, gen)
+    batch = baselines.all_transitions(trajectory, schedule)
+    log_pf_policy = baselines.trajectory_log_prob(policy_eps, batch, cfg.batch)
+    with torch.no_grad():
+        log_pf_reference = baselines.trajectory_log_prob(reference_eps_fn(ft.model), batch, cfg.batch)
+        reward = score(log_reward, trajectory.final)
+        if ft.update == 0:
+            ft.log_z.value.fill_(float(torch.logsumexp(cfg.beta * reward, 0) - math.log(cfg.batch)))
+    loss = baselines.rtb_loss(ft.log_z(), log_pf_policy, log_pf_reference, reward, cfg.beta)
+    logs = optimizer_step(ft, loss, cfg.max_grad_norm)
+    logs.update(loss=float(loss.detach()), reward=float(reward.mean()), log_z=float(ft.log_z().detach()))
+    return logs
+
+
+@dataclass(frozen=True)
+class Method:
+    update: Callable  # (cfg, ft, schedule, log_reward, gen) -> logs with "reward"
+    lr_field: str  # the Config field holding its policy learning rate
+    label: str
+
+
+METHODS: Dict[str, Method] = {
+    "nabla-db": Method(nabla_db_update, "lr", "∇-GFlowNet"),
+    "adjoint-matching": Method(adjoint_matching_update, "am_lr", "adjoint matching"),
+    "rtb": Method(rtb_update, "rtb_lr", "RTB"),
+    "ddpo": Method(ddpo_update, "ddpo_lr", "DDPO"),
+    "refl": Method(refl_update, "refl_lr", "ReFL"),
+    "draft": Method(draft_update, "draft_lr", "DRaFT-K"),
+}
+assert tuple(METHODS) == METHOD_NAMES
 
 
 def finetune(
     cfg: Config, method: str, pretrained: DigitDenoiser, schedule: ng.StepSchedule, log_reward: ng.LogRewardFn,
     curve_metrics, progress: bool = True,
 ) -> Tuple[Finetuner, List[Dict[str, float]]]:
-    """Run cfg.updates updates of `method`; every cfg.curve_every updates, record curve_metrics(model)."""
+    """Run cfg.updates updates of `method`; every cfg.curve_every updates, record curve_metrics(model).
+
+    Each history point holds "seconds" (training time so far, curve evaluations excluded) and the
+    network VJPs and reward gradients of the update just taken (`CostMeter`).
+    """
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     ft = make_finetuner(cfg, pretrained, method)
+    counted_reward = ft.meter.wrap(log_reward)
     history = [{"update": 0, "seconds": 0.0, **curve_metrics(ft.model)}]
-    start = time.time()
+    train_seconds = 0.0
     bar = tqdm(range(1, cfg.updates + 1), desc=f"finetune {method}", disable=not progress)
     for update in bar:
-        logs = UPDATES[method](cfg, ft, schedule, log_reward, gen)
+        start = time.time()
+        logs = METHODS[method].update(cfg, ft, schedule, counted_reward, gen)
+        train_seconds += time.time() - start
+        ft.update = update
+        cost = ft.meter.take()
         bar.set_postfix(reward=f"{logs['reward']:.3f}")
         if update % cfg.curve_every == 0 or update == cfg.updates:
-            history.append({"update": update, "seconds": time.time() - start, **logs, **curve_metrics(ft.model)})
+            history.append({"update": update, "seconds": train_seconds, **logs, **cost, **curve_metrics(ft.model)})
     return ft, history
 
 
@@ -726,7 +917,9 @@ def image_grid(x: Tensor, cols: int = 8) -> np.ndarray:
 
 
 def display_name(method: str, cfg: Config) -> str:
-    return {"nabla-db": "∇-GFlowNet", "draft": f"DRaFT-{cfg.draft_k}"}[method]
+    if method == "nabla-db":
+        return f"∇-GFlowNet ({cfg.flow_target})" if cfg.use_flow else f"∇-GFlowNet (no g_φ, {cfg.flow_target})"
+    return f"DRaFT-{cfg.draft_k}" if method == "draft" else METHODS[method].label
 
 
 def make_figure(path: Path, grids: Dict[str, Tensor], histories: Dict[str, List[Dict]], reference: Dict, pretrained: Dict, title: str):
@@ -772,18 +965,34 @@ def make_figure(path: Path, grids: Dict[str, Tensor], histories: Dict[str, List[
 # ----------------------------------------------------------------------------------------------
 
 
-def run(cfg: Config, progress: bool = True) -> Dict:
-    """The whole experiment; returns the metrics dict that is also written to metrics.json."""
-    validate(cfg)
-    t_start = time.time()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    _, reward_class = parse_reward(cfg.reward)
-    methods = parse_methods(cfg.method)
+@dataclass
+class Setup:
+    """What every method of one run shares: models, reward, schedule, the reference and its metrics."""
 
+    cfg: Config
+    images: Tensor
+    classifier: DigitClassifier
+    pretrained: DigitDenoiser
+    schedule: ng.StepSchedule
+    log_reward: ng.LogRewardFn
+    reward_class: Optional[int]
+    reference: Reference
+    reference_gaussian: Tuple[np.ndarray, np.ndarray]
+    metrics: Dict  # the reference's and the pretrained model's metrics, the classifier's accuracy, …
+    samples: Dict[str, Tensor]  # "pretrained", "reference" (a resample of it)
+
+    def evaluate(self, x: Tensor, **kw) -> Dict[str, float]:
+        return evaluate(x, self.classifier, self.log_reward, self.images, self.reward_class, self.reference_gaussian, **kw)
+
+    def curve_metrics(self, model: DigitDenoiser) -> Dict[str, float]:
+        # fixed noise for every point, so the curves move only with the model
+        gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+        return self.evaluate(sample(policy_eps_fn(model), self.schedule, self.cfg.curve_samples, gen))
+
+
+def prepare(cfg: Config) -> Setup:
+    """Load (or pretrain) the denoiser and classifier; build the reference; measure it and p♯."""
+    t_start = time.time()
     images, labels = load_digits_tensor()
     scheduler = make_scheduler()
     pretrained = load_or_pretrain_denoiser(cfg, images, scheduler)
@@ -796,45 +1005,80 @@ def run(cfg: Config, progress: bool = True) -> Dict:
     pretrained_eps = policy_eps_fn(pretrained)
     reference = build_reference(sample(pretrained_eps, schedule, cfg.reference_pool, gen), log_reward, cfg.beta)
     reference_gaussian = weighted_gaussian(classifier.features(reference.samples.clamp(-1, 1)), reference.weights)
-    eval_metrics = lambda x, **kw: evaluate(x, classifier, log_reward, images, reward_class, reference_gaussian, **kw)
-    metrics = {
-        "classifier_held_out_accuracy": accuracy,
-        "reference_ess": reference.ess,
-        "reference_pool": cfg.reference_pool,
-        "reference": eval_metrics(reference.samples, weights=reference.weights, n=cfg.eval_samples),
+    setup = Setup(cfg, images, classifier, pretrained, schedule, log_reward, parse_reward(cfg.reward)[1],
+                  reference, reference_gaussian, {}, {})
+    setup.metrics = {
+        "classifier_held_out_accuracy": accuracy, "reference_ess": reference.ess, "reference_pool": cfg.reference_pool,
+        "reference": setup.evaluate(reference.samples, weights=reference.weights, n=cfg.eval_samples),
     }
     # Fréchet's finite-sample floor: an n-sample draw from the reference itself
-    reference_draw = reference.resample(cfg.eval_samples, gen)
-    metrics["reference_resample_frechet"] = eval_metrics(reference_draw)["frechet_to_reference"]
-    pretrained_samples = sample(pretrained_eps, schedule, cfg.eval_samples, gen)
-    metrics["pretrained"] = eval_metrics(pretrained_samples)
+    setup.samples["reference"] = reference.resample(cfg.eval_samples, gen)
+    setup.metrics["reference_resample_frechet"] = setup.evaluate(setup.samples["reference"])["frechet_to_reference"]
+    setup.samples["pretrained"] = sample(pretrained_eps, schedule, cfg.eval_samples, gen)
+    setup.metrics["pretrained"] = setup.evaluate(setup.samples["pretrained"])
+    setup.metrics["pretrain_seconds"] = t_pretrained
+    return setup
 
-    def curve_metrics(model: DigitDenoiser) -> Dict[str, float]:
-        # fixed noise for every point, so the curves move only with the model
-        x = sample(policy_eps_fn(model), schedule, cfg.curve_samples, torch.Generator().manual_seed(cfg.seed + 1))
-        return eval_metrics(x)
 
-    grids = {"pretrained p♯": pretrained_samples[:64], f"reference p♯·R^β (ESS {reference.ess:.0f})": reference_draw[:64]}
+def diverged(x: Tensor, pretrained: Tensor) -> bool:
+    """A run has diverged when its samples are not finite or their RMS is over 3× the pretrained samples'
+    (those lie in the data range [−1, 1]; DRaFT at too high a rate puts pixels at ±100)."""
+    return bool(not torch.isfinite(x).all() or x.pow(2).mean().sqrt() > 3 * pretrained.pow(2).mean().sqrt())
+
+
+def run_method(setup: Setup, method: str, progress: bool = True) -> Tuple[Dict, Tensor, List[Dict]]:
+    """Finetune one method; return (its final metrics, its eval samples, its history)."""
+    cfg, ref = setup.cfg, setup.metrics["reference"]
+    t_method = time.time()
+    ft, history = finetune(cfg, method, setup.pretrained, setup.schedule, setup.log_reward, setup.curve_metrics, progress)
+    x = sample(policy_eps_fn(ft.model), setup.schedule, cfg.eval_samples, torch.Generator().manual_seed(cfg.seed + 2))
+    result = {**setup.evaluate(x.nan_to_num(0.0)), "diverged": diverged(x, setup.samples["pretrained"])}
+    result["diversity_ratio"] = result["diversity_l2"] / ref["diversity_l2"]
+    result["distinct_nearest_ratio"] = result["distinct_nearest_digits"] / ref["distinct_nearest_digits"]
+    result["finetune_seconds"] = time.time() - t_method
+    result["train_seconds"] = history[-1]["seconds"]
+    result["network_vjps_per_update"] = float(np.mean([h["network_vjps"] for h in history[1:]]))
+    result["reward_grads_per_update"] = float(np.mean([h["reward_grads"] for h in history[1:]]))
+    key, threshold = progress_bar(setup)
+    hit = next((h for h in history if h[key] >= threshold), None)
+    result["updates_to_bar"] = None if hit is None else hit["update"]
+    result["seconds_to_bar"] = None if hit is None else hit["seconds"]
+    return result, x, history
+
+
+def progress_bar(setup: Setup) -> Tuple[str, float]:
+    """The level a curve must reach: frac ≥ the reference's − 0.1 (class:K); for ink, mean reward half
+    of the way from the pretrained model's to the reference's (the whole gap is ~1.8, a 256-sample
+    curve point is uncertain by ~0.3). Returns (metric key, threshold)."""
+    ref, pre = setup.metrics["reference"], setup.metrics["pretrained"]
+    if "frac_class" in ref:
+        return "frac_class", ref["frac_class"] - 0.1
+    return "mean_reward", ref["mean_reward"] - 0.5 * (ref["mean_reward"] - pre["mean_reward"])
+
+
+def run(cfg: Config, progress: bool = True) -> Dict:
+    """The whole experiment; returns the metrics dict that is also written to metrics.json."""
+    validate(cfg)
+    t_start = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    setup = prepare(cfg)
+    metrics = dict(setup.metrics)
+    grids = {"pretrained p♯": setup.samples["pretrained"][:64],
+             f"reference p♯·R^β (ESS {setup.reference.ess:.0f})": setup.samples["reference"][:64]}
+    np.save(out / "pretrained_samples.npy", setup.samples["pretrained"].numpy())
+    np.save(out / "reference_samples.npy", setup.samples["reference"].numpy())
     histories = {}
-    np.save(out / "pretrained_samples.npy", pretrained_samples.numpy())
-    np.save(out / "reference_samples.npy", reference_draw.numpy())
-    for method in methods:
-        t_method = time.time()
-        ft, history = finetune(cfg, method, pretrained, schedule, log_reward, curve_metrics, progress)
-        finetune_seconds = time.time() - t_method
-        x = sample(policy_eps_fn(ft.model), schedule, cfg.eval_samples, torch.Generator().manual_seed(cfg.seed + 2))
-        result = eval_metrics(x)
-        ref = metrics["reference"]
-        result["diversity_ratio"] = result["diversity_l2"] / ref["diversity_l2"]
-        result["distinct_nearest_ratio"] = result["distinct_nearest_digits"] / ref["distinct_nearest_digits"]
-        result["finetune_seconds"] = finetune_seconds
-        metrics[method] = result
+    for method in parse_methods(cfg.method):
+        metrics[method], x, history = run_method(setup, method, progress)
         (out / method).mkdir(exist_ok=True)
         np.save(out / method / "samples.npy", x.numpy())
         (out / method / "history.json").write_text(json.dumps(history, indent=1))
         grids[display_name(method, cfg)] = x[:64]
         histories[display_name(method, cfg)] = history
-    metrics["pretrain_seconds"] = t_pretrained
     metrics["total_seconds"] = time.time() - t_start
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     make_figure(out / "figure.png", grids, histories, metrics["reference"], metrics["pretrained"],
@@ -870,7 +1114,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     summary = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
     print(json.dumps(summary, indent=1))
     for name in ("reference", "pretrained", *parse_methods(cfg.method)):
-        print(f"{name:>10}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics[name].items()))
+        print(f"{name:>10}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics[name].items() if isinstance(v, (int, float))))
     print(f"wrote {cfg.out}")
 
 

@@ -41,6 +41,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import List, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -83,8 +84,9 @@ def sd15_random_models(cfg: sd.Config, device: torch.device, dtype: torch.dtype)
         ))
         head = sd.AestheticHead(768).eval().requires_grad_(False)
     with sd.quiet_library_logs():  # diffusers warns on .to(dtype) even with nothing to keep in float32
-        for module in (vae, text_encoder, unet):
-            module.requires_grad_(False).to(dtype)
+        unet_dtype, fast_dtype = sd.unet_dtypes(cfg, torch.device("cuda" if device == "meta" else device))
+        for module, module_dtype in ((vae, dtype), (text_encoder, dtype), (unet, unet_dtype)):
+            module.requires_grad_(False).to(module_dtype)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=sd.sd_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -92,7 +94,8 @@ def sd15_random_models(cfg: sd.Config, device: torch.device, dtype: torch.dtype)
     lora = sd.add_lora(unet, cfg.lora_rank, cfg.lora_alpha)
     with torch.device(device):
         flow = sd.build_flow_net(unet, cfg.flow_widths)
-    return sd.Models(pipe, lora, flow, embedder, sd.AestheticReward(embedder, head), sd.encode_prompts(pipe, [""]))
+    return sd.Models(pipe, lora, flow, embedder, sd.AestheticReward(embedder, head), sd.encode_prompts(pipe, [""]),
+                     fast_dtype)
 
 
 def transition_batch(models: sd.Models, schedule, step: int, n: int, resolution: int, generator):
@@ -102,7 +105,7 @@ def transition_batch(models: sd.Models, schedule, step: int, n: int, resolution:
         states=torch.randn(n, schedule.num_steps + 1, *shape[1:], generator=generator).to(models.pipe.device),
         eps=torch.randn(n, schedule.num_steps, *shape[1:], generator=generator).to(models.pipe.device),
     )
-    return nabla_gfn.gather_transitions(trajectory, schedule, torch.full((n, 1), step))
+    return nabla_gfn.gather_transitions(trajectory, schedule, torch.full((n, 1), step)), trajectory
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,70 +138,212 @@ def flops(fn) -> int:
     return counter.get_total_flops()
 
 
+# name → (use_flow, flow_target): the paper's loss, its no-flow variant and the lean-adjoint targets
+TARGETS = {
+    "bootstrap (paper)": (True, "bootstrap"),
+    "mixed": (True, "mixed"),
+    "adjoint": (True, "adjoint"),
+    "no flow": (False, "bootstrap"),
+    "adjoint matching": (False, "adjoint"),
+}
+GOALS = {True: 13.0, False: 7.0}  # issue 13: per trained transition, full loss / no flow
+
+
 class Bench:
     """The loss and its parts on one batch of transitions, as zero-argument callables."""
 
-    def __init__(self, models: sd.Models, cfg: sd.Config, batch, prompts):
-        self.models, self.cfg, self.batch = models, cfg, batch
-        cond = sd.encode_prompts(models.pipe, prompts)
+    def __init__(self, models: sd.Models, cfg: sd.Config, batch, prompts, schedule, trajectory):
+        self.models, self.cfg, self.batch, self.schedule, self.trajectory = models, cfg, batch, schedule, trajectory
+        self.cond = sd.encode_prompts(models.pipe, prompts)
+        self.prompts = prompts
         self.policy_eps, self.reference_eps, self.log_reward, self.flow = sd.loss_callables(
-            models, cond, prompts, cfg.guidance_scale)
+            models, self.cond, prompts, cfg.guidance_scale)
         self.params = [p for ps in sd.parameter_groups(models).values() for p in ps]
+        self.adjoint = torch.randn_like(trajectory.states)  # values do not change the cost
 
     def eps(self) -> None:
         with torch.no_grad():
             self.policy_eps(self.batch.x, self.batch.t, self.batch.traj)
 
-    def loss(self, use_flow: bool) -> None:
-        loss_cfg = dataclasses.replace(self.cfg, no_flow=not use_flow).loss_config()
+    def sampling_eps(self) -> None:
+        """One sampling step's guided ε (under --precision autocast when the UNet is held in float32)."""
+        with torch.no_grad():
+            sd.guided_eps(self.models.unet, self.cond, self.models.uncond, self.cfg.guidance_scale,
+                          autocast=self.models.fast_dtype)(self.batch.x, self.batch.t, self.batch.traj)
+
+    def loss(self, target: str) -> None:
+        use_flow, flow_target = TARGETS[target]
+        loss_cfg = dataclasses.replace(self.cfg, no_flow=not use_flow, flow_target=flow_target).loss_config()
         loss, _ = nabla_gfn.nabla_db_loss(self.batch, self.policy_eps, self.reference_eps, self.log_reward,
-                                          self.flow if use_flow else None, loss_cfg)
+                                          self.flow if use_flow else None, loss_cfg,
+                                          adjoint=None if flow_target == "bootstrap" else self.adjoint)
         loss.backward()
         for p in self.params:
             p.grad = None
 
-    def part_flops(self, reward_fn) -> dict:
+    def sweep(self, jacobian: str, counting: bool = False) -> None:
+        """The lean-adjoint sweep of the batch's n trajectories (sd_finetune.adjoint_sweep). counting: the
+        same sweep with each UNet input cloned (FlopCounterMode's module hooks reject a leaf input under
+        autograd.grad, which the unguided reference's single UNet call would pass)."""
+        if not counting:
+            cfg = dataclasses.replace(self.cfg, flow_target="adjoint", adjoint_jacobian=jacobian,
+                                      sample_batch_size=len(self.trajectory.states))
+            sd.adjoint_sweep(self.models, self.schedule, self.trajectory, self.cond, self.prompts, cfg)
+            return
+        reference = self.reference_eps if jacobian == "guided" else sd.conditional_eps(self.models.unet, self.cond)
+        nabla_gfn.lean_adjoint(lambda x, t, traj: reference(x.clone(), t, traj), self.schedule, self.trajectory,
+                               self.log_reward, self.cfg.beta)
+
+    def part_flops(self, reward_fn, taesd=None) -> dict:
         """FLOPs of the loss's parts, in guided-ε units: eps with a backward to the input (Eg) or to the
-        LoRA (Ep), the reward gradient through decoder and reward model (R), g_φ forward+backward (F)."""
+        LoRA (Ep), the reference's VJP guided (Egr) and unguided (Egu), the reward gradient through
+        decoder and reward model (R; through AutoencoderTiny's decoder: Rt), g_φ forward+backward (F)."""
         b = self.batch
 
-        def eps_to_input():
-            x = b.x.detach().requires_grad_(True)
-            torch.autograd.grad(self.policy_eps(x, b.t, b.traj).sum(), x)
+        def to_input(eps_fn):
+            def run():
+                x = b.x.detach().requires_grad_(True)
+                torch.autograd.grad(eps_fn(x.clone(), b.t, b.traj).sum(), x)  # clone: see `sweep`
+            return run
 
         unit = flops(self.eps)
-        parts = dict(Eg=flops(eps_to_input), Ep=flops(lambda: self.policy_eps(b.x, b.t, b.traj).sum().backward()),
+        unguided = sd.conditional_eps(self.models.unet, self.cond)
+        parts = dict(Eg=flops(to_input(self.policy_eps)), Egr=flops(to_input(self.reference_eps)),
+                     Egu=flops(to_input(unguided)),
+                     Ep=flops(lambda: self.policy_eps(b.x, b.t, b.traj).sum().backward()),
                      R=flops(lambda: nabla_gfn.reward_gradient(reward_fn, b.x, b.traj)),
                      F=flops(lambda: self.flow(b.x, b.t, b.traj).sum().backward()))
+        if taesd is not None:
+            def taesd_reward(x0, traj):
+                return self.models.reward(taesd.decode(x0).sample.float(), self.prompts[: len(x0)])
+            parts["Rt"] = flops(lambda: nabla_gfn.reward_gradient(taesd_reward, b.x, b.traj))
         for p in self.params:
             p.grad = None
         return {k: v / unit for k, v in parts.items()} | {"unit": unit}
 
 
-def composed_loss(parts: dict, use_flow: bool, terminal: bool) -> float:
-    """nabla_db_loss's cost from its parts, in its call order (guided-ε units, E = 1):
-    policy ε̂_θ(x) once, backward to x (reverse score, with the guess at x: R) and to the LoRA;
-    reference ε̂♯(x) with a backward to x (no grad without g_φ: E); target at x': R at x_0 (terminal)
-    or ε̂_θ(x') + R + backward to x' (Eg + R); g_φ at x and x' (2F)."""
-    Eg, Ep, R, F = parts["Eg"], parts["Ep"], parts["R"], parts["F"]
-    target = R if terminal else Eg + R
+def composed_loss(parts: dict, name: str, terminal: bool, guess_reward: str = "R") -> float:
+    """nabla_db_loss's cost from its parts, in its call order (guided-ε units, E = 1), for each target:
+    bootstrap, mixed: policy ε̂_θ(x) once, backward to x (reverse score, with the guess at x: R) and
+        to the LoRA (Eg + Ep − 1 + R); reference ε̂♯(x) with a backward to x (Eg); target at x': R at
+        x_0 (terminal) or ε̂_θ(x') + R + backward to x' (Eg + R); g_φ at x and x' (2F);
+    adjoint: no L_B, so no graph to x and no guess at x: Ep, reference without grad (1), target at
+        x', g_φ at x' only (F);
+    no flow: Ep + 1 + target;   adjoint matching: Ep + 1 (a_{i+1} is the target: no reward call).
+    guess_reward "Rt": the forward-looking guesses decode with AutoencoderTiny (terminal rows keep R)."""
+    Eg, Ep, R, F, Rg = parts["Eg"], parts["Ep"], parts["R"], parts["F"], parts[guess_reward]
+    next_target = R if terminal else Eg + Rg
+    use_flow, flow_target = TARGETS[name]
+    if flow_target == "adjoint":
+        return Ep + 1 + (next_target + F if use_flow else 0.0)
     if not use_flow:
-        return Ep + 1 + target
-    return (Eg + Ep - 1 + R) + Eg + target + 2 * F
+        return Ep + 1 + next_target
+    return (Eg + Ep - 1 + Rg) + Eg + next_target + 2 * F
 
 
-def print_table(title: str, ratio, memory=None) -> None:
-    """ratio(use_flow, kind) → float; memory(use_flow) → MiB or None."""
+def sweep_units(parts: dict, jacobian: str, steps: int) -> float:
+    """The lean-adjoint sweep of one trajectory: ∇r(x_0) (R), then one reference VJP per step."""
+    return parts["R"] + steps * parts["Egr" if jacobian == "guided" else "Egu"]
+
+
+def mix(per_kind: dict, transitions: int) -> float:
+    """Mean over a trajectory's trained transitions: 1 terminal + (transitions − 1) others."""
+    return (per_kind["terminal"] + (transitions - 1) * per_kind["non-terminal"]) / transitions
+
+
+def cost_rows(loss, sweep, sampling: float, steps: int, transitions: Sequence[int]) -> List[dict]:
+    """loss(name, kind) and sweep(jacobian) in units → one row per target (and Jacobian) with the cost per
+    trained transition (loss, plus the sweep spread over the trajectory's transitions) and per trajectory
+    (sampling + sweep + every trained transition), for each count of trained transitions per trajectory."""
+    rows = []
+    for name, (use_flow, flow_target) in TARGETS.items():
+        per_loss = mix({k: loss(name, k) for k in ("non-terminal", "terminal")}, transitions[0])
+        for jacobian in (("guided", "unguided") if flow_target != "bootstrap" else ("-",)):
+            sweep_cost = sweep(jacobian) if jacobian != "-" else 0.0
+            row = dict(target=name, jacobian=jacobian, loss=per_loss, sweep=sweep_cost, goal=GOALS[use_flow])
+            for k in transitions:
+                per_k = mix({kind: loss(name, kind) for kind in ("non-terminal", "terminal")}, k)
+                row[f"transition_k{k}"] = per_k + sweep_cost / k
+                row[f"trajectory_k{k}"] = sampling * steps + sweep_cost + k * per_k
+            rows.append(row)
+    return rows
+
+
+def print_cost_table(title: str, rows: List[dict], transitions: Sequence[int], extra: str = "") -> None:
     print(title)
-    print(f"| loss | non-terminal | terminal | training mix (1 terminal + {MIX - 1} others) |"
-          + (" peak memory MiB |" if memory else ""))
-    print("|---|---|---|---|" + ("---|" if memory else ""))
-    for use_flow in (True, False):
-        r = {kind: ratio(use_flow, kind) for kind in ("non-terminal", "terminal")}
-        mix = (r["terminal"] + (MIX - 1) * r["non-terminal"]) / MIX
-        label = "full (with g_φ)" if use_flow else "no flow (--no-flow)"
-        print(f"| {label} | {r['non-terminal']:.2f} | {r['terminal']:.2f} | {mix:.2f} |"
-              + (f" {memory(use_flow):.0f} |" if memory else ""))
+    k0 = transitions[0]
+    head = "| target | adjoint Jacobian | loss / transition | sweep / trajectory | " + " | ".join(
+        f"per transition, K={k} | per trajectory, K={k}" for k in transitions) + " | goal |" + extra
+    print(head)
+    print("|---|---|---|---|" + "---|---|" * len(transitions) + "---|" + ("---|" if extra else ""))
+    for r in rows:
+        cells = " | ".join(f"{r[f'transition_k{k}']:.2f} | {r[f'trajectory_k{k}']:.0f}" for k in transitions)
+        print(f"| {r['target']} | {r['jacobian']} | {r['loss']:.2f} | {r['sweep']:.1f} | {cells} | "
+              f"{'≤' if r[f'transition_k{k0}'] <= r['goal'] else '>'} {r['goal']:.0f} |"
+              + (f" {r['memory']:.0f} |" if extra else ""))
+
+
+def sd15_flops(models, benches, cfg, prompts, transitions, taesd: bool) -> None:
+    """--measure flops: the parts, then the cost table composed from them (and, off meta, checked)."""
+    def reward_of_latents(x0, traj):  # on meta, prompts cannot be looked up by value (traj.tolist())
+        return models.reward(sd.decode_latents(models.pipe.vae, x0), prompts[: len(x0)])
+
+    tiny_decoder = None
+    if taesd:
+        from diffusers import AutoencoderTiny
+
+        with torch.device(models.pipe.device):
+            tiny_decoder = AutoencoderTiny().requires_grad_(False)
+        with sd.quiet_library_logs():
+            tiny_decoder.to(models.pipe.vae.dtype)
+    parts = {kind: b.part_flops(reward_of_latents, tiny_decoder) for kind, b in benches.items()}
+    unit = parts["non-terminal"].pop("unit")
+    parts["terminal"].pop("unit")
+    print(f"unit: one guided ε evaluation = {unit / 1e9:.4g} GFLOP; parts (units): "
+          + ", ".join(f"{k}={v:.2f}" for k, v in parts["non-terminal"].items()))
+    p = parts["non-terminal"]
+    for guess in (["R", "Rt"] if taesd else ["R"]):
+        rows = cost_rows(lambda n, k: composed_loss(parts[k], n, k == "terminal", guess),
+                         lambda j: sweep_units(p, j, cfg.steps), 1.0, cfg.steps, transitions)
+        label = "real VAE" if guess == "R" else "AutoencoderTiny for the forward-looking guesses (FLOPs only)"
+        print_cost_table(f"composed from the parts, guided-ε units ({label}):", rows, transitions)
+    if models.pipe.device.type != "meta":
+        measured = {(n, k): flops(lambda: b.loss(n)) / flops(b.eps) for k, b in benches.items() for n in TARGETS}
+        worst = max(abs(measured[n, k] - composed_loss(parts[k], n, k == "terminal")) for n in TARGETS
+                    for k in benches)
+        print(f"composition check on the real loss: max |measured − composed| = {worst:.3f} units")
+        sweep_measured = {j: flops(lambda: benches['non-terminal'].sweep(j, counting=True)) / flops(benches['non-terminal'].eps)
+                          for j in ("guided", "unguided")}
+        print("sweep measured / composed: " + ", ".join(
+            f"{j} {v:.2f} / {sweep_units(p, j, cfg.steps):.2f}" for j, v in sweep_measured.items()))
+
+
+def timed(benches, device, repeats: int, transitions, steps: int) -> None:
+    """--measure time: median paired ratios to one guided ε; peak memory after each target."""
+    ratios, memory, sweeps = {}, {}, {}
+    order = ["adjoint matching", "no flow", "adjoint", "mixed", "bootstrap (paper)"]  # cheapest first (RSS)
+    b = benches["non-terminal"]
+    for name in order:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for kind, bench in benches.items():
+            bench.loss(name)  # warm-up
+            ratios[name, kind] = statistics.median(
+                seconds(lambda: bench.loss(name), device) / seconds(bench.eps, device) for _ in range(repeats))
+        memory[name] = peak_memory_mib(device)
+    for jacobian in ("unguided", "guided"):
+        b.sweep(jacobian)
+        sweeps[jacobian] = statistics.median(seconds(lambda: b.sweep(jacobian), device) / seconds(b.eps, device)
+                                             for _ in range(max(1, repeats // 5)))
+    sampling = statistics.median(seconds(b.sampling_eps, device) / seconds(b.eps, device) for _ in range(repeats))
+    unit = statistics.median(seconds(b.eps, device) for _ in range(repeats))
+    print(f"unit: one guided ε evaluation of the loss = {unit * 1e3:.1f} ms (median); a sampling step = "
+          f"{sampling:.2f} units; peak memory (MiB) {'allocated' if device.type == 'cuda' else 'RSS so far'}")
+    rows = cost_rows(lambda n, k: ratios[n, k], lambda j: sweeps[j], sampling, steps, transitions)
+    for r in rows:
+        r["memory"] = memory[r["target"]]
+    print_cost_table("time / time of one guided ε evaluation (median of paired runs):", rows, transitions,
+                     " peak memory MiB |")
 
 
 def main(argv=None) -> None:
@@ -210,65 +355,53 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=2, help="transitions per loss evaluation (train batch)")
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats per measurement (median ratio)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the chain the transitions come from")
+    parser.add_argument("--transitions", default=f"{MIX},50", help="trained transitions per trajectory K "
+                        "(comma-separated; the first is the training mix of the loss column)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device for --measure time (flops with --size sd15 always uses meta)")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                         help="frozen-weight dtype, as sd_finetune.py --precision")
+    parser.add_argument("--residual-precision", default="fp32", choices=("fp32", "tf32", "same"),
+                        help="the loss's UNet arithmetic, as sd_finetune.py --residual-precision")
+    parser.add_argument("--taesd", action="store_true", help="also compose the cost with AutoencoderTiny "
+                        "decoding the forward-looking guesses (flops only)")
     parser.add_argument("--cache-dir", default=None, help="cache folder (default: as sd_finetune.py)")
     args = parser.parse_args(argv)
 
-    flags = ["--steps", str(args.steps), "--precision", args.precision]
+    flags = ["--steps", str(args.steps), "--precision", args.precision, "--residual-precision", args.residual_precision]
     flags += ["--cache-dir", args.cache_dir] if args.cache_dir else []
     cfg = sd.parse_config(["--preset", "smoke", *flags] if args.size == "tiny" else flags)
+    transitions = [int(k) for k in args.transitions.split(",")]
     meta = args.size == "sd15" and args.measure == "flops"
     device = torch.device("meta" if meta else args.device)
+    models, schedule = setup_models(args, cfg, device, meta)
+    generator = torch.Generator().manual_seed(0)
+    prompts = ["cat"] * args.batch
+    benches = {}
+    for kind, step in (("non-terminal", cfg.steps // 2), ("terminal", cfg.steps - 1)):
+        batch, trajectory = transition_batch(models, schedule, step, args.batch, cfg.resolution, generator)
+        benches[kind] = Bench(models, cfg, batch, prompts, schedule, trajectory)
+    where = f"{torch.cuda.get_device_name(device)}" if device.type == "cuda" else \
+        "meta device" if meta else f"CPU, {torch.get_num_threads()} thread(s)"
+    print(f"{'tiny pipeline (--model tiny)' if args.size == 'tiny' else 'SD-1.5-sized random weights'}, "
+          f"{cfg.resolution}², batch {args.batch} transitions, {cfg.steps}-step chain, {where}, UNet weights "
+          f"{str(models.unet.conv_in.weight.dtype).removeprefix('torch.')} (sampling autocast "
+          f"{str(models.fast_dtype).removeprefix('torch.')}), LoRA/g_φ/reward float32")
+    if args.measure == "flops":
+        sd15_flops(models, benches, cfg, prompts, transitions, args.taesd)
+    else:
+        timed(benches, device, args.repeats, transitions, cfg.steps)
+
+
+def setup_models(args, cfg, device, meta: bool):
     dtype = sd.weight_dtype(cfg.precision, torch.device("cuda" if meta else device))
     torch.manual_seed(0)
     if args.size == "tiny":
         models = sd.load_models(cfg, device, dtype)
     else:
         models = sd15_random_models(cfg, device, dtype)
-    schedule = nabla_gfn.ddim_schedule(models.pipe.scheduler, cfg.steps)
-    generator = torch.Generator().manual_seed(0)
-    prompts = ["cat"] * args.batch
-    benches = {kind: Bench(models, cfg, transition_batch(models, schedule, step, args.batch, cfg.resolution,
-                                                         generator), prompts)
-               for kind, step in (("non-terminal", cfg.steps // 2), ("terminal", cfg.steps - 1))}
-    where = f"{torch.cuda.get_device_name(device)}" if device.type == "cuda" else \
-        "meta device" if meta else f"CPU, {torch.get_num_threads()} thread(s)"
-    print(f"{'tiny pipeline (--model tiny)' if args.size == 'tiny' else 'SD-1.5-sized random weights'}, "
-          f"{cfg.resolution}², batch {args.batch} transitions, {cfg.steps}-step chain, {where}, "
-          f"frozen weights {str(dtype).removeprefix('torch.')}, LoRA/g_φ/reward float32")
-
-    if args.measure == "flops":
-        # On meta, prompts cannot be looked up by value (traj.tolist()); the aesthetic reward ignores them.
-        def reward_of_latents(x0, traj):
-            return models.reward(sd.decode_latents(models.pipe.vae, x0), prompts[: len(x0)])
-
-        parts = {kind: b.part_flops(reward_of_latents) for kind, b in benches.items()}
-        unit = parts["non-terminal"].pop("unit")
-        parts["terminal"].pop("unit")
-        print(f"unit: one guided ε evaluation = {unit / 1e9:.4g} GFLOP; parts (units): "
-              + ", ".join(f"{k}={v:.2f}" for k, v in parts["non-terminal"].items()))
-        print_table("composed from the parts:", lambda f, k: composed_loss(parts[k], f, k == "terminal"))
-        if not meta:
-            measured = {(f, k): flops(lambda: b.loss(f)) / flops(b.eps) for k, b in benches.items() for f in (0, 1)}
-            print_table("measured on the real loss:", lambda f, k: measured[int(f), k])
-        return
-
-    memory, ratios = {}, {}
-    for use_flow in (False, True):  # cheapest first: CPU peak RSS is monotone
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for kind, b in benches.items():
-            b.loss(use_flow)  # warm-up
-            paired = [seconds(lambda: b.loss(use_flow), device) / seconds(b.eps, device) for _ in range(args.repeats)]
-            ratios[use_flow, kind] = statistics.median(paired)
-        memory[use_flow] = peak_memory_mib(device)
-    unit = statistics.median(seconds(benches["non-terminal"].eps, device) for _ in range(args.repeats))
-    print(f"unit: one guided ε evaluation = {unit * 1e3:.1f} ms (median)")
-    print_table("time of loss + backward / time of one guided ε evaluation (median of paired runs):",
-                lambda f, k: ratios[f, k], lambda f: memory[f])
+    sd.set_float32_matmul(cfg.residual_precision)
+    return models, nabla_gfn.ddim_schedule(models.pipe.scheduler, cfg.steps)
 
 
 if __name__ == "__main__":

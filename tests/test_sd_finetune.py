@@ -5,8 +5,10 @@ tests check the wiring against nabla_gfn with independently written callables.
 """
 
 import copy
+import dataclasses
 import importlib.util
 import json
+import math
 import os
 import shutil
 import socket
@@ -220,6 +222,11 @@ def test_bad_flag_gives_one_line_without_traceback(env):
     (["--adam-beta2", "1"], ["--adam-beta2", "(0, 1)"]),
     (["--prompts", "/no/such/file.txt"], ["--prompts", "no such file"]),
     (["--resume", "/no/such/run"], ["--resume", "no config.json"]),
+    (["--flow-target", "td"], ["--flow-target", "bootstrap", "adjoint", "mixed"]),
+    (["--adjoint-lambda", "0"], ["--adjoint-lambda", "(0, 1]"]),
+    (["--adjoint-lambda", "1.5"], ["--adjoint-lambda", "(0, 1]"]),
+    (["--adjoint-jacobian", "full"], ["--adjoint-jacobian", "guided", "unguided"]),
+    (["--no-flow", "--flow-target", "mixed"], ["--flow-target mixed", "--no-flow", "bootstrap", "adjoint"]),
 ])
 def test_bad_flag_values_give_one_line_naming_the_flag(flags, names, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -406,3 +413,210 @@ def test_reference_policy_is_the_pretrained_unet(cache, tmp_path):
     with torch.no_grad():
         again = sd.guided_eps(models.unet, cond, models.uncond, 5.0, lora=True)(x, t, traj)
     torch.testing.assert_close(again, policy)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flow targets (issue 9's other rungs): the lean-adjoint sweep and each target end to end
+# ----------------------------------------------------------------------------------------------
+
+FLOW_TARGET_FLAGS = {
+    "bootstrap": [],
+    "adjoint": ["--flow-target", "adjoint"],
+    "mixed": ["--flow-target", "mixed", "--adjoint-lambda", "0.3"],
+    "adjoint-matching": ["--no-flow", "--flow-target", "adjoint"],
+    "adjoint-unguided-jacobian": ["--flow-target", "adjoint", "--adjoint-jacobian", "unguided"],
+}
+
+
+@pytest.mark.parametrize("name", FLOW_TARGET_FLAGS)
+def test_each_flow_target_runs_and_trains_the_lora(name, cache, tmp_path):
+    """One smoke epoch per target: finite loss parts, the LoRA's B (zero at init) moved, the terms each
+    target has (no L_B with the adjoint target, no reward call in the loss for adjoint matching)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    sd.main(["--preset", "smoke", "--cache-dir", str(cache), "--out", str(out), *FLOW_TARGET_FLAGS[name]])
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["update"] for m in metrics] == [1, 2]
+    assert all(math.isfinite(v) for m in metrics for v in m.values() if isinstance(v, float))
+    assert all(m["forward"] > 0 for m in metrics)
+    lora = load_file(out / "checkpoints" / "epoch_0001" / "pytorch_lora_weights.safetensors")
+    up = [v for k, v in lora.items() if "lora.up" in k or "lora_B" in k]
+    assert up and any(v.abs().max() > 0 for v in up)  # B = 0 at init
+    reverse = [m["reverse"] for m in metrics]
+    if name in ("bootstrap", "mixed"):
+        assert all(r > 0 for r in reverse)
+    else:
+        assert reverse == [0.0, 0.0]
+    assert ("reward_next" in metrics[0]) == (name != "adjoint-matching")
+    assert (out / "checkpoints" / "epoch_0001" / "flow").is_dir() == (name != "adjoint-matching")
+
+
+@pytest.mark.parametrize("jacobian", ["guided", "unguided"])
+def test_adjoint_sweep_is_lean_adjoint_through_the_pretrained_unet(jacobian, cache, tmp_path):
+    """adjoint_sweep (chunks of --sample-batch-size, adapters off, rows routed to their prompts) equals one
+    nabla_gfn.lean_adjoint over all trajectories with plainly written callables on a separately loaded
+    pretrained UNet: guided ε_u + w(ε_c − ε_u), or ε_c alone."""
+    cfg = smoke_config(cache, tmp_path, "--reward", "clip-score", "--flow-target", "adjoint", "--sample-batch-size", "2",
+                       "--adjoint-jacobian", jacobian, "--beta", "3")
+    models = perturbed_models(cfg)
+    reference_unet = pretrained_unet(cache)
+    prompts = ["cat", "owl", "zebra"]
+    cond = sd.encode_prompts(models.pipe, prompts)
+    schedule = nabla_gfn.ddim_schedule(models.pipe.scheduler, cfg.steps)
+    trajectory = sd.sample_trajectories(models, schedule, cond, cfg, torch.Generator().manual_seed(0))
+    w, uncond = (cfg.guidance_scale if jacobian == "guided" else 1.0), models.uncond
+
+    def plain_eps(x, t, traj):
+        e_c = reference_unet(x, t, encoder_hidden_states=cond[traj]).sample
+        if jacobian == "unguided":
+            return e_c
+        e_u = reference_unet(x, t, encoder_hidden_states=uncond.expand(len(x), -1, -1)).sample
+        return e_u + w * (e_c - e_u)
+
+    def plain_reward(x0, traj):
+        images = models.pipe.vae.decode(x0 / models.pipe.vae.config.scaling_factor).sample
+        return models.reward(images, [prompts[i] for i in traj.tolist()])
+
+    adjoint = sd.adjoint_sweep(models, schedule, trajectory, cond, prompts, cfg)
+    expected, _ = nabla_gfn.lean_adjoint(plain_eps, schedule, trajectory, plain_reward, cfg.beta)
+    assert adjoint.shape == trajectory.states.shape and not adjoint.requires_grad
+    torch.testing.assert_close(adjoint, expected, rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in sd.lora_parameters(models.unet))
+    other = "unguided" if jacobian == "guided" else "guided"
+    flipped = sd.adjoint_sweep(models, schedule, trajectory, cond, prompts, dataclasses.replace(cfg, adjoint_jacobian=other))
+    assert (flipped[:, 0] - adjoint[:, 0]).abs().max() > 1e-3 * adjoint[:, 0].abs().max()  # the flag matters
+
+
+# ----------------------------------------------------------------------------------------------
+# Crash safety: SIGKILL at several moments, then --resume
+# ----------------------------------------------------------------------------------------------
+
+
+def run_outputs(out):
+    """What a finished run must reproduce bit for bit: metrics, trajectories, LoRA and g_φ of each kept checkpoint."""
+    from safetensors.torch import load_file
+
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    weights = {name: {**load_file(out / "checkpoints" / name / "pytorch_lora_weights.safetensors"),
+                      **load_file(out / "checkpoints" / name / "flow" / "diffusion_pytorch_model.safetensors")}
+               for name in checkpoints}
+    return read_jsonl(out / "metrics.jsonl"), read_jsonl(out / "trajectories.jsonl"), checkpoints, weights
+
+
+@pytest.fixture(scope="module")
+def three_epoch_run(tmp_path_factory, env):
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    result = run_script(["--preset", "smoke", "--epochs", 3, "--keep-checkpoints", 2, "--out", out], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("kill_at, resumes_from", [("update:3", "epoch_0001"), ("update:5", "epoch_0002"),
+                                                   ("save:2", "epoch_0001")])
+def test_sigkilled_run_resumes_bit_for_bit(kill_at, resumes_from, three_epoch_run, env, tmp_path):
+    """A run SIGKILLed mid-epoch (after update 3 or 5 of 6) or mid-save (epoch 2's LoRA and g_φ written,
+    its training state not yet) resumes from its last complete checkpoint and ends with exactly the
+    uninterrupted run's metrics, trajectories, kept checkpoints (--keep-checkpoints 2) and weights."""
+    out = tmp_path / "killed"
+    args = ["--preset", "smoke", "--epochs", 3, "--keep-checkpoints", 2, "--out", out]
+    killed = run_script(args, {**env, sd.KILL_POINT_ENV: kill_at})
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL
+    if kill_at.startswith("save"):
+        assert (out / "checkpoints" / ".partial-epoch_0002" / "pytorch_lora_weights.safetensors").is_file()
+        assert not (out / "checkpoints" / "epoch_0002").exists()
+    assert sd.latest_checkpoint(out).name == resumes_from
+    resumed = run_script(["--resume", out], env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / resumes_from}" in resumed.stdout
+
+    metrics, trajectories, checkpoints, weights = run_outputs(out)
+    expected = run_outputs(three_epoch_run)
+    assert [m["update"] for m in metrics] == list(range(1, 7))
+    assert (metrics, trajectories, checkpoints) == expected[:3]
+    assert checkpoints == ["epoch_0002", "epoch_0003"]  # no temporary folder left, the oldest pruned
+    for name in checkpoints:
+        assert weights[name].keys() == expected[3][name].keys()
+        assert all(torch.equal(weights[name][k], expected[3][name][k]) for k in weights[name]), name
+
+
+def test_run_killed_during_its_first_save_has_no_checkpoint_to_resume(env, tmp_path):
+    out = tmp_path / "killed"
+    killed = run_script(["--preset", "smoke", "--out", out], {**env, sd.KILL_POINT_ENV: "save:1"})
+    assert killed.returncode == -9
+    (out / "checkpoints" / "epoch_0001").mkdir()  # as an older version's in-place save, cut short
+    (out / "checkpoints" / "epoch_0001" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert sd.latest_checkpoint(out) is None
+    resumed = run_script(["--resume", out], env)
+    assert resumed.returncode == 2
+    assert resumed.stderr.strip().splitlines()[-1] == f"sd_finetune.py: error: --resume: {str(out)!r} has no checkpoint yet"
+
+
+def test_kept_checkpoint_loads_into_a_pipeline(three_epoch_run, cache):
+    """The renamed-into-place folder is a plain diffusers LoRA folder: pipe.load_lora_weights(dir) works."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(Path(cache) / "tiny-v1" / "pipeline")
+    before = copy.deepcopy(pipe.unet)
+    pipe.load_lora_weights(three_epoch_run / "checkpoints" / "epoch_0003")
+    x, t, context = torch.randn(1, 4, 4, 4), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        assert (pipe.unet(x, t, encoder_hidden_states=context).sample
+                - before(x, t, encoder_hidden_states=context).sample).abs().max() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Numerics: the residual's precision (README "Numerics")
+# ----------------------------------------------------------------------------------------------
+
+
+def forward_residuals(models, cfg, prompts=("cat", "owl")):
+    """(μ_θ − μ♯)/σ² of every transition of two sampled trajectories, with the driver's loss callables."""
+    batch, cond = shuffled_transitions(models, cfg, list(prompts))
+    policy_eps, reference_eps, _, _ = sd.loss_callables(models, cond, list(prompts), cfg.guidance_scale)
+    coef = (batch.alpha_bar, batch.alpha_bar_next, batch.sigma)
+    with torch.no_grad():
+        means = [nabla_gfn.step_mean(batch.x, eps(batch.x, batch.t, batch.traj), *coef) for eps in (policy_eps, reference_eps)]
+    return nabla_gfn.forward_residual(*means, batch.sigma)
+
+
+@pytest.mark.parametrize("flags", [["--precision", "bf16", "--residual-precision", "same"], ["--precision", "bf16"],
+                                   ["--precision", "fp16", "--residual-precision", "same"]])
+def test_forward_residual_is_exactly_zero_at_init(flags, cache, tmp_path):
+    """LoRA at init (B = 0): ε̂_θ and ε̂♯ are bitwise equal in every precision, all-bf16 (the official
+    code's), bf16 sampling with the float32 residual (the default) and all-fp16."""
+    cfg = smoke_config(cache, tmp_path, *flags)
+    models = sd.load_models(cfg, torch.device("cpu"), sd.weight_dtype(cfg.precision, torch.device("cpu")))
+    residual = forward_residuals(models, cfg)
+    assert residual.numel() > 0 and torch.equal(residual, torch.zeros_like(residual))
+
+
+def test_bf16_sampling_keeps_the_float32_residual_and_a_zero_trust_region(cache, tmp_path):
+    """Default --residual-precision fp32 with --precision bf16: the residual of a non-zero LoRA is bitwise
+    the all-fp32 one (the UNet is held in float32), while all-bf16 (--residual-precision same) makes it
+    mostly rounding noise, the cause of the tiny run's bf16 blow-up; and the trust region starts at 0."""
+    residual = {}
+    for name, flags in {"fp32": ["--precision", "fp32"], "bf16-sampling": ["--precision", "bf16"],
+                        "all-bf16": ["--precision", "bf16", "--residual-precision", "same"]}.items():
+        cfg = smoke_config(cache, tmp_path, *flags)
+        torch.manual_seed(0)  # the same LoRA init
+        models = sd.load_models(cfg, torch.device("cpu"), sd.weight_dtype(cfg.precision, torch.device("cpu")))
+        with torch.no_grad():
+            for p in sd.lora_parameters(models.unet):
+                p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        if name == "fp32":  # the same transitions and text embeddings for each: the float32 models'
+            batch, cond = shuffled_transitions(models, cfg, ["cat", "owl"])
+            uncond = models.uncond
+        models.uncond = uncond
+        policy_eps, reference_eps, _, _ = sd.loss_callables(models, cond, ["cat", "owl"], cfg.guidance_scale)
+        coef = (batch.alpha_bar, batch.alpha_bar_next, batch.sigma)
+        with torch.no_grad():
+            means = [nabla_gfn.step_mean(batch.x, e(batch.x, batch.t, batch.traj), *coef) for e in (policy_eps, reference_eps)]
+        residual[name] = nabla_gfn.forward_residual(*means, batch.sigma)
+    assert torch.equal(residual["bf16-sampling"], residual["fp32"])
+    noise = (residual["all-bf16"] - residual["fp32"]).norm() / residual["fp32"].norm()
+    assert noise > 0.5, noise
+
+    out = tmp_path / "run"
+    sd.main(["--preset", "smoke", "--precision", "bf16", "--trust-region", "2000", "--cache-dir", str(cache), "--out", str(out)])
+    assert read_jsonl(out / "metrics.jsonl")[0]["trust_region"] == 0.0  # ε̂_old recomputed in float32

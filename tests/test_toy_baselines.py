@@ -223,7 +223,9 @@ def test_every_method_trains_through_finetune_and_counts_reward_gradients(schedu
     task = toy_2d.build_task(config())
     reference = tiny_net(0).requires_grad_(False).eval()
     k = ng.subsample_steps(NUM_STEPS, config().fraction, 1).shape[1]  # transitions per trajectory for ∇-DB
-    expected_per_update = {"nabla-db": 2 * BATCH * k, "no-flow": BATCH * k, "exact-flow": 0,
+    # nabla-db (toy default flow target "adjoint"): the sweep's β∇r(x_0) per trajectory + one ∇r per
+    # trained transition at x' (guess or terminal); no L_B, so no guess at x
+    expected_per_update = {"nabla-db": BATCH + BATCH * k, "no-flow": BATCH * k, "exact-flow": 0,
                            "adjoint-matching": BATCH,  # the adjoint's terminal condition β∇r(x_0) only
                            "draft": BATCH, "refl": BATCH, "ddpo": 0, "rtb": 0}
     assert set(toy_2d.method_registry()) == set(expected_per_update)

@@ -83,9 +83,10 @@ def test_bad_reward_and_method_specs_are_rejected():
     for spec in ("class:10", "class:", "ink:3", "digits"):
         with pytest.raises(ValueError, match="--reward"):
             td.parse_reward(spec)
-    with pytest.raises(ValueError, match="--method"):
-        td.parse_methods("nabla-db,ddpo")
-    assert td.parse_methods("draft, nabla-db") == ["draft", "nabla-db"]
+    for spec in ("nabla-db,ppo", "draft,draft", ""):
+        with pytest.raises(ValueError, match="--method"):
+            td.parse_methods(spec)
+    assert td.parse_methods("draft, nabla-db,rtb") == ["draft", "nabla-db", "rtb"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,16 +201,20 @@ def _run(args, tmp_path):
 
 def test_end_to_end_smoke_run_writes_every_output(tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
-    proc = _run(["--preset", "smoke", "--method", "nabla-db,draft", "--out", str(out), "--cache", str(cache), "--threads", "1"], tmp_path)
+    methods = ",".join(td.METHOD_NAMES)
+    proc = _run(["--preset", "smoke", "--method", methods, "--out", str(out), "--cache", str(cache), "--threads", "1"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for name in ("config.json", "metrics.json", "figure.png", "pretrained_samples.npy", "reference_samples.npy",
-                 "nabla-db/samples.npy", "nabla-db/history.json", "draft/samples.npy", "draft/history.json"):
+    for name in ("config.json", "metrics.json", "figure.png", "pretrained_samples.npy", "reference_samples.npy"):
         assert (out / name).is_file(), name
+    for method in td.METHOD_NAMES:
+        assert (out / method / "samples.npy").is_file() and (out / method / "history.json").is_file(), method
     config = json.loads((out / "config.json").read_text())
-    assert config["method"] == "nabla-db,draft" and config["cache"] == str(cache)
+    assert config["method"] == methods and config["cache"] == str(cache)
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("reference", "pretrained", "nabla-db", "draft"):
+    for key in ("reference", "pretrained", *td.METHOD_NAMES):
         assert {"mean_reward", "diversity_l2", "distinct_nearest_digits", "frac_class", "frechet_to_reference"} <= set(metrics[key])
+    for method in td.METHOD_NAMES:
+        assert {"network_vjps_per_update", "reward_grads_per_update", "updates_to_bar", "diverged"} <= set(metrics[method])
     assert 1 <= metrics["reference_ess"] <= config["reference_pool"]
     samples = np.load(out / "nabla-db" / "samples.npy")
     assert samples.shape == (config["eval_samples"], 1, 8, 8) and np.isfinite(samples).all()
@@ -218,8 +223,11 @@ def test_end_to_end_smoke_run_writes_every_output(tmp_path):
 
 @pytest.mark.parametrize(
     "args, flag",
-    [(["--reward", "class:12"], "--reward"), (["--method", "ddpo"], "--method"), (["--gamma", "one"], "--gamma"),
-     (["--preset", "huge"], "--preset"), (["--beta", "-1"], "--beta"), (["--draft-k", "0", "--method", "draft"], "--draft-k")],
+    [(["--reward", "class:12"], "--reward"), (["--method", "ppo"], "--method"), (["--gamma", "one"], "--gamma"),
+     (["--preset", "huge"], "--preset"), (["--beta", "-1"], "--beta"), (["--draft-k", "0", "--method", "draft"], "--draft-k"),
+     (["--flow-target", "td"], "--flow-target"), (["--adjoint-lambda", "0"], "--adjoint-lambda"),
+     (["--guess-from", "oracle"], "--guess-from"), (["--flow-target", "mixed", "--no-use-flow"], "--flow-target"),
+     (["--ppo-clip", "0"], "--ppo-clip"), (["--refl-start", "2"], "--refl-start"), (["--rtb-lr", "-1"], "--rtb-lr")],
 )
 def test_bad_flags_fail_with_one_line_naming_the_flag(args, flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -227,3 +235,99 @@ def test_bad_flags_fail_with_one_line_naming_the_flag(args, flag, capsys):
     assert exit_info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("toy_digits.py: error:") and flag in last
+
+
+# ----------------------------------------------------------------------------------------------
+# Every method: one update on a tiny config, its loss at its known zero, its cost per update
+# ----------------------------------------------------------------------------------------------
+
+TINY = dict(lora_rank=4, flow_hidden=16, batch=4, num_steps=3, subsample=1.0, draft_k=2)
+CONSTANT = 1.5
+
+
+def constant_reward(x0, traj):
+    return 0.0 * x0.flatten(1).sum(1) + CONSTANT
+
+
+def one_update(method: str, log_reward, **overrides):
+    """A fresh tiny finetuner and one update of `method`; returns (cfg, finetuner, logs, LoRA before)."""
+    cfg = td.Config(**{**TINY, **overrides})
+    ft = td.make_finetuner(cfg, tiny_denoiser().eval(), method)
+    before = [p.detach().clone() for p in ft.lora_params]
+    schedule = ng.ddim_schedule(td.make_scheduler(), cfg.num_steps)
+    logs = td.METHODS[method].update(cfg, ft, schedule, ft.meter.wrap(log_reward), torch.Generator().manual_seed(0))
+    return cfg, ft, logs, before
+
+
+ALL_VARIANTS = [("nabla-db", {"flow_target": t}) for t in ng.FLOW_TARGET_CHOICES] + [
+    ("nabla-db", {"flow_target": "bootstrap", "guess_from": "policy"})] + [(m, {}) for m in td.METHOD_NAMES[1:]]
+
+
+@pytest.mark.parametrize("method, overrides", ALL_VARIANTS)
+def test_each_method_moves_only_the_adapters_on_the_classifier_reward(method, overrides):
+    _, ft, logs, before = one_update(method, td.classifier_log_reward(tiny_classifier(), 3), **overrides)
+    assert math.isfinite(logs["reward"]) and logs["grad_norm_policy"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, ft.lora_params))
+    assert all(p.grad is None or "lora" in n for n, p in ft.model.named_parameters())
+
+
+@pytest.mark.parametrize("method, overrides", ALL_VARIANTS)
+def test_each_method_has_zero_gradient_at_init_for_a_constant_reward(method, overrides):
+    # θ = ♯ (LoRA B = 0) and a constant reward are every method's fixed point or stationary point:
+    # ∇-DB / adjoint matching: every residual and target is 0; RTB: log Z starts at log-mean-exp β r = β c
+    # and Σ log P_F^θ = Σ log P_F♯, so each trajectory's residual is 0; DDPO: all advantages are 0, so the
+    # PPO loss and its gradient vanish at ratio 1; DRaFT, ReFL: ∇r = 0.
+    _, ft, logs, before = one_update(method, constant_reward, **overrides)
+    assert logs["grad_norm_policy"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, ft.lora_params))  # AdamW's step on a zero gradient is 0
+    if method in ("nabla-db", "adjoint-matching", "rtb", "ddpo"):
+        assert logs["loss"] == pytest.approx(0.0, abs=1e-12)
+    if method == "rtb":
+        assert logs["log_z"] == pytest.approx(CONSTANT, abs=1e-6)
+    if method == "ddpo":
+        assert logs["clip_fraction"] == 0.0
+
+
+def test_rtb_learns_log_z_and_ddpo_clips_after_the_first_minibatch():
+    # limits that must move: RTB's log Z follows the residual; DDPO's ratio leaves [1 − ε, 1 + ε] once θ moves
+    reward = td.classifier_log_reward(tiny_classifier(), 3)
+    _, _, logs, _ = one_update("rtb", reward)
+    assert math.isfinite(logs["log_z"]) and logs["loss"] > 0
+    _, _, logs, _ = one_update("ddpo", reward, ppo_minibatches=3, ddpo_lr=1e-2)
+    assert 0.0 < logs["clip_fraction"] < 1.0
+
+
+# batch 4, 3 steps, every transition (12 rows, 8 non-terminal): rows backpropagated per update
+EXPECTED_COST = {
+    # lean adjoint 12 VJPs + 4 ∇r; θ's loss 12 rows; guess at the 8 non-terminal x′ through ε̂♯: 8 VJPs + 8 ∇r; 4 terminal ∇r
+    ("nabla-db", "adjoint"): (12 + 12 + 8, 4 + 8 + 4),
+    # reverse target: through ε̂_θ's and ε̂♯'s graphs at x (12 + 12), guess at x 12 ∇r; loss 12; guess at x′ 8 + 8 ∇r; terminal 4 ∇r
+    ("nabla-db", "bootstrap"): (12 + 12 + 12 + 8, 12 + 8 + 4),
+    ("adjoint-matching", None): (12 + 12, 4),  # lean adjoint + θ's loss; no reward call in the loss
+    ("rtb", None): (12, 0), ("ddpo", None): (12, 0),  # every transition once through ε̂_θ; no reward gradient
+    ("refl", None): (4, 4), ("draft", None): (2 * 4, 4),  # ReFL: one ε̂_θ call; DRaFT-2: the last 2 steps
+}
+
+
+@pytest.mark.parametrize("method, flow_target", list(EXPECTED_COST))
+def test_cost_meter_counts_network_vjps_and_reward_gradients(method, flow_target):
+    overrides = {"flow_target": flow_target, "guess_from": "policy" if flow_target == "bootstrap" else "reference"} if flow_target else {}
+    _, ft, _, _ = one_update(method, td.classifier_log_reward(tiny_classifier(), 3), **overrides)
+    counts = ft.meter.take()
+    assert (counts["network_vjps"], counts["reward_grads"]) == EXPECTED_COST[(method, flow_target)]
+    assert ft.meter.take() == {"network_vjps": 0, "reward_grads": 0}
+
+
+def test_divergence_is_relative_to_the_pretrained_samples():
+    pretrained = torch.rand(10, 1, 8, 8) * 2 - 1
+    assert not td.diverged(pretrained.clone(), pretrained)
+    assert td.diverged(pretrained * 100, pretrained)
+    assert td.diverged(torch.full_like(pretrained, float("nan")), pretrained)
+
+
+def test_presets_paper_and_bootstrap_restore_the_papers_flow():
+    paper = td.parse_args(["--preset", "paper"])
+    assert (paper.flow_target, paper.guess_from, paper.weighting, paper.gamma, paper.reverse_weight) == (
+        "bootstrap", "policy", "plain", "alpha_bar", 1.0)
+    default = td.parse_args([])
+    assert (default.flow_target, default.guess_from, default.flow_lr, default.method) == ("adjoint", "reference", 5e-4, "nabla-db")

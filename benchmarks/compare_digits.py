@@ -1,0 +1,311 @@
+"""Every method on the 8×8-digits rung, 3 seeds × both rewards, on one budget: a markdown table and a figure.
+
+    python benchmarks/compare_digits.py --sweep        # 1. each method's learning rate: 3 values, seed 0, class:3
+    python benchmarks/compare_digits.py                # 2. every method × seeds 0, 1, 2 × {class:3 (β 1), ink (β 0.5)}
+    python benchmarks/compare_digits.py --table-only   # rebuild table.md and figure.png from the results on disk
+
+Rows: ∇-GFlowNet (guess + g_φ) with each flow target — adjoint (toy_digits' default), mixed (λ 0.5),
+bootstrap (the paper's way of training g_φ; everything else as the default) — and adjoint matching,
+RTB (learned log Z), DDPO (PPO-clip), ReFL and DRaFT-1, all `toy_digits.py` methods on the same LoRA
+(rank 8), 32 trajectories per update, 25 DDIM steps and `--updates` updates (default 200, as
+toy_digits' default: what fits the 60-minute bar on 2 shared cores). The first row is exactly
+`python toy_digits.py --seed S` (and `--preset ink --seed S`), so its class:3 line is the default's
+3-seed measurement.
+
+Learning rates. `--sweep` runs each row at {d/3, d, 3d} (d = toy_digits' default for that method's
+rate; for ∇-GFlowNet the policy rate, g_φ's stays 5e-4) on seed 0, class:3, and keeps the rate with
+the lowest final Fréchet distance to the reference (the target-matching criterion every method is
+judged by; diverged runs excluded). It writes sweep.json, which the comparison reads; without it the
+defaults are used (and the table says so).
+
+Columns (means ± std over seeds): fraction classified as K (class reward), mean reward, diversity ÷
+the reference's (mean pairwise L2), distinct nearest training digits, Fréchet distance to the
+reference in the classifier's features, updates and train seconds until the curve (every
+--curve-every updates, 256 samples) first reaches the bar (class: frac ≥ reference − 0.1; ink: mean
+reward half of the way from p♯ to the reference), network VJPs and reward gradients per update
+(counted by `toy_digits.CostMeter`), and how many seeds diverged (`toy_digits.diverged`).
+
+Runs are resumable: each (row, reward, seed) result is a JSON file under --out, and a finished one is
+skipped, so an interrupted run can be continued and the table rebuilt from whatever finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import json
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import toy_digits as td  # noqa: E402
+
+# (row, toy_digits method, Config overrides); the first row is toy_digits' default
+ROWS: List[Tuple[str, str, Dict]] = [
+    ("∇-GFlowNet, adjoint (default)", "nabla-db", {}),
+    ("∇-GFlowNet, mixed λ 0.5", "nabla-db", {"flow_target": "mixed", "adjoint_lambda": 0.5}),
+    ("∇-GFlowNet, bootstrap (paper's g_φ)", "nabla-db", {"flow_target": "bootstrap"}),
+    ("adjoint matching", "adjoint-matching", {}),
+    ("RTB", "rtb", {}),
+    ("DDPO", "ddpo", {}),
+    ("ReFL", "refl", {}),
+    ("DRaFT-1", "draft", {"draft_k": 1}),
+]
+REWARDS: List[Tuple[str, float]] = [("class:3", 1.0), ("ink", 0.5)]
+SWEEP_FACTORS = (1 / 3, 1.0, 3.0)
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
+
+
+def row_config(row: str, reward: str, beta: float, seed: int, args, lr: Optional[float]) -> td.Config:
+    _, method, overrides = next(r for r in ROWS if r[0] == row)
+    cfg = td.Config(reward=reward, beta=beta, seed=seed, method=method, updates=args.updates,
+                    curve_every=args.curve_every, cache=args.cache, threads=1, **overrides)
+    if lr is not None:
+        cfg = dataclasses.replace(cfg, **{td.METHODS[method].lr_field: lr})
+    td.validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# One job: one row × reward × seed (× learning rate), in a worker process
+# ----------------------------------------------------------------------------------------------
+
+_SETUPS: Dict[Tuple, "td.Setup"] = {}
+
+
+def setup_for(cfg: td.Config) -> "td.Setup":
+    """prepare(cfg) once per worker for each (reward, β, seed): the reference is shared by the rows."""
+    key = (cfg.reward, cfg.beta, cfg.seed)
+    if key not in _SETUPS:
+        _SETUPS[key] = td.prepare(cfg)
+    return _SETUPS[key]
+
+
+def run_job(job: Dict) -> str:
+    import torch
+
+    torch.set_num_threads(1)
+    cfg = td.Config(**job["config"])
+    setup = setup_for(cfg)
+    start = time.time()
+    result, _, history = td.run_method(dataclasses.replace(setup, cfg=cfg), cfg.method, progress=False)
+    record = {"row": job["row"], "config": job["config"], "result": result, "history": history,
+              "reference": setup.metrics["reference"], "pretrained": setup.metrics["pretrained"],
+              "wall_seconds": time.time() - start}
+    path = Path(job["path"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+    return f"{job['row']} {cfg.reward} seed {cfg.seed} lr {td.method_lr(cfg, cfg.method):.1e}: " \
+           f"{result.get('frac_class', result['mean_reward']):.3f}, Fréchet {result['frechet_to_reference']:.1f} " \
+           f"({record['wall_seconds']:.0f} s)"
+
+
+def run_jobs(jobs: List[Dict], workers: int) -> None:
+    todo = [j for j in jobs if not Path(j["path"]).exists()]
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already on disk; running {len(todo)} on {workers} workers", flush=True)
+    # the ∇-DB rows are the slowest: start them first so the workers finish together
+    todo.sort(key=lambda j: j["config"]["method"] not in ("nabla-db", "adjoint-matching"))
+    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for done in cf.as_completed([pool.submit(run_job, j) for j in todo]):
+            print(done.result(), flush=True)
+
+
+def sweep_jobs(args) -> List[Dict]:
+    jobs = []
+    for row, method, overrides in ROWS:
+        default = td.method_lr(td.Config(**overrides), method)
+        for factor in SWEEP_FACTORS:
+            cfg = row_config(row, *REWARDS[0], 0, args, default * factor)
+            path = Path(args.out) / "sweep" / slug(row) / f"lr{default * factor:.2e}.json"
+            jobs.append({"row": row, "config": dataclasses.asdict(cfg), "path": str(path)})
+    return jobs
+
+
+def chosen_rates(args) -> Dict[str, float]:
+    """The sweep's winner per row: lowest final Fréchet to the reference among non-diverged runs."""
+    chosen = {}
+    for row, _, _ in ROWS:
+        records = [json.loads(p.read_text()) for p in (Path(args.out) / "sweep" / slug(row)).glob("lr*.json")]
+        records = [r for r in records if not r["result"]["diverged"]]
+        if records:
+            best = min(records, key=lambda r: r["result"]["frechet_to_reference"])
+            chosen[row] = td.method_lr(td.Config(**best["config"]), best["config"]["method"])
+    return chosen
+
+
+def comparison_jobs(args, rates: Dict[str, float]) -> List[Dict]:
+    jobs = []
+    for reward, beta in REWARDS:
+        for row, _, _ in ROWS:
+            for seed in args.seeds:
+                cfg = row_config(row, reward, beta, seed, args, rates.get(row))
+                path = Path(args.out) / "runs" / slug(reward) / slug(row) / f"seed{seed}.json"
+                jobs.append({"row": row, "config": dataclasses.asdict(cfg), "path": str(path)})
+    return jobs
+
+
+# ----------------------------------------------------------------------------------------------
+# Table and figure
+# ----------------------------------------------------------------------------------------------
+
+
+def mean_std(values: List[float], fmt: str) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(float(np.mean(values)), fmt)} ± {format(float(np.std(values)), fmt)}"
+
+
+def to_bar(records: List[Dict], key: str, fmt: str) -> str:
+    hits = [r["result"][key] for r in records if r["result"][key] is not None]
+    if not hits:
+        return "never"
+    text = mean_std(hits, fmt)
+    return text if len(hits) == len(records) else f"{text} ({len(hits)}/{len(records)} seeds)"
+
+
+def load_records(args, reward: str) -> Dict[str, List[Dict]]:
+    records = {}
+    for row, _, _ in ROWS:
+        paths = sorted((Path(args.out) / "runs" / slug(reward) / slug(row)).glob("seed*.json"))
+        if paths:
+            records[row] = [json.loads(p.read_text()) for p in paths]
+    return records
+
+
+def reward_table(reward: str, records: Dict[str, List[Dict]]) -> List[str]:
+    any_records = next(iter(records.values()))
+    has_frac = "frac_class" in any_records[0]["reference"]
+    head = ["method", "lr", "seeds"] + (["frac K"] if has_frac else []) + [
+        "mean r", "diversity ÷ ref", "distinct nearest", "Fréchet", "updates to bar", "train s to bar",
+        "VJPs / update", "∇r / update", "diverged"]
+    lines = [f"**{reward}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by_seed = {r["config"]["seed"]: r for rs in records.values() for r in rs}  # one reference per seed
+    for name in ("reference", "pretrained"):
+        pick = [r[name] for r in by_seed.values()]
+        ratio = [r[name]["diversity_l2"] / r["reference"]["diversity_l2"] for r in by_seed.values()]
+        cells = [name, "", str(len(by_seed))]
+        cells += [mean_std([m["frac_class"] for m in pick], ".2f")] if has_frac else []
+        cells += [mean_std([m["mean_reward"] for m in pick], ".2f"), mean_std(ratio, ".2f"),
+                  mean_std([m["distinct_nearest_digits"] for m in pick], ".0f"),
+                  mean_std([m["frechet_to_reference"] for m in pick], ".1f"), "", "", "", "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    for row, rs in records.items():
+        res = [r["result"] for r in rs]
+        lr = td.method_lr(td.Config(**rs[0]["config"]), rs[0]["config"]["method"])
+        cells = [row, f"{lr:.0e}", str(len(rs))]
+        cells += [mean_std([m["frac_class"] for m in res], ".2f")] if has_frac else []
+        cells += [mean_std([m["mean_reward"] for m in res], ".2f"), mean_std([m["diversity_ratio"] for m in res], ".2f"),
+                  mean_std([m["distinct_nearest_digits"] for m in res], ".0f"),
+                  mean_std([m["frechet_to_reference"] for m in res], ".1f"),
+                  to_bar(rs, "updates_to_bar", ".0f"), to_bar(rs, "seconds_to_bar", ".0f"),
+                  f"{np.mean([m['network_vjps_per_update'] for m in res]):.0f}",
+                  f"{np.mean([m['reward_grads_per_update'] for m in res]):.0f}",
+                  f"{sum(bool(m['diverged']) for m in res)}/{len(res)}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def write_table(args, rates: Dict[str, float], seconds: Optional[float]) -> None:
+    lines = [f"Digits comparison: {args.updates} updates × 32 trajectories, 25 steps, LoRA rank 8; "
+             f"means ± std over seeds. Learning rates: "
+             + ("from the sweep (sweep.json)" if rates else "toy_digits' defaults (no sweep.json)") + ".", ""]
+    for reward, _ in REWARDS:
+        records = load_records(args, reward)
+        if records:
+            lines += reward_table(reward, records)
+    if seconds is not None:
+        lines.append(f"Wall time of this invocation: {seconds / 60:.1f} min on {args.workers} workers; load at the end: "
+                     f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (1/5/15 min).")
+    (Path(args.out) / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    write_figure(args)
+
+
+def write_figure(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(REWARDS), 2, figsize=(12, 4.2 * len(REWARDS)), squeeze=False)
+    for (reward, _), (ax_curve, ax_scatter) in zip(REWARDS, axes):
+        records = load_records(args, reward)
+        if not records:
+            continue
+        key = "frac_class" if "frac_class" in next(iter(records.values()))[0]["reference"] else "mean_reward"
+        for i, (row, rs) in enumerate(records.items()):
+            updates = [h["update"] for h in rs[0]["history"]]
+            curve = np.mean([[h[key] for h in r["history"]] for r in rs if len(r["history"]) == len(updates)], 0)
+            ax_curve.plot(updates, curve, color=f"C{i}", label=row)
+            x = [r["result"][key] for r in rs]
+            y = [r["result"]["frechet_to_reference"] for r in rs]
+            ax_scatter.scatter(x, y, color=f"C{i}", label=row, s=25)
+        ref = next(iter(records.values()))[0]["reference"][key]
+        for ax in (ax_curve,):
+            ax.axhline(ref, color="k", ls="--", lw=1, label="reference")
+        ax_scatter.axvline(ref, color="k", ls="--", lw=1)
+        ax_curve.set(xlabel="update", ylabel=key, title=f"{reward}: {key} (mean over seeds)")
+        ax_scatter.set(xlabel=key, ylabel="Fréchet to reference", yscale="log", title=f"{reward}: final, each seed")
+        ax_curve.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(Path(args.out) / "figure.png", dpi=100)
+    plt.close(fig)
+
+
+def cache_models(args) -> None:
+    """Pretrain (or load) the denoiser and classifier once here, so that the workers only load them."""
+    cfg = td.Config(cache=args.cache)
+    images, labels = td.load_digits_tensor()
+    td.load_or_pretrain_denoiser(cfg, images, td.make_scheduler())
+    td.load_or_train_classifier(cfg, images, labels)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sweep", action="store_true", help="run the learning-rate sweep (seed 0, class:3) instead")
+    parser.add_argument("--table-only", action="store_true", help="only rebuild table.md and figure.png")
+    parser.add_argument("--out", default="runs/compare-digits", help="output folder (results, sweep.json, table.md, figure.png)")
+    parser.add_argument("--cache", default="", help="toy_digits --cache ('' = $NABLA_GFN_CACHE or ~/.cache/nabla-gfn)")
+    parser.add_argument("--updates", type=int, default=td.Config.updates, help="finetuning updates per run")
+    parser.add_argument("--curve-every", type=int, default=td.Config.curve_every, help="updates between curve points (the 'to bar' resolution)")
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2], help="comma-separated seeds")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes, one torch thread each")
+    args = parser.parse_args(argv)
+    if args.updates < 1 or args.curve_every < 1 or args.workers < 1:
+        parser.error("--updates, --curve-every and --workers must be ≥ 1")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    if not args.table_only:
+        cache_models(args)
+    if args.sweep:
+        run_jobs(sweep_jobs(args), args.workers)
+        rates = chosen_rates(args)
+        (Path(args.out) / "sweep.json").write_text(json.dumps(rates, indent=1))
+        print(json.dumps(rates, indent=1), f"\nsweep: {(time.time() - start) / 60:.1f} min")
+        return
+    sweep = Path(args.out) / "sweep.json"
+    rates = json.loads(sweep.read_text()) if sweep.exists() else {}
+    if not args.table_only:
+        run_jobs(comparison_jobs(args, rates), args.workers)
+    write_table(args, rates, None if args.table_only else time.time() - start)
+
+
+if __name__ == "__main__":
+    main()
