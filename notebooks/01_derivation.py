@@ -600,7 +600,7 @@ for i in (0, 10, 20, 30, 40):
 # over-shoots at high noise, a bias that shrinks as the policy improves), at the price of a
 # noisier per-sample target and one reference VJP per step. Trained on ring8/bump (500 updates ×
 # 128 trajectories, mode TV over 3 seeds, measured in the development of `nabla_gfn.py`'s
-# `flow_target`): the bootstrapped default 0.183 ± 0.039; $g_\phi(x')$ regressed on $a_{i+1}$
+# `flow_target`): the paper's bootstrap 0.183 ± 0.039; $g_\phi(x')$ regressed on $a_{i+1}$
 # (`LossConfig(flow_target="adjoint")`) 0.053 ± 0.018; $L_B$'s target blended half-and-half
 # (`"mixed"`) 0.050 ± 0.009; no $g_\phi$, the policy's forward residual regressed on $a_{i+1}$
 # (adjoint matching, `use_flow=False, flow_target="adjoint"`) 0.056 ± 0.011; the exact-flow oracle
