@@ -11,6 +11,17 @@ terminal transitions and for the paper's training mix (1 terminal + 5 others per
 steps). Goal (issue 3): ≤ 13 with the full loss, ≤ 7 without g_φ. The VAE decoder and the reward
 model run inside the loss (the reward gradient), so their cost is part of the ratio.
 
+Each flow target of sd_finetune.py (--flow-target bootstrap|mixed|adjoint, with and without g_φ; adjoint
+matching = --no-flow --flow-target adjoint) gets a row, the lean-adjoint targets one per Jacobian of
+their sweep (--adjoint-jacobian guided|unguided): the loss per trained transition (training mix),
+the sweep per trajectory, the cost per trained transition with the sweep spread over the K trained
+transitions of its trajectory, and per trajectory (50 sampling steps + sweep + K losses), for K = 6
+(the paper's --subsample-fraction 0.1) and K = 50 (every transition, --subsample-fraction 1). Not
+counted: with --precision bf16 sampling and the default fp32 residual, one no-grad ε̂ per trained
+transition re-records ε̂_old (sd_finetune.recorded_eps; +1 unit). --taesd also composes the cost with
+AutoencoderTiny (madebyollin/taesd's architecture) decoding the forward-looking guesses only (the
+terminal reward keeps the VAE); sd_finetune.py has no such option yet.
+
 Two measures:
   --measure time   wall-clock, each loss timed right after a guided ε evaluation and the median of the
                    paired ratios kept (robust to load drifting on a shared machine); peak memory.
@@ -23,7 +34,7 @@ Two measures:
 Run:
     OMP_NUM_THREADS=1 python benchmarks/bench_sd_transition.py                       # tiny, CPU, time
     OMP_NUM_THREADS=1 python benchmarks/bench_sd_transition.py --measure flops       # tiny, FLOPs
-    python benchmarks/bench_sd_transition.py --size sd15 --measure flops             # SD-1.5 at 512², any CPU
+    python benchmarks/bench_sd_transition.py --size sd15 --measure flops --taesd     # SD-1.5 at 512², any CPU
     python benchmarks/bench_sd_transition.py --size sd15 --batch 4                   # SD-1.5 at 512², GPU time
 
 --size sd15 builds SD-1.5-sized components with random weights (UNet 860M, VAE, CLIP text encoder,
@@ -215,7 +226,7 @@ class Bench:
                      F=flops(lambda: self.flow(b.x, b.t, b.traj).sum().backward()))
         if taesd is not None:
             def taesd_reward(x0, traj):
-                return self.models.reward(taesd.decode(x0).sample.float(), self.prompts[: len(x0)])
+                return self.models.reward(taesd.decode(x0.to(taesd.dtype)).sample.float(), self.prompts[: len(x0)])
             parts["Rt"] = flops(lambda: nabla_gfn.reward_gradient(taesd_reward, b.x, b.traj))
         for p in self.params:
             p.grad = None

@@ -118,7 +118,11 @@ def run_jobs(jobs: List[Dict], workers: int) -> None:
     todo = [j for j in jobs if not Path(j["path"]).exists()]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already on disk; running {len(todo)} on {workers} workers", flush=True)
     # the ∇-DB rows are the slowest: start them first so the workers finish together
-    todo.sort(key=lambda j: j["config"]["method"] not in ("nabla-db", "adjoint-matching"))
+    # class:3 before ink, seed by seed, so that a partial run has every method; within a seed the ∇-DB
+    # rows (the slowest) first, so the workers finish together
+    rewards = [r for r, _ in REWARDS]
+    todo.sort(key=lambda j: (rewards.index(j["config"]["reward"]), j["config"]["seed"],
+                             j["config"]["method"] not in ("nabla-db", "adjoint-matching")))
     with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for done in cf.as_completed([pool.submit(run_job, j) for j in todo]):
             print(done.result(), flush=True)
@@ -152,7 +156,8 @@ def comparison_jobs(args, rates: Dict[str, float]) -> List[Dict]:
     for reward, beta in REWARDS:
         for row, _, _ in ROWS:
             for seed in args.seeds:
-                cfg = row_config(row, reward, beta, seed, args, rates.get(row))
+                # the first row is toy_digits' default as it stands (the sweep found 1e-3, 3e-3 and 9e-3 alike)
+                cfg = row_config(row, reward, beta, seed, args, None if row == ROWS[0][0] else rates.get(row))
                 path = Path(args.out) / "runs" / slug(reward) / slug(row) / f"seed{seed}.json"
                 jobs.append({"row": row, "config": dataclasses.asdict(cfg), "path": str(path)})
     return jobs
@@ -247,7 +252,10 @@ def write_figure(args) -> None:
     fig, axes = plt.subplots(len(REWARDS), 2, figsize=(12, 4.2 * len(REWARDS)), squeeze=False)
     for (reward, _), (ax_curve, ax_scatter) in zip(REWARDS, axes):
         records = load_records(args, reward)
-        if not records:
+        if not records:  # not run (yet): say so instead of an empty frame
+            for ax in (ax_curve, ax_scatter):
+                ax.axis("off")
+            ax_curve.text(0, 0.5, f"{reward}: no finished runs", fontsize=12)
             continue
         key = "frac_class" if "frac_class" in next(iter(records.values()))[0]["reference"] else "mean_reward"
         for i, (row, rs) in enumerate(records.items()):

@@ -42,3 +42,44 @@ def test_emulated_tf32_rounds_to_ten_mantissa_bits():
     x = torch.tensor([1.0 + 2**-10, 1.0 + 2**-11, 1.0 + 3 * 2**-11, 1.0 + 2**-12, -3.0 - 2**-9])
     expected = torch.tensor([1.0 + 2**-10, 1.0, 1.0 + 2**-9, 1.0, -3.0 - 2**-9])  # ties to even
     assert torch.equal(bench_sd_numerics.round_to_tf32(x), expected)
+
+
+def test_transition_cost_composition_matches_the_real_loss(cache, capsys):
+    """--measure flops on the tiny pipeline: every target's composed cost (the formula the SD-1.5 table
+    uses) matches FlopCounter on the real loss, and the sweep's composition matches its real count."""
+    import bench_sd_transition
+
+    bench_sd_transition.main(["--measure", "flops", "--cache-dir", str(cache)])
+    out = capsys.readouterr().out
+    worst = float(out.split("max |measured − composed| = ")[1].split()[0])
+    assert worst < 0.2, out
+    for jacobian in ("guided", "unguided"):
+        measured, composed = out.split(f"{jacobian} ")[-1].split(",")[0].split(" / ")
+        assert abs(float(measured) - float(composed)) < 0.05 * float(composed), out
+    assert out.count("| adjoint matching |") == 2  # guided and unguided Jacobian rows
+
+
+def test_transition_cost_time_mode_runs(cache, capsys):
+    import bench_sd_transition
+
+    bench_sd_transition.main(["--repeats", "2", "--steps", "4", "--transitions", "2,4", "--cache-dir", str(cache)])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "target" not in line]
+    assert len(rows) == 8, out  # bootstrap, no flow; mixed, adjoint, adjoint matching × (guided, unguided)
+    assert all("nan" not in r for r in rows)
+
+
+def test_gpu_check_reduced_mode_writes_one_json(cache, tmp_path):
+    import gpu_check
+
+    out = tmp_path / "check.json"
+    gpu_check.main(["--reduced", "--out", str(out), "--cache-dir", str(cache)])
+    result = json.loads(out.read_text())
+    assert set(result["precisions"]) == set(gpu_check.PRECISIONS)
+    for precision in result["precisions"].values():
+        assert [r["batch"] for r in precision["rows"]] == [1, 2]
+        for row in precision["rows"]:
+            assert set(row["targets"]) == {"bootstrap (paper)", "mixed", "adjoint", "no flow", "adjoint matching"}
+            assert all(v["update_seconds"] > 0 and v["peak_memory_mib"] > 0 for v in row["targets"].values())
+            assert all(v["seconds"] > 0 for v in row["sweep"].values())
+    assert result["numerics"]["init"]["bf16"] == 0.0

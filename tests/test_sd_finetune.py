@@ -79,7 +79,8 @@ def test_one_epoch_writes_every_output(smoke_run, cache):
     saved = json.loads((out / "config.json").read_text())
     assert saved["config"]["model"] == "tiny" and saved["config"]["reward"] == "aesthetic"
     assert saved["derived"] == {"trajectories": 4, "transitions_per_trajectory": 2, "grad_accum": 2,
-                                "updates_per_epoch": 2, "processes": 1, "weight_dtype": "torch.float32"}
+                                "updates_per_epoch": 2, "processes": 1, "weight_dtype": "torch.float32",
+                                "sampling_autocast": "none"}
 
     metrics = read_jsonl(out / "metrics.jsonl", drop=())
     assert [m["update"] for m in metrics] == [1, 2]
