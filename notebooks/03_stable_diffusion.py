@@ -193,6 +193,30 @@ _, after = ng.nabla_db_loss(batch, policy_eps, reference_eps, log_reward, flow, 
 print(f"after the update: max |ε̂_θ − ε̂♯| = {float(gap):.2e}; trust-region term λ‖ε̂_θ − ε̂_old‖² = {float(after['trust_region']):.3g}")
 
 # %% [markdown]
+# ### 5b · The other flow targets: `--flow-target adjoint`, `mixed`, and adjoint matching
+#
+# The paper trains $g_\phi$ by bootstrapping (the default above). With `--flow-target adjoint` the
+# driver first sweeps each trajectory once through the frozen reference (`sd.adjoint_sweep`, which
+# calls `ng.lean_adjoint`: $a_T = \beta\nabla r(x_0)$, $a_i = J^\sharp(x_i)^\top a_{i+1}$, one VJP
+# through the guided reference UNet per step, detached), and $g_\phi(x')$ + the guess is regressed on
+# $a_{i+1}$ (no $L_B$); `--no-flow --flow-target adjoint` is adjoint matching (no guess, no
+# $g_\phi$). Same batch, same callables, only the config changes.
+#
+# **Check:** the adjoint's terminal row is $\beta\nabla r(x_0)$ exactly, and only the paper's target
+# has a reverse term.
+
+# %%
+for name, flags in (("adjoint", ["--flow-target", "adjoint"]), ("mixed λ=0.5", ["--flow-target", "mixed", "--adjoint-lambda", "0.5"]),
+                    ("adjoint matching", ["--no-flow", "--flow-target", "adjoint"])):
+    cfg_target = sd.parse_config(["--preset", "smoke", "--steps", "10", *flags])
+    adjoint = sd.adjoint_sweep(models, schedule, trajectory, cond, prompts, cfg_target)
+    _, parts_target = ng.nabla_db_loss(batch, policy_eps, reference_eps, log_reward,
+                                       None if cfg_target.no_flow else flow, cfg_target.loss_config(), adjoint=adjoint)
+    terminal_ok = torch.allclose(adjoint[:, -1], cfg.beta * ng.reward_gradient(log_reward, trajectory.final, traj)[0], atol=1e-6)
+    print(f"{name:>16}: adjoint {tuple(adjoint.shape)}, a_T = β∇r(x_0): {terminal_ok}; "
+          + ", ".join(f"{k} {float(v):.3g}" for k, v in parts_target.items()))
+
+# %% [markdown]
 # ## 6 · Save the LoRA, load it with `pipe.load_lora_weights`
 #
 # `sd.save_checkpoint` writes the LoRA in diffusers' format (plus $g_\phi$, the optimiser and the

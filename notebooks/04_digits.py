@@ -208,6 +208,14 @@ plt.show()
 # current policy, gather the subsampled transitions, take one step on
 # `nabla_gfn.nabla_db_loss` (residual ∇-DB with the forward-looking flow; the LoRA and $g_\phi$
 # each clipped), and every `curve_every` updates measure 128 samples drawn from fixed noise.
+#
+# The rung's default (`td.Config()`) keeps ∇-GFlowNet's guess + $g_\phi$ but trains $g_\phi(x')$ on
+# the lean adjoint $a_{i+1}$ (`flow_target="adjoint"`, one sweep through the frozen model per
+# trajectory) instead of the paper's bootstrap, with the guess taken from the frozen model and 30 %
+# of the transitions trained; `--preset paper` restores the paper's settings. Measured over seeds
+# 0–2 (README, digits section): fraction classified as 3 **0.86 ± 0.01** against the reference's
+# 0.91 ± 0.01 with 0.95 × its diversity; the paper's bootstrapped $g_\phi$ reaches 0.80, adjoint
+# matching 0.82, while DRaFT-1 and ReFL reach 0.99–1.00 by collapsing.
 
 # %%
 def curve_metrics(model):
@@ -281,7 +289,7 @@ plt.show()
 # %% [markdown]
 # ## The full run
 #
-# The same steps with the script's defaults (2,500 pretraining steps, 500 updates, a 4,000-sample
+# The same steps with the script's defaults (2,500 pretraining steps, 200 updates, a 4,000-sample
 # reference), writing config, metrics, sample arrays and a figure:
 #
 # ```bash
@@ -293,5 +301,4 @@ plt.show()
 #
 # Every flag: `python toy_digits.py --help`. The `toy_digits.py` docstring lists the measured
 # choices (MLP denoiser, calibrated classifier, `kl` weighting, γ = √ᾱ, w_B = 5) and the known
-# shortfall: in the default budget ∇-GFlowNet covers about two thirds of the way from $p^\sharp$ to
-# the target in the fraction of K's.
+# result: the default gets within 0.05–0.06 of the reference's fraction of K's (README, digits).
