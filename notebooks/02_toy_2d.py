@@ -274,16 +274,14 @@ axes[2].set(xlabel="step (0 = noise)", title="scale along the exact flow (1 = un
 plt.show()
 
 # %% [markdown]
-# One seed and a short budget, so read the table for its direction, not its digits. Measured on
-# `toy_2d`'s full budget (500 updates × 128 trajectories, ring8/bump, mode TV over 3 seeds, in the
-# development of the flow targets; the README's toy table is filled by `compare_toy.py --readme`):
-# bootstrap 0.183 ± 0.039, never below 0.1; adjoint (with a $g_\phi$ learning rate of ≈ 5e-4–2e-3 and
-# `kl` weighting, now `toy_2d`'s default; at 1e-2 it swings) 0.053 ± 0.018, below 0.1 after ≈ 50
-# updates; mixed, λ = 0.5, 0.050 ± 0.009, after 50–100; adjoint matching 0.056 ± 0.011, after
-# 25–50 and with no tuning; the exact-flow policy 0.040 ± 0.013 and the oracle 0.03. The adjoint
-# variants cost about twice the network VJPs of bootstrap per update (the sweep runs over all T
-# steps of every trajectory) and far fewer reward gradients; adjoint matching
-# needs one reward gradient per trajectory.
+# One seed and a short budget, so read the table for its direction, not its digits. On `toy_2d`'s
+# full default budget (300 updates × 128 trajectories, ring8/bump, seeds 0–2; README, toy baselines
+# table, `python compare_toy.py --readme`): the default (adjoint) **0.047 ± 0.009**, below 0.1 after
+# 20 updates; mixed, λ = 0.5, 0.065 ± 0.009; bootstrap with the same other settings 0.339 ± 0.107 and
+# with the paper's settings 0.569 ± 0.010, never below 0.1; adjoint matching 0.031 ± 0.012 and RTB
+# 0.025 ± 0.010, both after 20 updates; the oracle 0.046 on that evaluation. Per update the default
+# costs 8,576 network VJPs (6,400 of them the sweep over all 50 steps of 128 trajectories) and 896
+# reward gradients, bootstrap 3,712 and 1,536, adjoint matching 7,168 and 128.
 
 # %% [markdown]
 # ## 6 · Against the baselines: reward versus diversity
