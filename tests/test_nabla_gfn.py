@@ -24,7 +24,6 @@ from torch.distributions import Normal
 import nabla_gfn
 from nabla_gfn import (
     LossConfig,
-    StepSchedule,
     Transitions,
     adjoint_rows,
     clip_grad_norms,
