@@ -29,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -209,7 +209,8 @@ def read_run(cfg: toy_2d.ToyConfig, threshold: float) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _mean_std(values: List[Optional[float]], fmt: str) -> str:
+def mean_std(values: List[Optional[float]], fmt: str) -> str:
+    """"mean ± std" over seeds (sample std, ddof 1), None values left out; one value alone; "—" for none."""
     values = [v for v in values if v is not None]
     if not values:
         return "—"
@@ -264,8 +265,8 @@ def markdown_table(rows: List[dict], reference: dict, threshold: float, updates:
     lines = []
     for row in rows:
         lines.append(
-            f"| {row['method']} | {_mean_std(row['final_tv'], '.3f')} | {_mean_std(row['tv_at_mid'], '.3f')} | {_mean_std(row['min_tv'], '.3f')} | "
-            f"{_mean_std(row['mean_log_reward'], '.2f')} | {_mean_std(row['mode_entropy'], '.2f')} | "
+            f"| {row['method']} | {mean_std(row['final_tv'], '.3f')} | {mean_std(row['tv_at_mid'], '.3f')} | {mean_std(row['min_tv'], '.3f')} | "
+            f"{mean_std(row['mean_log_reward'], '.2f')} | {mean_std(row['mode_entropy'], '.2f')} | "
             f"{_median_reached(row['updates_to_threshold'], '.0f')} | {_median_reached(row['train_s_to_threshold'], '.1f')} | "
             f"{row['network_vjps_per_update']:.0f} | {row['reward_grads_per_update']:.0f} | {_diverged(row['diverged_at'])} |")
     for name, ref in reference.items():
@@ -339,14 +340,19 @@ def make_figure(path: Path, task: toy_2d.Task, samples: Dict[str, np.ndarray], r
     plt.close(fig)
 
 
-def write_readme_table(table: str, command: str, readme: Path = Path("README.md")):
-    """Replace the text between the BASELINES-TABLE markers of README.md (inside the baselines section)."""
+def replace_readme_block(markers: Tuple[str, str], content: str, readme: Path = Path("README.md")):
+    """Replace the text between two marker comments of README.md with `content` (markers kept)."""
     text = readme.read_text()
-    begin, end = README_TABLE
+    begin, end = markers
     if begin not in text or end not in text:
         raise SystemExit(f"error: README.md has no {begin} … {end} markers")
-    body = f"{begin}\n\nProduced by `{command}`:\n\n{table}\n{end}"
+    body = f"{begin}\n\n{content}\n{end}"
     readme.write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: body, text, flags=re.S))
+
+
+def write_readme_table(table: str, command: str, readme: Path = Path("README.md")):
+    """The table between the BASELINES-TABLE markers of README.md (inside the baselines section)."""
+    replace_readme_block(README_TABLE, f"Produced by `{command}`:\n\n{table}", readme)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import toy_digits as td  # noqa: E402
+from compare_toy import mean_std  # noqa: E402  (sample std over seeds, as every table here)
 
 # (row, toy_digits method, Config overrides); the first row is toy_digits' default
 ROWS: List[Tuple[str, str, Dict]] = [
@@ -168,13 +169,6 @@ def comparison_jobs(args, rates: Dict[str, float]) -> List[Dict]:
 # ----------------------------------------------------------------------------------------------
 
 
-def mean_std(values: List[float], fmt: str) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{format(float(np.mean(values)), fmt)} ± {format(float(np.std(values)), fmt)}"
 
 
 def to_bar(records: List[Dict], key: str, fmt: str) -> str:

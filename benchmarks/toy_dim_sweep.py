@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import json
 import math
-import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -199,7 +198,7 @@ def markdown_table(rows: List[dict], args, cfg: toy_2d.ToyConfig) -> str:
     head = (f"| D | method | final mode TV ↓ | mean log r | updates to TV ≤ {thr}, held | train s, held | first TV ≤ {thr} at | "
             "best TV seen | train s / update | network VJPs / update | ∇r / update | policy lr | diverged |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-    lines, ms, reached = [], compare_toy._mean_std, compare_toy._median_reached
+    lines, ms, reached = [], compare_toy.mean_std, compare_toy._median_reached
     for i, row in enumerate(rows):
         lines.append(
             f"| {row['dim']} | {row['label']} | {ms(row['final_tv'], '.3f')} | {ms(row['mean_log_reward'], '.2f')} | "
@@ -229,10 +228,10 @@ def compact_table(rows: List[dict], args) -> str:
         for dim in dims:
             row = next(r for r in rows if r["method"] == method and r["dim"] == dim)
             dagger = " †" if any(d is not None for d in row["diverged_at"]) else ""
-            cells.append(compare_toy._mean_std(row["final_tv"], ".3f") + dagger)
+            cells.append(compare_toy.mean_std(row["final_tv"], ".3f") + dagger)
         lines.append(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
-    oracle = [compare_toy._mean_std(next(r for r in rows if r["dim"] == d)["oracle_tv"], ".3f") for d in dims]
-    pretrained = [compare_toy._mean_std(next(r for r in rows if r["dim"] == d)["pretrained_tv"], ".3f") for d in dims]
+    oracle = [compare_toy.mean_std(next(r for r in rows if r["dim"] == d)["oracle_tv"], ".3f") for d in dims]
+    pretrained = [compare_toy.mean_std(next(r for r in rows if r["dim"] == d)["pretrained_tv"], ".3f") for d in dims]
     lines += ["| *oracle (exact flow)* | " + " | ".join(oracle) + " |", "| *pretrained P_F♯* | " + " | ".join(pretrained) + " |"]
     return "\n".join(lines) + "\n"
 
@@ -285,12 +284,7 @@ def make_figure(path: Path, rows: List[dict], args):
 
 def write_readme_table(table: str, command: str, wall: str, readme: Path = Path("README.md")):
     """Replace the text between the TOY-DIM-TABLE markers of README.md."""
-    text = readme.read_text()
-    begin, end = README_TABLE
-    if begin not in text or end not in text:
-        raise SystemExit(f"error: README.md has no {begin} … {end} markers")
-    body = f"{begin}\n\nProduced by `{command}` ({wall}):\n\n{table}\n{end}"
-    readme.write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: body, text, flags=re.S))
+    compare_toy.replace_readme_block(README_TABLE, f"Produced by `{command}` ({wall}):\n\n{table}", readme)
 
 
 # ----------------------------------------------------------------------------------------------
