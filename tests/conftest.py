@@ -22,3 +22,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_cache(tmp_path_factory):
+    """A private cache holding the tiny SD pipeline, CLIP and aesthetic head, built once per session."""
+    import sd_finetune
+
+    folder = tmp_path_factory.mktemp("sd-cache")
+    sd_finetune.tiny_assets(str(folder))
+    return folder

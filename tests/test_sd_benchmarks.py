@@ -10,16 +10,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_sd_numerics  # noqa: E402
-import sd_finetune as sd  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cache")
-    sd.tiny_assets(str(folder))
-    return folder
+def cache(tiny_sd_cache):
+    return tiny_sd_cache  # conftest.py: built once for both SD test files
 
 
 def test_numerics_quick_mode(cache, tmp_path, capsys):

@@ -32,11 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A private cache holding the tiny pipeline, CLIP and aesthetic head, built once."""
-    folder = tmp_path_factory.mktemp("cache")
-    sd.tiny_assets(str(folder))
-    return folder
+def cache(tiny_sd_cache):
+    return tiny_sd_cache  # conftest.py: built once for both SD test files
 
 
 @pytest.fixture(scope="module")
