@@ -79,7 +79,8 @@ class Trainee:
 
     groups: {name: parameter list}, each clipped separately ("policy", and "flow" when g_φ is
     trained; log Z is not clipped). flow: g_φ as an eps_fn-shaped callable, or None. log_z: RTB's
-    `LogPartition`, or None.
+    `LogPartition`, or None. backward: how a loss is backpropagated (a multi-process rung passes
+    accelerate's `accelerator.backward`).
     """
 
     policy_eps: ng.EpsFn
@@ -91,12 +92,13 @@ class Trainee:
     optimizer: torch.optim.Optimizer
     flow: Optional[ng.EpsFn] = None
     log_z: Optional["LogPartition"] = None
+    backward: Callable[[Tensor], None] = Tensor.backward
 
 
 def optimizer_step(trainee: Trainee, loss: Tensor, max_norm: float) -> Dict[str, float]:
     """zero_grad, backward, clip each group's norm separately, step. Returns {grad_norm_<group>: pre-clip norm}."""
     trainee.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    trainee.backward(loss)
     norms = ng.clip_grad_norms(trainee.groups, max_norm)
     trainee.optimizer.step()
     return {f"grad_norm_{k}": v for k, v in norms.items()}
