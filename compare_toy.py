@@ -367,7 +367,7 @@ def git_state() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"commit": git("rev-parse", "HEAD"), "toy_2d_dirty": bool(git("status", "--porcelain", "toy_2d.py", "toy_baselines.py"))}
+    return {"commit": git("rev-parse", "HEAD"), "toy_2d_dirty": bool(git("status", "--porcelain", "toy_2d.py", "baselines.py"))}
 
 
 def compare(cc: CompareConfig, command: str = "python compare_toy.py") -> dict:

@@ -45,8 +45,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+import baselines as bl
 import nabla_gfn as ng
-import toy_baselines
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -110,7 +110,7 @@ class ToyConfig:
     adjoint_lambda: float = field(default=0.5, metadata={"help": "λ ∈ (0, 1] of --flow-target mixed"})
     lr_schedule: str = field(default="cosine", metadata={"help": "learning rates over the updates: constant, or cosine decay to 0 (all groups)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max grad norm, per parameter group"})
-    # baselines (toy_baselines.py); the policy lr is --lr for every method
+    # baselines (baselines.py); the policy lr is --lr for every method
     draft_k: int = field(default=1, metadata={"help": "DRaFT-K: last sampling steps the reward gradient flows through (1 = DRaFT-1)"})
     draft_kl: float = field(default=0.0, metadata={"help": "DRaFT-K: weight of the per-step KL to P_F♯ on those K steps (0 = off, as in the paper)"})
     refl_start: float = field(default=0.75, metadata={"help": "ReFL: stop at a uniform step in [refl_start·T, T−1] (ImageReward: 30–39 of 40)"})
@@ -130,49 +130,28 @@ class ToyConfig:
 
     @property
     def loss_config(self) -> ng.LossConfig:
-        return ng.LossConfig(
-            beta=self.beta,
-            trust_region=self.trust_region,
-            reverse_weight=self.reverse_weight,
-            gamma=self.gamma,
-            weighting=self.weighting,
-            use_flow=self.method not in ("no-flow", "adjoint-matching"),
-            guess_from=self.guess_from,
-            # no-flow: the guess alone is θ's target; adjoint matching: a_{i+1} is (no guess, no g_φ)
-            flow_target={"adjoint-matching": "adjoint", "no-flow": "bootstrap"}.get(self.method, self.flow_target),
+        """The configured ∇-DB loss with the method's fixed fields (no-flow, adjoint-matching) applied."""
+        base = ng.LossConfig(
+            beta=self.beta, trust_region=self.trust_region, reverse_weight=self.reverse_weight, gamma=self.gamma,
+            weighting=self.weighting, use_flow=True, guess_from=self.guess_from, flow_target=self.flow_target,
             adjoint_lambda=self.adjoint_lambda,
         )
+        return bl.METHODS[self.method].loss_config(base) if self.method in bl.METHODS else base
 
 
-@dataclass(frozen=True)
-class Method:
-    """One --method: a train step with `train_step`'s signature and its extra trainable module.
-
-    make_aux(cfg) builds that module (g_φ, RTB's log Z) or returns None; aux_group(cfg) its
-    optimiser settings; aux_is_flow says whether it is g_φ (then evaluated as the learned flow).
-    """
-
-    train_step: Callable[..., Dict[str, float]]
-    summary: str
-    make_aux: Callable[[ToyConfig], Optional[nn.Module]] = lambda cfg: None
-    aux_group: Callable[[ToyConfig], dict] = lambda cfg: {}
-    aux_is_flow: bool = False
+# Every --method comes from the one registry (baselines.METHODS); "exact-flow" is this rung's own
+# diagnostic (it needs the closed-form target), dispatched in `method_update`.
+METHOD_NAMES = (*bl.METHODS, "exact-flow")
 
 
-def method_registry() -> Dict[str, Method]:
-    """--method name → Method: the whole registry lives here; the baselines' steps in toy_baselines.py."""
-    baselines = {name: Method(step, summary) for name, (step, summary) in toy_baselines.BASELINES.items()}
-    baselines["rtb"] = dataclasses.replace(
-        baselines["rtb"], make_aux=lambda cfg: toy_baselines.LogPartition(),
-        aux_group=lambda cfg: {"lr": cfg.rtb_logz_lr, "weight_decay": 0.0})
-    return {
-        "nabla-db": Method(train_step, "∇-GFlowNet: residual ∇-DB with forward-looking flow", make_aux=make_flow,
-                           aux_group=lambda cfg: {"lr": cfg.flow_lr, "weight_decay": 1e-2}, aux_is_flow=True),
-        "no-flow": Method(train_step, "∇-GFlowNet without g_φ (forward-looking guess alone)"),
-        "adjoint-matching": Method(train_step, "Adjoint Matching: forward residual regressed on the lean adjoint (no guess, no g_φ)"),
-        "exact-flow": Method(train_step_exact_flow, "diagnostic: forward term with the exact residual flow as target"),
-        **baselines,
-    }
+def method_config(cfg: ToyConfig) -> bl.MethodConfig:
+    """This rung's config fields → the registry's method hyper-parameters."""
+    return bl.MethodConfig(
+        beta=cfg.beta, batch_size=cfg.batch_size, fraction=cfg.fraction, grad_clip=cfg.grad_clip,
+        loss=cfg.loss_config, draft_k=cfg.draft_k, draft_kl=cfg.draft_kl, refl_start=cfg.refl_start,
+        ppo_clip=cfg.ppo_clip, ppo_epochs=cfg.ppo_epochs, ppo_minibatches=cfg.ppo_minibatches,
+        ppo_adv_clip=cfg.ppo_adv_clip,
+    )
 
 
 class RewardGradCounter:
@@ -691,66 +670,50 @@ def make_flow(cfg: ToyConfig) -> TimeMLP:
     return ng.zero_output_layer(TimeMLP(network_width(cfg.flow_hidden, cfg.dim), cfg.dim))
 
 
-def sample_transitions(policy: nn.Module, schedule: ng.StepSchedule, cfg: ToyConfig,
-                       gen: torch.Generator) -> Tuple[ng.Trajectory, ng.Transitions]:
-    """On-policy trajectories and the subsample of their transitions (terminal + one per chunk)."""
-    trajectory = sample(as_eps_fn(policy), schedule, cfg.batch_size, gen, cfg.dim)
-    steps = ng.subsample_steps(schedule.num_steps, cfg.fraction, cfg.batch_size, gen)
-    return trajectory, ng.gather_transitions(trajectory, schedule, steps)
-
-
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: Tensor, groups: Dict[str, object], max_norm: float) -> Dict[str, float]:
-    """zero_grad, backward, clip each parameter group's norm separately, step. Returns pre-clip norms."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    norms = ng.clip_grad_norms(groups, max_norm)
-    optimizer.step()
-    return norms
-
-
-def train_step(task: Task, policy: nn.Module, reference: nn.Module, flow: Optional[nn.Module],
-               optimizer: torch.optim.Optimizer, schedule: ng.StepSchedule, cfg: ToyConfig,
-               gen: torch.Generator) -> Dict[str, float]:
-    """Sample trajectories with the current policy, train once on a subsample of their transitions.
-
-    For the flow targets "adjoint"/"mixed" and adjoint matching, the lean adjoint of the whole batch
-    of trajectories (one VJP through the frozen reference per step) comes first.
-    """
-    trajectory, batch = sample_transitions(policy, schedule, cfg, gen)
-    loss_cfg = cfg.loss_config
-    adjoint = None
-    if loss_cfg.flow_target != "bootstrap":
-        adjoint, _ = ng.lean_adjoint(as_eps_fn(reference), schedule, trajectory, task.log_reward, cfg.beta)
-    loss, parts = ng.nabla_db_loss(batch, as_eps_fn(policy), as_eps_fn(reference), task.log_reward,
-                                   None if flow is None else as_eps_fn(flow), loss_cfg, adjoint=adjoint)
-    groups = {"policy": policy.parameters()}
-    if flow is not None:
-        groups["flow"] = flow.parameters()
-    norms = optimizer_step(optimizer, loss, groups, cfg.grad_clip)
-    stats = {k: float(v) for k, v in parts.items()}
-    stats.update({f"grad_norm_{k}": v for k, v in norms.items()})
-    stats["reward"] = float(task.reward(trajectory.final).mean())
-    return stats
-
-
-def train_step_exact_flow(task: Task, policy: nn.Module, reference: nn.Module, _aux, optimizer: torch.optim.Optimizer,
-                          schedule: ng.StepSchedule, cfg: ToyConfig, gen: torch.Generator) -> Dict[str, float]:
-    """Diagnostic: the forward residual regressed on the *exact* ∇ log F̃(x') (no guess, no g_φ).
+def exact_flow_update(task: Task) -> Callable[[bl.Trainee, bl.MethodConfig, torch.Generator], Dict[str, float]]:
+    """Diagnostic update: the forward residual regressed on the *exact* ∇ log F̃(x') (no guess, no g_φ).
 
     Shows how fast the policy side alone converges; the gap to nabla-db is the cost of having to
     learn the flow. Needs a closed-form target.
     """
     if task.target is None:
         raise SystemExit("error: --method exact-flow needs a closed-form target (a --reward preset or JSON)")
-    trajectory, b = sample_transitions(policy, schedule, cfg, gen)
-    mean_policy = ng.step_mean(b.x, policy(b.x, b.t), b.alpha_bar, b.alpha_bar_next, b.sigma)
-    with torch.no_grad():
-        mean_reference = ng.step_mean(b.x, reference(b.x, b.t), b.alpha_bar, b.alpha_bar_next, b.sigma)
-        target = exact_flow_score(task.prior, task.target, b.x_next, b.alpha_bar_next)
-    weight, _ = ng.transition_weights(b.sigma, cfg.weighting)
-    loss = (weight * (ng.forward_residual(mean_policy, mean_reference, b.sigma) - target).pow(2).mean(1)).mean()
-    norms = optimizer_step(optimizer, loss, {"policy": policy.parameters()}, cfg.grad_clip)
-    return {"loss": loss.item(), "grad_norm_policy": norms["policy"], "reward": float(task.reward(trajectory.final).mean())}
+
+    def update(trainee: bl.Trainee, hp: bl.MethodConfig, gen: torch.Generator) -> Dict[str, float]:
+        trajectory = bl.sample_policy(trainee, hp.batch_size, gen)
+        steps = ng.subsample_steps(trainee.schedule.num_steps, hp.fraction, hp.batch_size, gen)
+        b = ng.gather_transitions(trajectory, trainee.schedule, steps)
+        mean_policy = ng.step_mean(b.x, trainee.policy_eps(b.x, b.t, b.traj), b.alpha_bar, b.alpha_bar_next, b.sigma)
+        with torch.no_grad():
+            mean_reference = ng.step_mean(b.x, trainee.reference_eps(b.x, b.t, b.traj), b.alpha_bar, b.alpha_bar_next, b.sigma)
+            target = exact_flow_score(task.prior, task.target, b.x_next, b.alpha_bar_next)
+        weight, _ = ng.transition_weights(b.sigma, hp.loss.weighting)
+        loss = (weight * (ng.forward_residual(mean_policy, mean_reference, b.sigma) - target).pow(2).mean(1)).mean()
+        logs = bl.optimizer_step(trainee, loss, hp.grad_clip)
+        logs.update(loss=loss.item(), reward=float(task.reward(trajectory.final).mean()))
+        return logs
+
+    return update
+
+
+def make_trainee(cfg: ToyConfig, task: Task, policy: nn.Module, reference: nn.Module, schedule: ng.StepSchedule,
+                 module: Optional[str]) -> Tuple[bl.Trainee, Optional[TimeMLP]]:
+    """The common interface of every update: this rung's networks as eps_fns, + g_φ or log Z when the
+    method needs one. Returns (trainee, g_φ or None)."""
+    flow = make_flow(cfg) if module == "flow" else None
+    log_z = bl.LogPartition() if module == "log_z" else None
+    groups = {"policy": list(policy.parameters())}
+    param_groups = [{"params": groups["policy"], "lr": cfg.lr}]
+    if flow is not None:
+        groups["flow"] = list(flow.parameters())
+        param_groups.append({"params": groups["flow"], "lr": cfg.flow_lr, "weight_decay": 1e-2})
+    if log_z is not None:
+        param_groups.append({"params": list(log_z.parameters()), "lr": cfg.rtb_logz_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
+    x_T = lambda n, gen: torch.randn(n, task.dim, generator=gen)
+    trainee = bl.Trainee(as_eps_fn(policy), as_eps_fn(reference), task.log_reward, schedule, x_T, groups, optimizer,
+                         None if flow is None else as_eps_fn(flow), log_z)
+    return trainee, flow
 
 
 def finetune(cfg: ToyConfig, task: Task, reference: nn.Module, schedule: ng.StepSchedule, quiet: bool = False):
@@ -758,22 +721,20 @@ def finetune(cfg: ToyConfig, task: Task, reference: nn.Module, schedule: ng.Step
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     torch.manual_seed(cfg.seed + 1)
     policy = copy.deepcopy(reference).requires_grad_(True).train()
-    method = method_registry()[cfg.method]
-    aux = method.make_aux(cfg)  # g_φ for nabla-db, log Z for rtb, else None
-    param_groups = [{"params": policy.parameters(), "lr": cfg.lr}]
-    if aux is not None:
-        param_groups.append({"params": aux.parameters(), **method.aux_group(cfg)})
-    optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
+    method = bl.METHODS.get(cfg.method)
+    update_fn = method.update if method is not None else exact_flow_update(task)
+    counter = RewardGradCounter(task.reward)
+    trainee, flow = make_trainee(cfg, dataclasses.replace(task, reward=counter), policy, reference, schedule,
+                                 method and method.module)
+    hp, optimizer = method_config(cfg), trainee.optimizer
     decay = (lambda u: 0.5 * (1 + math.cos(math.pi * u / cfg.updates))) if cfg.lr_schedule == "cosine" else (lambda u: 1.0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)  # stepped once per update
-    counter = RewardGradCounter(task.reward)
-    vjps = NetworkVJPCounter([policy, reference, aux if isinstance(aux, TimeMLP) else None])
-    train_task = dataclasses.replace(task, reward=counter)
+    vjps = NetworkVJPCounter([policy, reference, flow])
     train_time, history, eval_gen = 0.0, [], torch.Generator().manual_seed(cfg.seed + 2)
     bar = tqdm(range(cfg.updates), desc=f"finetune ({cfg.method})", disable=quiet)
     for update in bar:
         start = time.perf_counter()
-        stats = method.train_step(train_task, policy, reference, aux, optimizer, schedule, cfg, gen)
+        stats = update_fn(trainee, hp, gen)
         stats["lr"] = optimizer.param_groups[0]["lr"]  # the policy's rate used by this update
         lr_schedule.step()
         train_time += time.perf_counter() - start
@@ -785,7 +746,7 @@ def finetune(cfg: ToyConfig, task: Task, reference: nn.Module, schedule: ng.Step
             bar.set_postfix(tv=f"{stats['eval_mode_tv']:.3f}", loss=f"{stats['loss']:.3g}")
         history.append({"update": update + 1, **stats})
     vjps.remove()
-    return policy.eval(), aux if method.aux_is_flow else None, history
+    return policy.eval(), flow, history
 
 
 # ----------------------------------------------------------------------------------------------
@@ -874,7 +835,7 @@ def build_task(cfg: ToyConfig, log_reward: Optional[Callable[[Tensor], Tensor]] 
 
 def validate(cfg: ToyConfig):
     checks = [
-        (cfg.method in method_registry(), f"--method must be one of {tuple(method_registry())}, got {cfg.method!r}"),
+        (cfg.method in METHOD_NAMES, f"--method must be one of {METHOD_NAMES}, got {cfg.method!r}"),
         (cfg.gamma in ng.GAMMA_CHOICES, f"--gamma must be one of {ng.GAMMA_CHOICES}, got {cfg.gamma!r}"),
         (cfg.weighting in ng.WEIGHTING_CHOICES, f"--weighting must be one of {ng.WEIGHTING_CHOICES}, got {cfg.weighting!r}"),
         (cfg.flow_target in ng.FLOW_TARGET_CHOICES, f"--flow-target must be one of {ng.FLOW_TARGET_CHOICES}, got {cfg.flow_target!r}"),
@@ -929,7 +890,7 @@ def dataclass_parser(cls, description: str, choices: Optional[Dict[str, tuple]] 
 
 
 def parse_args(argv=None) -> ToyConfig:
-    choices = {"method": tuple(method_registry()), "gamma": ng.GAMMA_CHOICES, "weighting": ng.WEIGHTING_CHOICES,
+    choices = {"method": METHOD_NAMES, "gamma": ng.GAMMA_CHOICES, "weighting": ng.WEIGHTING_CHOICES,
                "guess_from": ng.GUESS_CHOICES, "flow_target": ng.FLOW_TARGET_CHOICES,
                "lr_schedule": LR_SCHEDULES}
     parser = dataclass_parser(ToyConfig, __doc__.split("\n\n")[0], choices)

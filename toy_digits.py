@@ -37,7 +37,7 @@ Methods (all on the same LoRA, trajectories per update and update budget; each i
     ddpo              PPO-clip on per-step log-probability ratios, batch-normalised advantages (Black et al.).
     refl              ascend r(x̂_0(x_i)) at a random late step i (Xu et al., ImageReward).
     draft             DRaFT-K: backpropagate r(x_0) through the last K sampling steps (Clark et al.).
-The baselines' losses are toy_baselines.py's (shared with the 2-D toy); only RTB and the ∇-DB methods
+Every update is baselines.py's (one registry for every rung); only RTB and the ∇-DB methods
 have p* as their optimum, the others maximise the reward with no term tying the model to the prior.
 
 The default, and the paper one flag away. The default is ∇-GFlowNet with the guess + g_φ kept, and
@@ -75,7 +75,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import math
 import shutil
 import time
 import warnings
@@ -95,10 +94,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+import baselines as bl  # every method's update and the one method registry, shared with the other rungs
 import nabla_gfn as ng
-import toy_baselines as baselines  # the baselines' losses and sampler helpers, shared with the 2-D toy
 
-METHOD_NAMES = ("nabla-db", "adjoint-matching", "rtb", "ddpo", "refl", "draft")
+# The methods this rung runs (all from baselines.METHODS), and the Config field of each one's policy lr.
+LR_FIELDS = {"nabla-db": "lr", "adjoint-matching": "am_lr", "rtb": "rtb_lr", "ddpo": "ddpo_lr", "refl": "refl_lr",
+             "draft": "draft_lr"}
+METHOD_NAMES = tuple(LR_FIELDS)
 
 IMAGE_SHAPE = (1, 8, 8)
 
@@ -153,6 +155,7 @@ class Config:
     max_grad_norm: float = _f(1.0, "gradient-norm clip, applied to the policy and g_φ separately")
     draft_k: int = _f(1, "DRaFT-K: sampling steps the reward is backpropagated through")
     draft_lr: float = _f(3e-4, "DRaFT-K learning rate (its own: at --lr it leaves the data range within a few updates)")
+    draft_kl: float = _f(0.0, "DRaFT-K: weight of the per-step KL to P_F♯ on those K steps (0 = off, as in the paper)")
     am_lr: float = _f(3e-3, "adjoint-matching learning rate")
     rtb_lr: float = _f(3e-4, "RTB policy learning rate")
     rtb_logz_lr: float = _f(1e-1, "RTB: learning rate of log Z")
@@ -209,6 +212,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--subsample must be in [0, 1], got {cfg.subsample}")
     if "draft" in methods and not 1 <= cfg.draft_k <= cfg.num_steps:
         raise ValueError(f"--draft-k must be in 1..--num-steps ({cfg.num_steps}), got {cfg.draft_k}")
+    if cfg.draft_kl < 0:
+        raise ValueError(f"--draft-kl must be ≥ 0, got {cfg.draft_kl}")
     if not 0.0 <= cfg.refl_start <= 1.0:
         raise ValueError(f"--refl-start must be in [0, 1], got {cfg.refl_start}")
     for name in ("lr", "flow_lr", "draft_lr", "am_lr", "rtb_lr", "rtb_logz_lr", "ddpo_lr", "refl_lr", "ppo_clip", "ppo_adv_clip"):
@@ -717,7 +722,7 @@ class Finetuner:
 
 
 def method_lr(cfg: Config, method: str) -> float:
-    return getattr(cfg, METHODS[method].lr_field)
+    return getattr(cfg, LR_FIELDS[method])
 
 
 def make_finetuner(cfg: Config, pretrained: DigitDenoiser, method: str) -> Finetuner:
@@ -727,164 +732,51 @@ def make_finetuner(cfg: Config, pretrained: DigitDenoiser, method: str) -> Finet
     lora_params = add_lora(model, cfg.lora_rank)
     groups = [{"params": lora_params, "lr": method_lr(cfg, method), "weight_decay": 0.0}]
     flow, log_z = None, None
-    if method == "nabla-db" and cfg.use_flow:
+    module = bl.METHODS[method].module
+    if module == "flow" and cfg.use_flow:
         flow = FlowCorrection(cfg.flow_hidden)
         groups.append({"params": list(flow.parameters()), "lr": cfg.flow_lr, "weight_decay": 1e-2})
-    if method == "rtb":
-        log_z = baselines.LogPartition()
+    if module == "log_z":
+        log_z = bl.LogPartition()
         groups.append({"params": list(log_z.parameters()), "lr": cfg.rtb_logz_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
     return Finetuner(model, lora_params, flow, optimizer, log_z, CostMeter(model))
 
 
-def optimizer_step(ft: Finetuner, loss: Tensor, max_grad_norm: float) -> Dict[str, float]:
-    """Backward, clip the policy and g_φ gradients separately (log Z unclipped), step."""
-    ft.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    groups = {"policy": ft.lora_params}
-    if ft.flow is not None:
-        groups["flow"] = list(ft.flow.parameters())
-    norms = ng.clip_grad_norms(groups, max_grad_norm)
-    ft.optimizer.step()
-    return {f"grad_norm_{k}": v for k, v in norms.items()}
-
-
 def loss_config(cfg: Config, method: str) -> ng.LossConfig:
-    """nabla-db: the configured ∇-DB; adjoint-matching: no g_φ, no guess, θ's residual on a_{i+1}."""
-    if method == "adjoint-matching":
-        return ng.LossConfig(beta=cfg.beta, trust_region=cfg.trust_region, weighting=cfg.weighting,
-                             use_flow=False, flow_target="adjoint")
-    return ng.LossConfig(
+    """The configured ∇-DB loss with the method's fixed fields (adjoint-matching: no g_φ, no guess) applied."""
+    base = ng.LossConfig(
         beta=cfg.beta, trust_region=cfg.trust_region, reverse_weight=cfg.reverse_weight, gamma=cfg.gamma,
         weighting=cfg.weighting, use_flow=cfg.use_flow, guess_from=cfg.guess_from,
         flow_target=cfg.flow_target, adjoint_lambda=cfg.adjoint_lambda,
     )
+    return bl.METHODS[method].loss_config(base)
 
 
-def residual_db_update(cfg: Config, ft: Finetuner, schedule: ng.StepSchedule, log_reward: ng.LogRewardFn,
-                       gen: torch.Generator, method: str) -> Dict[str, float]:
-    """Sample a batch of trajectories with the current policy, sweep the lean adjoint when the flow
-    target needs it, train on a subsample of transitions (nabla-db and adjoint-matching)."""
-    policy_eps, reference_eps = policy_eps_fn(ft.model), reference_eps_fn(ft.model)
-    loss_cfg = loss_config(cfg, method)
-    x_T = torch.randn((cfg.batch, *IMAGE_SHAPE), generator=gen)
-    trajectory = ng.sample_trajectory(policy_eps, schedule, x_T, gen)
-    adjoint = None
-    if loss_cfg.flow_target != "bootstrap":
-        adjoint, _ = ng.lean_adjoint(reference_eps, schedule, trajectory, log_reward, cfg.beta)
-    steps = ng.subsample_steps(schedule.num_steps, cfg.subsample, cfg.batch, gen)
-    batch = ng.gather_transitions(trajectory, schedule, steps)
-    loss, parts = ng.nabla_db_loss(batch, policy_eps, reference_eps, log_reward, ft.flow, loss_cfg, adjoint=adjoint)
-    logs = {k: float(v) for k, v in parts.items()}
-    logs.update(optimizer_step(ft, loss, cfg.max_grad_norm))
-    logs["reward"] = float(score(log_reward, trajectory.final).mean())
-    if adjoint is not None:
-        logs["adjoint_rms"] = float(adjoint.pow(2).mean().sqrt())
-    return logs
+def method_config(cfg: Config, method: str) -> bl.MethodConfig:
+    """This rung's config fields (batch, subsample, max_grad_norm, …) → the registry's method hyper-parameters."""
+    return bl.MethodConfig(
+        beta=cfg.beta, batch_size=cfg.batch, fraction=cfg.subsample, grad_clip=cfg.max_grad_norm,
+        loss=loss_config(cfg, method), draft_k=cfg.draft_k, draft_kl=cfg.draft_kl, refl_start=cfg.refl_start,
+        ppo_clip=cfg.ppo_clip, ppo_epochs=cfg.ppo_epochs, ppo_minibatches=cfg.ppo_minibatches,
+        ppo_adv_clip=cfg.ppo_adv_clip,
+    )
 
 
-def nabla_db_update(cfg, ft, schedule, log_reward, gen) -> Dict[str, float]:
-    """∇-GFlowNet: residual ∇-DB with guess + g_φ, g_φ trained by cfg.flow_target."""
-    return residual_db_update(cfg, ft, schedule, log_reward, gen, "nabla-db")
+def make_trainee(ft: Finetuner, schedule: ng.StepSchedule, log_reward: ng.LogRewardFn) -> bl.Trainee:
+    """The common interface of every update: LoRA on = P_F^θ, LoRA off = P_F^♯, g_φ and log Z from the finetuner."""
+    groups = {"policy": ft.lora_params}
+    if ft.flow is not None:
+        groups["flow"] = list(ft.flow.parameters())
+    x_T = lambda n, gen: torch.randn((n, *IMAGE_SHAPE), generator=gen)
+    return bl.Trainee(policy_eps_fn(ft.model), reference_eps_fn(ft.model), log_reward, schedule, x_T, groups,
+                      ft.optimizer, ft.flow, ft.log_z)
 
 
-def adjoint_matching_update(cfg, ft, schedule, log_reward, gen) -> Dict[str, float]:
-    """Adjoint matching (Domingo-Enrich et al. 2025) in ∇-DB form: (μ_θ − μ♯)/σ² regressed on a_{i+1}."""
-    return residual_db_update(cfg, ft, schedule, log_reward, gen, "adjoint-matching")
-
-
-def draft_update(cfg, ft, schedule, log_reward, gen) -> Dict[str, float]:
-    """DRaFT-K: sample without gradients up to the last K steps, then differentiate r(x_0) through them.
-
-    Loss −mean r(x_0): reward maximisation with no term tying the model to the prior.
-    """
-    policy_eps = policy_eps_fn(ft.model)
-    x_T = torch.randn((cfg.batch, *IMAGE_SHAPE), generator=gen)
-    x = baselines.sample_prefix(policy_eps, schedule, x_T, schedule.num_steps - cfg.draft_k, gen)
-    traj = torch.arange(cfg.batch)
-    for i in range(schedule.num_steps - cfg.draft_k, schedule.num_steps):
-        coef = baselines.step_coefficients(schedule, i, cfg.batch)
-        mean = ng.step_mean(x, policy_eps(x, schedule.timesteps[i].expand(cfg.batch), traj), *coef)
-        x = mean + schedule.sigma[i] * torch.randn(x.shape, generator=gen)
-    r = log_reward(x, traj)
-    logs = optimizer_step(ft, -(cfg.beta * r).mean(), cfg.max_grad_norm)
-    logs["reward"] = float(r.detach().mean())
-    return logs
-
-
-def refl_update(cfg, ft, schedule, log_reward, gen) -> Dict[str, float]:
-    """ReFL: sample without gradients to a random late step i, ascend β r(x̂_0(x_i)) (one ε̂_θ call)."""
-    stop = baselines.refl_step_index(schedule.num_steps, cfg.refl_start, gen)
-    x_T = torch.randn((cfg.batch, *IMAGE_SHAPE), generator=gen)
-    x0_hat, _ = baselines.refl_prediction(policy_eps_fn(ft.model), schedule, x_T, stop, gen)
-    r = log_reward(x0_hat, torch.arange(cfg.batch))
-    logs = optimizer_step(ft, -(cfg.beta * r).mean(), cfg.max_grad_norm)
-    logs.update(reward=float(r.detach().mean()), refl_step=stop)
-    return logs
-
-
-def ddpo_update(cfg, ft, schedule, log_reward, gen) -> Dict[str, float]:
-    """DDPO: sample a batch, then ppo_epochs × ppo_minibatches PPO-clip steps on all its transitions."""
-    policy_eps = policy_eps_fn(ft.model)
-    x_T = torch.randn((cfg.batch, *IMAGE_SHAPE), generator=gen)
-    trajectory = ng.sample_trajectory(policy_eps, schedule, x_T, gen)
-    reward = score(log_reward, trajectory.final)
-    advantages = baselines.normalised_advantages(cfg.beta * reward, cfg.ppo_adv_clip)
-    batch = baselines.all_transitions(trajectory, schedule)
-    # π_old: the Gaussian step the sampler took, from the ε̂ it recorded
-    old_mean = ng.step_mean(batch.x, batch.eps_old, batch.alpha_bar, batch.alpha_bar_next, batch.sigma)
-    old_log_prob = ng.gaussian_log_prob(batch.x_next, old_mean, batch.sigma)
-    losses, clip_fractions = [], []
-    for _ in range(cfg.ppo_epochs):
-        for rows in torch.randperm(len(batch), generator=gen).chunk(cfg.ppo_minibatches):
-            log_prob = baselines.transition_log_prob(policy_eps, batch.select(rows))
-            loss, stats = baselines.ppo_clip_loss(log_prob, old_log_prob[rows], advantages[batch.traj[rows]], cfg.ppo_clip)
-            logs = optimizer_step(ft, loss, cfg.max_grad_norm)
-            losses.append(float(loss.detach()))
-            clip_fractions.append(float(stats["clip_fraction"]))
-    logs.update(loss=float(np.mean(losses)), clip_fraction=float(np.mean(clip_fractions)), reward=float(reward.mean()))
-    return logs
-
-
-def rtb_update(cfg, ft, schedule, log_reward, gen) -> Dict[str, float]:
-    """RTB: (log Z + Σ log P_F^θ − Σ log P_F♯ − β r(x_0))² on on-policy trajectories; learned log Z.
-
-    log Z starts at the first batch's log-mean-exp of β r (its value at θ = ♯, a Jensen lower bound
-    of the true log Z), not at 0: with the ink reward β r ≈ 10, and Adam would need ~100 updates to
-    get there while the policy absorbs the offset.
-    """
-    policy_eps = policy_eps_fn(ft.model)
-    x_T = torch.randn((cfg.batch, *IMAGE_SHAPE), generator=gen)
-    trajectory = ng.sample_trajectory(policy_eps, schedule, x_T, gen)
-    batch = baselines.all_transitions(trajectory, schedule)
-    log_pf_policy = baselines.trajectory_log_prob(policy_eps, batch, cfg.batch)
-    with torch.no_grad():
-        log_pf_reference = baselines.trajectory_log_prob(reference_eps_fn(ft.model), batch, cfg.batch)
-        reward = score(log_reward, trajectory.final)
-        if ft.update == 0:
-            ft.log_z.value.fill_(float(torch.logsumexp(cfg.beta * reward, 0) - math.log(cfg.batch)))
-    loss = baselines.rtb_loss(ft.log_z(), log_pf_policy, log_pf_reference, reward, cfg.beta)
-    logs = optimizer_step(ft, loss, cfg.max_grad_norm)
-    logs.update(loss=float(loss.detach()), reward=float(reward.mean()), log_z=float(ft.log_z().detach()))
-    return logs
-
-
-@dataclass(frozen=True)
-class Method:
-    update: Callable  # (cfg, ft, schedule, log_reward, gen) -> logs with "reward"
-    lr_field: str  # the Config field holding its policy learning rate
-    label: str
-
-
-METHODS: Dict[str, Method] = {
-    "nabla-db": Method(nabla_db_update, "lr", "∇-GFlowNet"),
-    "adjoint-matching": Method(adjoint_matching_update, "am_lr", "adjoint matching"),
-    "rtb": Method(rtb_update, "rtb_lr", "RTB"),
-    "ddpo": Method(ddpo_update, "ddpo_lr", "DDPO"),
-    "refl": Method(refl_update, "refl_lr", "ReFL"),
-    "draft": Method(draft_update, "draft_lr", "DRaFT-K"),
-}
-assert tuple(METHODS) == METHOD_NAMES
+def method_update(cfg: Config, method: str, ft: Finetuner, schedule: ng.StepSchedule, log_reward: ng.LogRewardFn,
+                  gen: torch.Generator) -> Dict[str, float]:
+    """One update of `method` (looked up in baselines.METHODS) on this finetuner."""
+    return bl.METHODS[method].update(make_trainee(ft, schedule, log_reward), method_config(cfg, method), gen)
 
 
 def finetune(
@@ -905,7 +797,7 @@ def finetune(
     bar = tqdm(range(1, cfg.updates + 1), desc=f"finetune {method}", disable=not progress)
     for update in bar:
         start = time.time()
-        logs = METHODS[method].update(cfg, ft, schedule, counted_reward, gen)
+        logs = method_update(cfg, method, ft, schedule, counted_reward, gen)
         train_seconds += time.time() - start
         ft.update = update
         cost = ft.meter.take()
@@ -934,7 +826,7 @@ def image_grid(x: Tensor, cols: int = 8) -> np.ndarray:
 def display_name(method: str, cfg: Config) -> str:
     if method == "nabla-db":
         return f"∇-GFlowNet ({cfg.flow_target})" if cfg.use_flow else f"∇-GFlowNet (no g_φ, {cfg.flow_target})"
-    return f"DRaFT-{cfg.draft_k}" if method == "draft" else METHODS[method].label
+    return f"DRaFT-{cfg.draft_k}" if method == "draft" else bl.METHODS[method].label
 
 
 def make_figure(path: Path, grids: Dict[str, Tensor], histories: Dict[str, List[Dict]], reference: Dict, pretrained: Dict, title: str):

@@ -74,7 +74,7 @@ def row_config(row: str, reward: str, beta: float, seed: int, args, lr: Optional
     cfg = td.Config(reward=reward, beta=beta, seed=seed, method=method, updates=args.updates,
                     curve_every=args.curve_every, cache=args.cache, threads=1, **overrides)
     if lr is not None:
-        cfg = dataclasses.replace(cfg, **{td.METHODS[method].lr_field: lr})
+        cfg = dataclasses.replace(cfg, **{td.LR_FIELDS[method]: lr})
     td.validate(cfg)
     return cfg
 

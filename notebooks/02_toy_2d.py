@@ -20,7 +20,7 @@
 # a ring of 8 Gaussians is finetuned with the residual ∇-DB loss towards
 # $p^*(x_0) \propto p^\sharp(x_0)\,R(x_0)^\beta$ (a Gaussian bump reward), and compared with the
 # closed-form target at every stage. Everything runs through `toy_2d.py` — `pretrain`,
-# `finetune` (one `train_step` per update), `evaluate` — with its current defaults, except for a
+# `finetune` (one `baselines.nabla_db_update` per update), `evaluate` — with its current defaults, except for a
 # smaller number of updates so that the notebook runs in about a minute. The derivation behind
 # each piece is in `01_derivation.ipynb`.
 
@@ -97,7 +97,7 @@ plt.show()
 # %% [markdown]
 # ## 2 · Finetune
 #
-# One update (`toy_2d.train_step`) is the paper's Algorithm 1 on one batch:
+# One update (`baselines.nabla_db_update`) is the paper's Algorithm 1 on one batch:
 #
 # 1. sample `batch_size` trajectories with the current policy, no gradients
 #    (`ng.sample_trajectory`), recording every state and $\hat\epsilon_{\text{old}}$;
@@ -286,7 +286,7 @@ plt.show()
 # %% [markdown]
 # ## 6 · Against the baselines: reward versus diversity
 #
-# `toy_baselines.py` adds finetuning methods that share everything with ∇-GFlowNet here —
+# `baselines.py` adds finetuning methods that share everything with ∇-GFlowNet here —
 # the sampler, the frozen $P_F^\sharp$, the starting copy, one batch of fresh trajectories per
 # update, the learning rate — and plug into `toy_2d.finetune` by name:
 #

@@ -204,7 +204,7 @@ plt.show()
 # %% [markdown]
 # ## 6 · A short ∇-GFlowNet finetune
 #
-# `finetune` runs `nabla_db_update` `updates` times: sample a batch of trajectories with the
+# `finetune` runs `baselines.nabla_db_update` `updates` times: sample a batch of trajectories with the
 # current policy, gather the subsampled transitions, take one step on
 # `nabla_gfn.nabla_db_loss` (residual ∇-DB with the forward-looking flow; the LoRA and $g_\phi$
 # each clipped), and every `curve_every` updates measure 128 samples drawn from fixed noise.
@@ -258,7 +258,7 @@ plt.show()
 # %% [markdown]
 # ## 8 · DRaFT-K for contrast
 #
-# DRaFT-K (`draft_update`) backpropagates $r(x_0)$ through the last K sampling steps and
+# DRaFT-K (`baselines.draft_update`) backpropagates $r(x_0)$ through the last K sampling steps and
 # maximises $\mathbb E[r]$, with no term tying the model to $p^\sharp$: it is expected to push
 # harder towards K and give up diversity (collapse onto the reward's maximum), where
 # ∇-GFlowNet aims at the reweighted $p^\sharp$. Same settings and budget, its own learning rate.

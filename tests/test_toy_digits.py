@@ -160,7 +160,7 @@ def test_draft_update_moves_only_the_adapters():
     frozen = {n: p.clone() for n, p in ft.model.named_parameters() if "lora" not in n}
     lora = [p.clone() for p in ft.lora_params]
     schedule = ng.ddim_schedule(td.make_scheduler(), cfg.num_steps)
-    logs = td.draft_update(cfg, ft, schedule, td.classifier_log_reward(tiny_classifier(), 3), torch.Generator().manual_seed(0))
+    logs = td.method_update(cfg, "draft", ft, schedule, td.classifier_log_reward(tiny_classifier(), 3), torch.Generator().manual_seed(0))
     assert math.isfinite(logs["reward"])
     assert all(torch.equal(p, frozen[n]) for n, p in ft.model.named_parameters() if "lora" not in n)
     assert any(not torch.equal(a, b) for a, b in zip(lora, ft.lora_params))
@@ -255,7 +255,7 @@ def one_update(method: str, log_reward, **overrides):
     ft = td.make_finetuner(cfg, tiny_denoiser().eval(), method)
     before = [p.detach().clone() for p in ft.lora_params]
     schedule = ng.ddim_schedule(td.make_scheduler(), cfg.num_steps)
-    logs = td.METHODS[method].update(cfg, ft, schedule, ft.meter.wrap(log_reward), torch.Generator().manual_seed(0))
+    logs = td.method_update(cfg, method, ft, schedule, ft.meter.wrap(log_reward), torch.Generator().manual_seed(0))
     return cfg, ft, logs, before
 
 

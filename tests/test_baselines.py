@@ -1,10 +1,12 @@
-"""Oracle tests of the toy baselines (toy_baselines.py) and their hook in toy_2d.py.
+"""Oracle tests of the baselines and the one method registry (baselines.py), and their hooks in the rungs.
 
 Oracles: the shared sampler `nabla_gfn.sample_trajectory` (DRaFT and ReFL must reproduce its states
 with the same generator), torch.distributions.Normal for log-probabilities, PPO's and RTB's values
 where they are known in closed form (ratio 1 on-policy, zero loss at policy = reference), and hooks
 on the ε-network that record which calls carry a graph. Tiny MLPs, 6 sampling steps; the last test
-runs the comparison script end to end with --quick (≈ 20 s).
+runs the comparison script end to end with --quick (≈ 20 s). The last section checks that the rungs
+share one code path: the same update and hyper-parameters for the same settings, the same RTB log Z
+start, and no method registered or baseline update defined anywhere but baselines.py.
 """
 
 import copy
@@ -20,7 +22,7 @@ from torch.distributions import Normal
 import compare_toy
 import nabla_gfn as ng
 import toy_2d
-import toy_baselines as tb
+import baselines as bl
 
 NUM_STEPS = 6
 BATCH = 8
@@ -62,13 +64,13 @@ def test_ddpo_ratio_is_one_on_policy_and_clip_does_not_change_the_gradient(sched
     policy = tiny_net(0).requires_grad_(True)
     eps_fn = toy_2d.as_eps_fn(policy)
     trajectory = toy_2d.sample(eps_fn, schedule, BATCH, torch.Generator().manual_seed(1))
-    batch = tb.all_transitions(trajectory, schedule)
+    batch = bl.all_transitions(trajectory, schedule)
     with torch.no_grad():
-        old = tb.transition_log_prob(eps_fn, batch)
-    new = tb.transition_log_prob(eps_fn, batch)
+        old = bl.transition_log_prob(eps_fn, batch)
+    new = bl.transition_log_prob(eps_fn, batch)
     advantages = torch.randn(len(batch), generator=torch.Generator().manual_seed(2))
 
-    loss, stats = tb.ppo_clip_loss(new, old, advantages, clip=0.1)
+    loss, stats = bl.ppo_clip_loss(new, old, advantages, clip=0.1)
     assert torch.equal(stats["ratio"], torch.ones(len(batch)))
     assert float(stats["clip_fraction"]) == 0.0
     grad_clipped = torch.autograd.grad(loss, list(policy.parameters()), retain_graph=True)
@@ -91,7 +93,7 @@ def test_ppo_clip_loss_closed_form_off_policy():
     log_prob = torch.log(torch.tensor([1.5, 0.5, 1.05])).requires_grad_(True)
     old = torch.zeros(3)
     adv = torch.tensor([2.0, -1.0, 3.0])
-    loss, stats = tb.ppo_clip_loss(log_prob, old, adv, clip=0.2)
+    loss, stats = bl.ppo_clip_loss(log_prob, old, adv, clip=0.2)
     expected = (-(2.0 * 1.2) - (-1.0 * 0.8) - 3.0 * 1.05) / 3
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     (grad,) = torch.autograd.grad(loss, log_prob)
@@ -101,9 +103,9 @@ def test_ppo_clip_loss_closed_form_off_policy():
 
 def test_normalised_advantages():
     r = torch.tensor([1.0, 2.0, 3.0, 4.0, 100.0])
-    adv = tb.normalised_advantages(r, clip=1.5)
+    adv = bl.normalised_advantages(r, clip=1.5)
     assert adv.max() == 1.5 and adv.min() >= -1.5
-    unclipped = tb.normalised_advantages(r, clip=1e9)
+    unclipped = bl.normalised_advantages(r, clip=1e9)
     torch.testing.assert_close(unclipped.mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
     torch.testing.assert_close(unclipped.std(unbiased=False), torch.tensor(1.0))
 
@@ -117,28 +119,28 @@ def test_rtb_loss_is_zero_at_policy_equal_reference(schedule):
     reference = tiny_net(0).requires_grad_(False)
     policy = copy.deepcopy(reference).requires_grad_(True)
     trajectory = toy_2d.sample(toy_2d.as_eps_fn(policy), schedule, BATCH, torch.Generator().manual_seed(3))
-    batch = tb.all_transitions(trajectory, schedule)
-    log_pf = tb.trajectory_log_prob(toy_2d.as_eps_fn(policy), batch, BATCH)
-    log_pf_ref = tb.trajectory_log_prob(toy_2d.as_eps_fn(reference), batch, BATCH)
+    batch = bl.all_transitions(trajectory, schedule)
+    log_pf = bl.trajectory_log_prob(toy_2d.as_eps_fn(policy), batch, BATCH)
+    log_pf_ref = bl.trajectory_log_prob(toy_2d.as_eps_fn(reference), batch, BATCH)
     reward = -trajectory.final.pow(2).sum(-1)
-    log_z = tb.LogPartition()()
-    assert tb.rtb_loss(log_z, log_pf, log_pf_ref, reward, beta=0.0).item() == 0.0
+    log_z = bl.LogPartition()()
+    assert bl.rtb_loss(log_z, log_pf, log_pf_ref, reward, beta=0.0).item() == 0.0
 
     # per-trajectory sums agree with torch.distributions, step by step
     by_hand = torch.zeros(BATCH)
     for i in range(NUM_STEPS):
         x, t = trajectory.states[:, i], schedule.timesteps[i].expand(BATCH)
-        mean = ng.step_mean(x, reference(x, t), *tb.step_coefficients(schedule, i, BATCH))
+        mean = ng.step_mean(x, reference(x, t), *bl.step_coefficients(schedule, i, BATCH))
         by_hand += Normal(mean, schedule.sigma[i]).log_prob(trajectory.states[:, i + 1]).sum(-1)
     torch.testing.assert_close(log_pf_ref, by_hand, rtol=1e-5, atol=1e-3)
 
     # with a reward, the best log Z at policy = reference is mean(β r) and the loss is then Var(β r)
     beta = 0.7
     best = (beta * reward).mean()
-    loss = tb.rtb_loss(best, log_pf, log_pf_ref, reward, beta)
+    loss = bl.rtb_loss(best, log_pf, log_pf_ref, reward, beta)
     torch.testing.assert_close(loss, (beta * reward).var(unbiased=False), rtol=1e-5, atol=1e-6)
     # the policy receives a gradient once the reward is on, the reference does not take part
-    grads = torch.autograd.grad(tb.rtb_loss(log_z, log_pf, log_pf_ref, reward, beta), list(policy.parameters()))
+    grads = torch.autograd.grad(bl.rtb_loss(log_z, log_pf, log_pf_ref, reward, beta), list(policy.parameters()))
     assert any(g.abs().sum() > 0 for g in grads)
 
 
@@ -152,7 +154,7 @@ def test_draft_gradient_reaches_only_the_last_k_steps(schedule, k):
     net = tiny_net(0).requires_grad_(True)
     eps = RecordingEps(net)
     x_T = torch.randn(BATCH, 2, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
-    x0, start, _ = tb.sample_with_grad_tail(eps, eps, schedule, x_T, k, torch.Generator().manual_seed(5))
+    x0, start, _ = bl.sample_with_grad_tail(eps, eps, schedule, x_T, k, torch.Generator().manual_seed(5))
 
     # the same sampler and noise stream: x_0 equals nabla_gfn.sample_trajectory's
     oracle = ng.sample_trajectory(toy_2d.as_eps_fn(net), schedule, x_T.detach(), generator=torch.Generator().manual_seed(5))
@@ -177,13 +179,13 @@ def test_draft_kl_term_is_the_gaussian_kl(schedule):
     reference = tiny_net(0).requires_grad_(False)
     policy = tiny_net(1).requires_grad_(True)
     x_T = torch.randn(BATCH, 2, generator=torch.Generator().manual_seed(6))
-    _, _, kl = tb.sample_with_grad_tail(toy_2d.as_eps_fn(policy), toy_2d.as_eps_fn(reference), schedule, x_T, 2,
+    _, _, kl = bl.sample_with_grad_tail(toy_2d.as_eps_fn(policy), toy_2d.as_eps_fn(reference), schedule, x_T, 2,
                                         torch.Generator().manual_seed(7), with_kl=True)
     oracle = ng.sample_trajectory(toy_2d.as_eps_fn(policy), schedule, x_T, generator=torch.Generator().manual_seed(7))
     expected = torch.zeros(BATCH)
     for i in (NUM_STEPS - 2, NUM_STEPS - 1):
         x, t = oracle.states[:, i], schedule.timesteps[i].expand(BATCH)
-        coef = tb.step_coefficients(schedule, i, BATCH)
+        coef = bl.step_coefficients(schedule, i, BATCH)
         p = Normal(ng.step_mean(x, policy(x, t), *coef), schedule.sigma[i])
         q = Normal(ng.step_mean(x, reference(x, t), *coef), schedule.sigma[i])
         expected += torch.distributions.kl_divergence(p, q).sum(-1)
@@ -195,7 +197,7 @@ def test_refl_gradient_passes_through_exactly_one_eps_call(schedule):
     eps = RecordingEps(net)
     stop = 4
     x_T = torch.randn(BATCH, 2, generator=torch.Generator().manual_seed(8)).requires_grad_(True)
-    x0_hat, x_stop = tb.refl_prediction(eps, schedule, x_T, stop, torch.Generator().manual_seed(9))
+    x0_hat, x_stop = bl.refl_prediction(eps, schedule, x_T, stop, torch.Generator().manual_seed(9))
 
     graph_calls = [c for c in eps.calls if c["graph"]]
     assert len(graph_calls) == 1 and graph_calls[0]["t"] == int(schedule.timesteps[stop])
@@ -210,7 +212,7 @@ def test_refl_gradient_passes_through_exactly_one_eps_call(schedule):
     assert any(g.abs().sum() > 0 for g in torch.autograd.grad(x0_hat.sum(), list(net.parameters())))
 
     gen = torch.Generator().manual_seed(10)
-    picks = {tb.refl_step_index(40, 0.75, gen) for _ in range(400)}
+    picks = {bl.refl_step_index(40, 0.75, gen) for _ in range(400)}
     assert picks == set(range(30, 40))  # ImageReward's 30–39 of 40
 
 
@@ -228,7 +230,7 @@ def test_every_method_trains_through_finetune_and_counts_reward_gradients(schedu
     expected_per_update = {"nabla-db": BATCH + BATCH * k, "no-flow": BATCH * k, "exact-flow": 0,
                            "adjoint-matching": BATCH,  # the adjoint's terminal condition β∇r(x_0) only
                            "draft": BATCH, "refl": BATCH, "ddpo": 0, "rtb": 0}
-    assert set(toy_2d.method_registry()) == set(expected_per_update)
+    assert set(toy_2d.METHOD_NAMES) == set(expected_per_update) == set(bl.METHODS) | {"exact-flow"}
     for method, per_update in expected_per_update.items():
         cfg = config(method=method, updates=2, eval_every=100, hidden=16, flow_hidden=16)
         policy, flow, history = toy_2d.finetune(cfg, task, reference, schedule, quiet=True)
@@ -236,7 +238,7 @@ def test_every_method_trains_through_finetune_and_counts_reward_gradients(schedu
         assert all(key in history[-1] for key in ("loss", "reward", "grad_norm_policy", "train_time_s")), method
         assert (flow is not None) == (method == "nabla-db")
         assert any((p - q).abs().sum() > 0 for p, q in zip(policy.parameters(), reference.parameters())), method
-    assert history[-1]["log_z"] != 0.0  # RTB's log Z is trained
+    assert history[-1]["log_z"] != 0.0 and history[-1]["log_z"] != history[0]["log_z"]  # RTB's log Z is trained
     with pytest.raises(SystemExit):
         toy_2d.parse_args(["--method", "not-a-method"])
     assert toy_2d.parse_args(["--method", "ddpo", "--ppo-clip", "0.3"]).ppo_clip == 0.3
@@ -288,3 +290,162 @@ def test_comparison_reports_divergence_only_for_a_broken_tail(tmp_path):
     broken = write("broken", [1.0, 1e7, 1.0, 1e3, float("nan")], float("nan"), nan_samples)
     assert broken["diverged_at"] == 30 and broken["final_tv"] is None and broken["entropy"] is None
     assert [u for u, _ in broken["curve"]] == [1, 10, 20]
+
+
+# ----------------------------------------------------------------------------------------------
+# One code path on every rung: the registry, the hyper-parameters, RTB's log Z start
+# ----------------------------------------------------------------------------------------------
+
+import dataclasses
+import re
+
+import toy_digits as td
+
+DIGITS_TINY = dict(lora_rank=4, flow_hidden=16, batch=4, num_steps=3, subsample=1.0)
+
+
+def constant_reward(value: float):
+    return lambda x0, traj=None: 0.0 * x0.flatten(1).sum(1) + value
+
+
+def test_draft_tail_and_kl_work_on_image_shaped_states():
+    # the same tail on (B, 1, 8, 8) states as on vectors: x_0 equals the shared sampler's, and the
+    # KL is the Gaussian KL summed over every pixel
+    schedule = ng.ddim_schedule(td.make_scheduler(), 4)
+    torch.manual_seed(0)
+    reference = td.DigitDenoiser(hidden=32, depth=1).eval().requires_grad_(False)
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():
+        policy.proj_out.bias.add_(0.1)
+    eps = lambda net: (lambda x, t, traj: net(x, t))
+    x_T = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    x0, start, kl = bl.sample_with_grad_tail(eps(policy), eps(reference), schedule, x_T, 2,
+                                             torch.Generator().manual_seed(2), with_kl=True)
+    oracle = ng.sample_trajectory(eps(policy), schedule, x_T, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(x0, oracle.final)
+    torch.testing.assert_close(start, oracle.states[:, 2])
+    expected = torch.zeros(3)
+    for i in (2, 3):
+        x, t = oracle.states[:, i], schedule.timesteps[i].expand(3)
+        coef = bl.step_coefficients(schedule, i, 3)
+        p = Normal(ng.step_mean(x, policy(x, t), *coef), schedule.sigma[i])
+        q = Normal(ng.step_mean(x, reference(x, t), *coef), schedule.sigma[i])
+        expected += torch.distributions.kl_divergence(p, q).flatten(1).sum(1)
+    assert expected.min() > 0
+    torch.testing.assert_close(kl, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_initial_log_z_is_the_log_mean_exp_and_is_set_once(schedule):
+    reward = torch.tensor([0.0, 1.0, 3.0, -2.0])
+    assert bl.initial_log_z(reward, 0.5) == pytest.approx(float(torch.log(torch.exp(0.5 * reward).mean())), rel=1e-6)
+    log_z = bl.LogPartition()
+    assert not log_z.started and "started" in log_z.state_dict()
+    reference = tiny_net(0).requires_grad_(False)
+    policy = copy.deepcopy(reference).requires_grad_(True)
+    trainee = bl.Trainee(toy_2d.as_eps_fn(policy), toy_2d.as_eps_fn(reference), lambda x0, traj: -x0.pow(2).sum(-1),
+                         schedule, lambda n, gen: torch.randn(n, 2, generator=gen), {"policy": list(policy.parameters())},
+                         torch.optim.SGD([{"params": policy.parameters(), "lr": 0.0}, {"params": log_z.parameters(), "lr": 0.0}]),
+                         log_z=log_z)
+    hp = bl.MethodConfig(beta=0.7, batch_size=BATCH, fraction=0.1, grad_clip=1.0)
+    gen = torch.Generator().manual_seed(3)
+    oracle_gen = torch.Generator().manual_seed(3)  # the same stream: x_T, then the sampler's noise
+    x_T = torch.randn(BATCH, 2, generator=oracle_gen)
+    first = ng.sample_trajectory(toy_2d.as_eps_fn(policy), schedule, x_T, generator=oracle_gen).final
+    logs = bl.rtb_update(trainee, hp, gen)  # lr 0: log Z stays where the first batch put it
+    assert log_z.started and logs["log_z"] == pytest.approx(bl.initial_log_z(-first.pow(2).sum(-1), 0.7), rel=1e-6)
+    log_z.value.data.fill_(5.0)
+    assert bl.rtb_update(trainee, hp, gen)["log_z"] == 5.0  # not re-initialised on later batches
+
+
+def toy_hp_and_update(method: str, **fields):
+    cfg = toy_2d.ToyConfig(method=method, **fields)
+    return toy_2d.method_config(cfg), bl.METHODS[method].update
+
+
+def digits_hp_and_update(method: str, **fields):
+    cfg = td.Config(method=method, **fields)
+    return td.method_config(cfg, method), bl.METHODS[method].update
+
+
+SHARED = dict(beta=0.5, draft_k=3, draft_kl=0.2, refl_start=0.6, ppo_clip=0.2, ppo_epochs=2, ppo_minibatches=3, ppo_adv_clip=4.0,
+              trust_region=0.1, reverse_weight=2.0, gamma="sqrt_alpha_bar", weighting="kl", guess_from="policy",
+              flow_target="mixed", adjoint_lambda=0.3)
+
+
+@pytest.mark.parametrize("method", td.METHOD_NAMES)
+def test_both_rungs_resolve_to_the_same_update_and_hyper_parameters(method):
+    # the rungs' differently named fields (batch_size/batch, fraction/subsample, grad_clip/max_grad_norm)
+    # map onto the same MethodConfig; everything else, DRaFT's K and KL and the LossConfig included, is equal
+    toy_hp, _ = toy_hp_and_update(method, batch_size=6, fraction=0.4, grad_clip=0.7, **SHARED)
+    digits_hp, _ = digits_hp_and_update(method, batch=6, subsample=0.4, max_grad_norm=0.7, **SHARED)
+    assert toy_hp == digits_hp
+    assert toy_hp.loss == bl.METHODS[method].loss_config(toy_hp.loss)  # the method's overrides are applied
+    if method == "adjoint-matching":
+        assert not toy_hp.loss.use_flow and toy_hp.loss.flow_target == "adjoint"
+
+
+@pytest.mark.parametrize("method", ["draft", "rtb", "nabla-db"])
+def test_both_rungs_dispatch_through_the_registry(method, monkeypatch, schedule):
+    # replace the registered update: both rungs must call it (and nothing of their own)
+    calls = []
+
+    def recording(trainee, hp, gen):
+        calls.append((type(trainee), hp))
+        return {"loss": 0.0, "reward": 0.0, "grad_norm_policy": 0.0}
+
+    monkeypatch.setitem(bl.METHODS, method, dataclasses.replace(bl.METHODS[method], update=recording))
+    cfg = config(method=method, updates=1, eval_every=100, hidden=16, flow_hidden=16, draft_kl=0.3)
+    toy_2d.finetune(cfg, toy_2d.build_task(cfg), tiny_net(0).requires_grad_(False).eval(), schedule, quiet=True)
+    dcfg = td.Config(**DIGITS_TINY, draft_kl=0.3)
+    ft = td.make_finetuner(dcfg, td.DigitDenoiser(hidden=32, depth=1).eval(), method)
+    td.method_update(dcfg, method, ft, ng.ddim_schedule(td.make_scheduler(), 3), constant_reward(1.0),
+                     torch.Generator().manual_seed(0))
+    assert [c[0] for c in calls] == [bl.Trainee, bl.Trainee]
+    assert calls[0][1].draft_kl == calls[1][1].draft_kl == 0.3
+
+
+def test_rtb_log_z_starts_at_the_same_value_on_both_rungs(schedule):
+    # θ = ♯ and a constant reward c: every trajectory's residual is log Z − β c, so with log Z at the
+    # first batch's log-mean-exp(β r) = β c the gradient is 0 and log Z stays at β c after the update,
+    # on the toy (vectors) and on the digits (images) alike
+    beta, c = 0.5, 1.5
+    cfg = config(method="rtb", updates=1, eval_every=100, hidden=16, beta=beta)
+    task = dataclasses.replace(toy_2d.build_task(cfg), reward=constant_reward(c))
+    reference = tiny_net(0).requires_grad_(False).eval()
+    policy = copy.deepcopy(reference).requires_grad_(True)
+    trainee, _ = toy_2d.make_trainee(cfg, task, policy, reference, schedule, bl.METHODS["rtb"].module)  # as finetune builds it
+    toy_logs = bl.METHODS["rtb"].update(trainee, toy_2d.method_config(cfg), torch.Generator().manual_seed(0))
+    dcfg = td.Config(**DIGITS_TINY, beta=beta)
+    ft = td.make_finetuner(dcfg, td.DigitDenoiser(hidden=32, depth=1).eval(), "rtb")
+    logs = td.method_update(dcfg, "rtb", ft, ng.ddim_schedule(td.make_scheduler(), 3), constant_reward(c),
+                            torch.Generator().manual_seed(0))
+    assert toy_logs["log_z"] == pytest.approx(beta * c, abs=1e-6)
+    assert logs["log_z"] == pytest.approx(beta * c, abs=1e-6)
+    assert toy_logs["grad_norm_policy"] == logs["grad_norm_policy"] == 0.0
+
+
+BASELINE_DEFINITIONS = re.compile(
+    r"^\s*(class Method\b|class LogPartition\b|class MethodConfig\b|class Trainee\b|"
+    r"def (draft|refl|ddpo|rtb|nabla_db|adjoint_matching|residual_db)_update\b|def (ppo_clip_loss|rtb_loss|"
+    r"sample_with_grad_tail|refl_prediction|normalised_advantages|method_registry)\b|"
+    r"(METHODS|BASELINES)\s*(:[^=]*)?=\s*\{)", re.M)
+
+
+def test_no_method_is_registered_and_no_baseline_defined_anywhere_else():
+    # every module of the project (rungs, experiments, notebooks), not the tests
+    found = {}
+    for path in sorted(REPO_ROOT.rglob("*.py")):
+        rel = path.relative_to(REPO_ROOT)
+        if rel.parts[0] in ("tests", ".venv") or rel.name == "baselines.py" or "site-packages" in rel.parts:
+            continue
+        hits = [m.group(0).strip() for m in BASELINE_DEFINITIONS.finditer(path.read_text())]
+        # a plain {name: label} dict of a sweep script is not a registry: only dicts of Method(...) count
+        hits = [h for h in hits if not h.startswith("METHODS") or "Method(" in path.read_text()]
+        if hits:
+            found[str(rel)] = hits
+    assert found == {}
+    assert not (REPO_ROOT / "toy_baselines.py").exists()
+    # the ∇-DB update exists once: neither toy calls the loss itself
+    for rung in ("toy_2d.py", "toy_digits.py"):
+        assert "nabla_db_loss(" not in (REPO_ROOT / rung).read_text(), rung
+    assert set(td.METHOD_NAMES) <= set(bl.METHODS) and set(toy_2d.METHOD_NAMES) - set(bl.METHODS) == {"exact-flow"}

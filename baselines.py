@@ -1,0 +1,416 @@
+"""Every finetuning method beside the ∇-GFlowNet loss, and the one method registry every rung uses.
+
+    python toy_2d.py --method draft --draft-k 1     # DRaFT-K (K = 1: DRaFT-1); --draft-kl adds the per-step KL
+    python toy_2d.py --method refl                  # ReFL
+    python toy_2d.py --method ddpo                  # DDPO (PPO-clip)
+    python toy_2d.py --method rtb                   # relative trajectory balance
+    python toy_digits.py --method nabla-db,adjoint-matching,rtb,ddpo,refl,draft
+
+Each method is one update `update(trainee, hp, gen) -> logs` on nabla_gfn's callables only: the
+rung hands over a `Trainee` (policy and reference ε-functions eps_fn(x, t, traj), the log-reward
+log_reward(x0, traj), the step schedule, a noise sampler x_T(n, gen), the trainable parameter
+groups, the optimiser and the extra module g_φ or log Z) and a `MethodConfig` (β, batch size, the
+∇-DB LossConfig and each baseline's hyper-parameters). Nothing here knows a state's shape: toy
+vectors (B, D), digit images (B, 1, 8, 8) and SD latents (B, 4, h, w) all pass through. This module
+imports only nabla_gfn. One update = one batch of `batch_size` trajectories sampled from the current
+policy. r = log R; the target is p*(x_0) ∝ p^♯(x_0) exp(β r(x_0)).
+
+  ∇-DB      nabla-db, no-flow, adjoint-matching: sample → lean adjoint (when the flow target needs
+            it) → subsample transitions → nabla_gfn.nabla_db_loss → step (`nabla_db_update`).
+            Adjoint matching (Domingo-Enrich et al., ICLR 2025) is its use_flow=False, "adjoint" case.
+  DRaFT-K   (Clark et al., ICLR 2024) max E[β r(x_0)]: sample with the policy, keep the graph of the
+            last K steps only, backpropagate −β r(x_0) through them. Optional per-step KL to P_F^♯ on
+            those K steps (draft_kl, 0 = off, as in the paper).
+  ReFL      (Xu et al., NeurIPS 2023, ImageReward) sample without gradients to a random late step i
+            (uniform in [refl_start·T, T−1]: ImageReward uses 30–39 of 40), ascend β r(x̂_0(x_i)).
+  DDPO      (Black et al., ICLR 2024) PPO-clip on the per-step Gaussian log-probability ratios with
+            the whole trajectory's advantage, β r(x_0) normalised over the batch and clipped.
+  RTB       (Venkatraman et al., NeurIPS 2024) (log Z + Σ log P_F^θ − Σ log P_F^♯ − β r(x_0))² with a
+            learned scalar log Z. log Z starts, on every rung, at the first batch's log-mean-exp of
+            β r: its value at θ = ♯ (a Jensen lower bound of the true log Z), so the policy does not
+            absorb the offset while Adam walks log Z there from 0 (with the digits' ink reward
+            β r ≈ 10, that took ~100 updates). Needs every transition's log-probability.
+
+Only RTB and the ∇-DB methods have p* as their optimum; DRaFT, ReFL and DDPO maximise the reward
+and, unregularised, drift towards its maximum. Deliberate simplifications, one line each:
+  * ReFL without its interleaved pretraining loss and with r itself, not ImageReward's ReLU-shifted reward.
+  * DDPO: advantages normalised over the batch (no per-prompt tracker); minibatches mix timesteps.
+  * RTB: on-policy only (no off-policy exploration or replay buffer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+import nabla_gfn as ng
+
+# ----------------------------------------------------------------------------------------------
+# The common interface: what a rung hands every update
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MethodConfig:
+    """Hyper-parameters of every method (each rung maps its own config fields onto these)."""
+
+    beta: float  # β of the target p♯·R^β
+    batch_size: int  # trajectories sampled per update
+    fraction: float  # ∇-DB: fraction of non-terminal transitions trained on
+    grad_clip: float  # max grad norm, per parameter group
+    loss: ng.LossConfig = field(default_factory=ng.LossConfig)  # ∇-DB loss (the method's overrides applied)
+    draft_k: int = 1  # DRaFT-K: last steps the reward gradient flows through
+    draft_kl: float = 0.0  # DRaFT-K: weight of the per-step KL to P_F♯ on those steps
+    refl_start: float = 0.75  # ReFL: stop at a uniform step in [refl_start·T, T−1]
+    ppo_clip: float = 0.1  # DDPO: clip range of the per-step ratio
+    ppo_epochs: int = 1  # DDPO: inner epochs per sampled batch
+    ppo_minibatches: int = 4  # DDPO: minibatches per epoch (one optimiser step each)
+    ppo_adv_clip: float = 5.0  # DDPO: clip of the normalised advantages
+
+
+@dataclass
+class Trainee:
+    """What a rung hands an update: nabla_gfn's callables, the trainable groups and the optimiser.
+
+    groups: {name: parameter list}, each clipped separately ("policy", and "flow" when g_φ is
+    trained; log Z is not clipped). flow: g_φ as an eps_fn-shaped callable, or None. log_z: RTB's
+    `LogPartition`, or None. backward: how a loss is backpropagated (a multi-process rung passes
+    accelerate's `accelerator.backward`).
+    """
+
+    policy_eps: ng.EpsFn
+    reference_eps: ng.EpsFn
+    log_reward: ng.LogRewardFn
+    schedule: ng.StepSchedule
+    x_T: Callable[[int, torch.Generator], Tensor]  # x_T(n, gen): n noise states of the rung's shape
+    groups: Dict[str, List[nn.Parameter]]
+    optimizer: torch.optim.Optimizer
+    flow: Optional[ng.EpsFn] = None
+    log_z: Optional["LogPartition"] = None
+    backward: Callable[[Tensor], None] = Tensor.backward
+
+
+def optimizer_step(trainee: Trainee, loss: Tensor, max_norm: float) -> Dict[str, float]:
+    """zero_grad, backward, clip each group's norm separately, step. Returns {grad_norm_<group>: pre-clip norm}."""
+    trainee.optimizer.zero_grad(set_to_none=True)
+    trainee.backward(loss)
+    norms = ng.clip_grad_norms(trainee.groups, max_norm)
+    trainee.optimizer.step()
+    return {f"grad_norm_{k}": v for k, v in norms.items()}
+
+
+def score(log_reward: ng.LogRewardFn, x0: Tensor) -> Tensor:
+    """r(x_0) without a graph, for logging and for the methods that need no reward gradient. (B,)."""
+    with torch.no_grad():
+        return log_reward(x0, torch.arange(len(x0)))
+
+
+def per_row(v: Tensor, x: Tensor) -> Tensor:
+    """A (B,) tensor shaped to broadcast against a state x of any shape (B, ...)."""
+    return v.view(-1, *([1] * (x.dim() - 1)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampler helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def prefix_schedule(schedule: ng.StepSchedule, num_steps: int) -> ng.StepSchedule:
+    """The first `num_steps` steps of a schedule, so that the shared sampler can stop early."""
+    return ng.StepSchedule(*(getattr(schedule, f)[:num_steps] for f in schedule.__dataclass_fields__))
+
+
+def sample_prefix(eps_fn: ng.EpsFn, schedule: ng.StepSchedule, x_T: Tensor, num_steps: int,
+                  gen: torch.Generator) -> Tensor:
+    """The state after the first `num_steps` steps of the shared sampler (no_grad); x_T itself if 0."""
+    if num_steps == 0:
+        return x_T
+    return ng.sample_trajectory(eps_fn, prefix_schedule(schedule, num_steps), x_T, generator=gen).final
+
+
+def step_coefficients(schedule: ng.StepSchedule, i: int, n: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(ᾱ, ᾱ', σ) of step i, each expanded to (n,)."""
+    return tuple(getattr(schedule, f)[i].expand(n) for f in ("alpha_bar", "alpha_bar_next", "sigma"))
+
+
+def all_transitions(trajectory: ng.Trajectory, schedule: ng.StepSchedule) -> ng.Transitions:
+    """Every transition of every trajectory, as one flat batch of B·T rows ordered trajectory-major."""
+    B, T = trajectory.states.shape[0], schedule.num_steps
+    return ng.gather_transitions(trajectory, schedule, torch.arange(T).expand(B, T))
+
+
+def transition_log_prob(eps_fn: ng.EpsFn, batch: ng.Transitions) -> Tensor:
+    """log P_F(x'|x) = log N(x'; μ(x), σ²) of each transition under the policy `eps_fn`. (N,)."""
+    eps = eps_fn(batch.x, batch.t, batch.traj)
+    mean = ng.step_mean(batch.x, eps, batch.alpha_bar, batch.alpha_bar_next, batch.sigma)
+    return ng.gaussian_log_prob(batch.x_next, mean, batch.sigma)
+
+
+def trajectory_log_prob(eps_fn: ng.EpsFn, batch: ng.Transitions, num_trajectories: int) -> Tensor:
+    """Σ_i log P_F(x_{i+1}|x_i) per trajectory: (N,) transitions → (B,)."""
+    log_prob = transition_log_prob(eps_fn, batch)
+    return log_prob.new_zeros(num_trajectories).index_add(0, batch.traj, log_prob)
+
+
+def sample_policy(trainee: Trainee, n: int, gen: torch.Generator) -> ng.Trajectory:
+    """n on-policy trajectories of the shared sampler (no_grad)."""
+    return ng.sample_trajectory(trainee.policy_eps, trainee.schedule, trainee.x_T(n, gen), generator=gen)
+
+
+# ----------------------------------------------------------------------------------------------
+# ∇-DB: nabla-db, no-flow, adjoint matching (the loss is nabla_gfn's)
+# ----------------------------------------------------------------------------------------------
+
+
+def nabla_db_update(trainee: Trainee, hp: MethodConfig, gen: torch.Generator) -> Dict[str, float]:
+    """Sample on-policy trajectories, sweep the lean adjoint when hp.loss.flow_target needs it (one VJP
+    through the frozen reference per step), train once on a subsample of their transitions."""
+    trajectory = sample_policy(trainee, hp.batch_size, gen)
+    steps = ng.subsample_steps(trainee.schedule.num_steps, hp.fraction, hp.batch_size, gen)
+    batch = ng.gather_transitions(trajectory, trainee.schedule, steps)
+    adjoint = None
+    if hp.loss.flow_target != "bootstrap":
+        adjoint, _ = ng.lean_adjoint(trainee.reference_eps, trainee.schedule, trajectory, trainee.log_reward, hp.beta)
+    loss, parts = ng.nabla_db_loss(batch, trainee.policy_eps, trainee.reference_eps, trainee.log_reward,
+                                   trainee.flow, hp.loss, adjoint=adjoint)
+    logs = {k: float(v) for k, v in parts.items()}
+    logs.update(optimizer_step(trainee, loss, hp.grad_clip))
+    logs["reward"] = float(score(trainee.log_reward, trajectory.final).mean())
+    if adjoint is not None:
+        logs["adjoint_rms"] = float(adjoint.pow(2).mean().sqrt())
+    return logs
+
+
+# ----------------------------------------------------------------------------------------------
+# DRaFT-K: reward backpropagation through the last K sampling steps
+# ----------------------------------------------------------------------------------------------
+
+
+def sample_with_grad_tail(
+    policy_eps: ng.EpsFn, reference_eps: ng.EpsFn, schedule: ng.StepSchedule, x_T: Tensor, k: int,
+    gen: torch.Generator, with_kl: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Sample like `nabla_gfn.sample_trajectory`, keeping the autograd graph of the last k steps only.
+
+    Steps 0 … T−k−1 run through the shared sampler under no_grad; the last k steps repeat its update
+    x' = μ_θ(x) + σ z with the graph kept, so ∂x_0/∂θ flows through exactly the last k ε̂_θ calls
+    (and through the states between them). Returns (x_0 (B, ...) with graph, the state x_{T−k} where
+    the graph starts (B, ...), Σ over the k steps of KL(P_F^θ(·|x) ‖ P_F^♯(·|x)) per row (B,), zero
+    unless with_kl).
+    """
+    T = schedule.num_steps
+    k = max(1, min(k, T))
+    start = sample_prefix(policy_eps, schedule, x_T, T - k, gen)
+    B = len(x_T)
+    traj = torch.arange(B)
+    x, kl = start, x_T.new_zeros(B)
+    for i in range(T - k, T):
+        t = schedule.timesteps[i].expand(B)
+        a, a_next, sigma = step_coefficients(schedule, i, B)
+        mean = ng.step_mean(x, policy_eps(x, t, traj), a, a_next, sigma)
+        if with_kl:  # KL of two Gaussians with the same σ: ‖μ_θ − μ^♯‖² / (2σ²)
+            with torch.no_grad():
+                mean_ref = ng.step_mean(x, reference_eps(x, t, traj), a, a_next, sigma)
+            kl = kl + (mean - mean_ref).pow(2).flatten(1).sum(1) / (2 * sigma**2)
+        noise = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        x = mean + per_row(sigma, x) * noise
+    return x, start, kl
+
+
+def draft_update(trainee: Trainee, hp: MethodConfig, gen: torch.Generator) -> Dict[str, float]:
+    """DRaFT-K: minimise −β r(x_0) (+ draft_kl · Σ_last-K KL) through the last K steps."""
+    x_T = trainee.x_T(hp.batch_size, gen)
+    x0, _, kl = sample_with_grad_tail(trainee.policy_eps, trainee.reference_eps, trainee.schedule, x_T,
+                                      hp.draft_k, gen, with_kl=hp.draft_kl > 0)
+    reward = trainee.log_reward(x0, torch.arange(len(x0)))
+    loss = -(hp.beta * reward).mean() + hp.draft_kl * kl.mean()
+    logs = optimizer_step(trainee, loss, hp.grad_clip)
+    logs.update(loss=loss.item(), reward=reward.mean().item(), kl_last_k=kl.mean().item())
+    return logs
+
+
+# ----------------------------------------------------------------------------------------------
+# ReFL: one-step clean prediction at a random late step
+# ----------------------------------------------------------------------------------------------
+
+
+def refl_step_index(num_steps: int, start_fraction: float, gen: torch.Generator) -> int:
+    """A uniform random step in [⌊start_fraction·T⌋, T−1] (ImageReward: 30–39 of 40 steps)."""
+    lo = min(int(start_fraction * num_steps), num_steps - 1)
+    return int(torch.randint(lo, num_steps, (1,), generator=gen))
+
+
+def refl_prediction(policy_eps: ng.EpsFn, schedule: ng.StepSchedule, x_T: Tensor, stop: int,
+                    gen: torch.Generator) -> Tuple[Tensor, Tensor]:
+    """Sample without gradients to the state x_stop, then x̂_0(x_stop) with one ε̂_θ call (graph kept).
+
+    Returns (x̂_0 (B, ...) whose only path to θ is that one ε̂_θ call, x_stop (B, ...) detached).
+    """
+    x = sample_prefix(policy_eps, schedule, x_T, stop, gen)
+    B = len(x)
+    t = schedule.timesteps[stop].expand(B)
+    x0_hat = ng.x0_prediction(x, policy_eps(x, t, torch.arange(B)), schedule.alpha_bar[stop].expand(B))
+    return x0_hat, x
+
+
+def refl_update(trainee: Trainee, hp: MethodConfig, gen: torch.Generator) -> Dict[str, float]:
+    """ReFL: minimise −β r(x̂_0(x_i)) at a random late step i."""
+    stop = refl_step_index(trainee.schedule.num_steps, hp.refl_start, gen)
+    x0_hat, _ = refl_prediction(trainee.policy_eps, trainee.schedule, trainee.x_T(hp.batch_size, gen), stop, gen)
+    reward = trainee.log_reward(x0_hat, torch.arange(len(x0_hat)))
+    loss = -(hp.beta * reward).mean()
+    logs = optimizer_step(trainee, loss, hp.grad_clip)
+    logs.update(loss=loss.item(), reward=reward.mean().item(), refl_step=stop)
+    return logs
+
+
+# ----------------------------------------------------------------------------------------------
+# DDPO: PPO-clip on per-step log-probability ratios
+# ----------------------------------------------------------------------------------------------
+
+
+def normalised_advantages(reward: Tensor, clip: float) -> Tensor:
+    """(r − mean) / std over the batch, clipped to ±clip (DDPO's adv_clip_max). (B,) → (B,)."""
+    adv = (reward - reward.mean()) / (reward.std(unbiased=False) + 1e-8)
+    return adv.clamp(-clip, clip)
+
+
+def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip: float) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """PPO-clip: mean over rows of max(−A ρ, −A clip(ρ, 1−ε, 1+ε)), ρ = exp(log π_θ − log π_old).
+
+    All inputs (N,); old_log_prob is treated as a constant. On-policy (ρ = 1) the clipped and the
+    unclipped objectives coincide in value and gradient (tested). Returns (loss, detached stats).
+    """
+    ratio = torch.exp(log_prob - old_log_prob.detach())
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
+    loss = torch.maximum(unclipped, clipped).mean()
+    stats = {
+        "ratio": ratio.detach(),
+        "clip_fraction": ((ratio - 1).abs() > clip).float().mean().detach(),
+        "approx_kl": (0.5 * (log_prob - old_log_prob).pow(2)).mean().detach(),
+    }
+    return loss, stats
+
+
+def ddpo_update(trainee: Trainee, hp: MethodConfig, gen: torch.Generator) -> Dict[str, float]:
+    """DDPO: sample a batch, then ppo_epochs × ppo_minibatches PPO-clip steps on all its transitions."""
+    trajectory = sample_policy(trainee, hp.batch_size, gen)
+    reward = score(trainee.log_reward, trajectory.final)
+    batch = all_transitions(trajectory, trainee.schedule)
+    row_advantages = normalised_advantages(hp.beta * reward, hp.ppo_adv_clip)[batch.traj]
+    # π_old: the Gaussian step the sampler actually took, from the ε̂ it recorded.
+    old_mean = ng.step_mean(batch.x, batch.eps_old, batch.alpha_bar, batch.alpha_bar_next, batch.sigma)
+    old_log_prob = ng.gaussian_log_prob(batch.x_next, old_mean, batch.sigma)
+    losses, norms, clip_fracs, kls = [], [], [], []
+    for _ in range(hp.ppo_epochs):
+        for rows in torch.randperm(len(batch), generator=gen).chunk(hp.ppo_minibatches):
+            log_prob = transition_log_prob(trainee.policy_eps, batch.select(rows))
+            loss, stats = ppo_clip_loss(log_prob, old_log_prob[rows], row_advantages[rows], hp.ppo_clip)
+            norms.append(optimizer_step(trainee, loss, hp.grad_clip))
+            losses.append(loss.item()), clip_fracs.append(float(stats["clip_fraction"])), kls.append(float(stats["approx_kl"]))
+    logs = {k: max(n[k] for n in norms) for k in norms[0]}  # the largest pre-clip norm of the update
+    logs.update(loss=sum(losses) / len(losses), reward=float(reward.mean()), clip_fraction=sum(clip_fracs) / len(clip_fracs),
+                approx_kl=kls[-1], optimizer_steps=len(losses))
+    return logs
+
+
+# ----------------------------------------------------------------------------------------------
+# RTB: relative trajectory balance with a learned log Z
+# ----------------------------------------------------------------------------------------------
+
+
+class LogPartition(nn.Module):
+    """The scalar log Z of relative trajectory balance (Z = ∫ p^♯ R^β).
+
+    `rtb_update` sets it once, before the first step, to the first batch's log-mean-exp(β r)
+    (`initial_log_z`); the `started` buffer records that (and travels with the state dict).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.value = nn.Parameter(torch.zeros(()))
+        self.register_buffer("started", torch.zeros((), dtype=torch.bool))
+
+    def forward(self) -> Tensor:
+        return self.value
+
+
+def initial_log_z(reward: Tensor, beta: float) -> float:
+    """log (1/B) Σ_b exp(β r_b): log Z at θ = ♯ estimated on one batch (a Jensen lower bound of it)."""
+    return float(torch.logsumexp(beta * reward, 0) - math.log(len(reward)))
+
+
+def rtb_loss(log_z: Tensor, log_pf_policy: Tensor, log_pf_reference: Tensor, log_reward: Tensor, beta: float) -> Tensor:
+    """Relative trajectory balance: mean over trajectories of (log Z + Σ log P_F^θ − Σ log P_F^♯ − β r(x_0))².
+
+    log_pf_*: (B,) per-trajectory sums; log_reward: (B,). Zero at policy = reference, β r = 0 and
+    log Z = 0 (tested); its minimiser over policies is p^♯ R^β / Z, the target. Gradients reach the
+    policy through log_pf_policy and log Z; pass the reference and the reward detached.
+    """
+    residual = log_z + log_pf_policy - log_pf_reference - beta * log_reward
+    return residual.pow(2).mean()
+
+
+def rtb_update(trainee: Trainee, hp: MethodConfig, gen: torch.Generator) -> Dict[str, float]:
+    """RTB on on-policy trajectories: one optimiser step on θ and log Z per batch."""
+    trajectory = sample_policy(trainee, hp.batch_size, gen)
+    batch = all_transitions(trajectory, trainee.schedule)
+    log_pf_policy = trajectory_log_prob(trainee.policy_eps, batch, hp.batch_size)
+    with torch.no_grad():
+        log_pf_reference = trajectory_log_prob(trainee.reference_eps, batch, hp.batch_size)
+        reward = score(trainee.log_reward, trajectory.final)
+        if not trainee.log_z.started:
+            trainee.log_z.value.fill_(initial_log_z(reward, hp.beta))
+            trainee.log_z.started.fill_(True)
+    loss = rtb_loss(trainee.log_z(), log_pf_policy, log_pf_reference, reward, hp.beta)
+    logs = optimizer_step(trainee, loss, hp.grad_clip)
+    logs.update(loss=loss.item(), reward=float(reward.mean()), log_z=trainee.log_z().item())
+    return logs
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry: --method name → Method, for every rung
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    """One --method.
+
+    update(trainee, hp, gen) → logs (with "loss", "reward", "grad_norm_policy"). module: the extra
+    trainable module the rung must build and put in the Trainee: "flow" (g_φ), "log_z" (RTB's
+    `LogPartition`) or None. loss_overrides: LossConfig fields this method fixes (∇-DB methods).
+    full_trajectories: the update needs every transition's log-probability (not SD's subsample).
+    """
+
+    update: Callable[[Trainee, MethodConfig, torch.Generator], Dict[str, float]]
+    label: str
+    summary: str
+    module: Optional[str] = None
+    loss_overrides: Dict[str, object] = field(default_factory=dict)
+    full_trajectories: bool = False
+
+    def loss_config(self, base: ng.LossConfig) -> ng.LossConfig:
+        """The rung's configured ∇-DB LossConfig with this method's fixed fields applied."""
+        return dataclasses.replace(base, **self.loss_overrides)
+
+
+METHODS: Dict[str, Method] = {
+    "nabla-db": Method(nabla_db_update, "∇-GFlowNet", "∇-GFlowNet: residual ∇-DB with forward-looking flow", module="flow"),
+    "no-flow": Method(nabla_db_update, "∇-GFlowNet (no g_φ)", "∇-GFlowNet without g_φ (forward-looking guess alone)",
+                      loss_overrides={"use_flow": False, "flow_target": "bootstrap"}),
+    "adjoint-matching": Method(nabla_db_update, "adjoint matching",
+                               "Adjoint Matching: forward residual regressed on the lean adjoint (no guess, no g_φ)",
+                               loss_overrides={"use_flow": False, "flow_target": "adjoint"}),
+    "draft": Method(draft_update, "DRaFT-K", "DRaFT-K: reward backprop through the last K steps"),
+    "refl": Method(refl_update, "ReFL", "ReFL: reward of the one-step x̂_0 at a random late step"),
+    "ddpo": Method(ddpo_update, "DDPO", "DDPO: PPO-clip on per-step log-probability ratios"),
+    "rtb": Method(rtb_update, "RTB", "RTB: relative trajectory balance with a learned log Z", module="log_z",
+                  full_trajectories=True),
+}
