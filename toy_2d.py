@@ -4,31 +4,26 @@
     python toy_2d.py --prior grid25 --reward bump
     python toy_2d.py --reward '{"type": "linear", "w": [0.7, 0.3]}' --beta 1
     python toy_2d.py --prior '{"means": [[-2, 0], [2, 0]], "weights": [0.5, 0.5], "std": 0.4}'
-    python toy_2d.py --dim 32                          # ring8 in the first two of 32 coordinates (see --dim)
-    python toy_2d.py --dim 32 --reward bump-all        # a bump that reads all 32 coordinates
+    python toy_2d.py --dim 32 --reward bump-all        # ring8 in 32 coordinates, a bump that reads all of them
+    python toy_2d.py --method rtb                      # any method of baselines.METHODS
+    python experiments/toy_diagnostics.py              # + exact-flow oracle, flow errors, cost counters
 
-A small MLP ε-network is pretrained on samples of a Gaussian mixture prior p^♯ and frozen as
-P_F^♯. The finetuned policy P_F^θ starts as an exact copy and is trained with
-`nabla_gfn.nabla_db_loss` towards p*(x_0) ∝ p^♯(x_0) R(x_0)^β. For a GMM prior and a Gaussian or
-linear log-reward the target is again a GMM, computed in closed form, and so is the residual flow
-score ∇ log F̃_τ(x) = ∇ log p*_τ(x) − ∇ log p^♯_τ(x) at every noise level (both sides are GMMs
-noised by the forward process). That gives three things no image model can: exact metrics, an
-oracle sampler (the pretrained step shifted by the exact residual flow: the best a Gaussian-step
-policy can do), and a direct check of the learned flow (guess + g_φ) against the exact one.
+A small MLP ε-network is pretrained on samples of a Gaussian-mixture prior p♯ and frozen as P_F♯; the
+policy P_F^θ starts as an exact copy and is finetuned towards p*(x_0) ∝ p♯(x_0) R(x_0)^β. For a GMM
+prior and a Gaussian or linear log-reward the target is again a GMM in closed form, and so is the
+residual flow score ∇ log F̃_τ = ∇ log p*_τ − ∇ log p♯_τ at every noise level: exact metrics, and an
+exact check of the learned flow (experiments/toy_diagnostics.py). `--dim D` keeps all of this exact in
+D dimensions: the modes stay in the first two coordinates with one fixed offset each (norm 2) in the
+other D − 2; mode TV uses all D coordinates, the figure the first two.
 
-`--dim D` keeps all of this exact in D dimensions: the preset's modes stay in the first two
-coordinates and get one fixed offset each (norm 2) in the other D − 2, all components share a
-diagonal covariance (a reward on the first two coordinates makes the target anisotropic), mode TV
-counts the nearest mean in all D coordinates, and the figures show the first two coordinates.
-
-Outputs (in --out): samples.npy, metrics.json, config.json, figure.png.
-The sampler uses diffusers' DDIMScheduler with Stable Diffusion's scaled-linear betas, so this rung
-runs the same code path as sd_finetune.py.
+Outputs (in --out): samples.npy, metrics.json, config.json, figure.png. The sampler is diffusers'
+DDIMScheduler with Stable Diffusion's scaled-linear betas: the code path of sd_finetune.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -38,7 +33,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, ContextManager, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -48,26 +43,16 @@ from tqdm.auto import tqdm
 import baselines as bl
 import nabla_gfn as ng
 
-# ----------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------
-
+# ---------------------------------------------------------------------------------------------- config
 PRIOR_PRESETS = {
     # 8 equal modes on a circle of radius 3.
-    "ring8": {
-        "means": [[3 * math.cos(2 * math.pi * k / 8), 3 * math.sin(2 * math.pi * k / 8)] for k in range(8)],
-        "weights": [1 / 8] * 8,
-        "std": 0.3,
-    },
+    "ring8": {"means": [[3 * math.cos(2 * math.pi * k / 8), 3 * math.sin(2 * math.pi * k / 8)] for k in range(8)],
+              "weights": [1 / 8] * 8, "std": 0.3},
     # The 5×5 grid of the RTB posterior benchmark (means {-10,…,10}², std 1), scaled by 0.3 so
     # that it sits inside SD's noise schedule (√ᾱ_T ≈ 0.07 leaves the corners barely visible at x_T).
-    "grid25": {
-        "means": [[3.0 * i, 3.0 * j] for i in (-1, -0.5, 0, 0.5, 1) for j in (-1, -0.5, 0, 0.5, 1)],
-        "weights": [1 / 25] * 25,
-        "std": 0.3,
-    },
+    "grid25": {"means": [[3.0 * i, 3.0 * j] for i in (-1, -0.5, 0, 0.5, 1) for j in (-1, -0.5, 0, 0.5, 1)],
+               "weights": [1 / 25] * 25, "std": 0.3},
 }
-
 REWARD_PRESETS = {
     # A broad Gaussian bump centred on the ring's mode at angle 0 (and on grid25's (3, 0) mode).
     "bump": {"type": "gaussian", "center": [3.0, 0.0], "std": 2.0},
@@ -76,9 +61,8 @@ REWARD_PRESETS = {
     # "bump" on all D coordinates: its centre extended by the offsets of the mode it sits on (D = 2: "bump").
     "bump-all": {"type": "gaussian", "center": [3.0, 0.0], "std": 2.0, "extend": "nearest-mode"},
 }
-
-
 LR_SCHEDULES = ("constant", "cosine")
+METHOD_NAMES = tuple(bl.METHODS)  # every --method comes from the one registry
 
 
 @dataclass
@@ -94,7 +78,7 @@ class ToyConfig:
     pretrain_lr: float = field(default=2e-3, metadata={"help": "pretraining learning rate"})
     hidden: int = field(default=128, metadata={"help": "hidden width of the ε-network"})
     # finetuning
-    method: str = field(default="nabla-db", metadata={"help": "finetuning method"})
+    method: str = field(default="nabla-db", metadata={"help": "finetuning method: a baselines.METHODS name (the diagnostic exact-flow: experiments/toy_diagnostics.py)"})
     updates: int = field(default=300, metadata={"help": "finetuning updates (one optimiser step each)"})
     batch_size: int = field(default=128, metadata={"help": "trajectories sampled per update"})
     fraction: float = field(default=0.1, metadata={"help": "fraction of non-terminal transitions trained on"})
@@ -138,12 +122,6 @@ class ToyConfig:
         )
         return bl.METHODS[self.method].loss_config(base) if self.method in bl.METHODS else base
 
-
-# Every --method comes from the one registry (baselines.METHODS); "exact-flow" is this rung's own
-# diagnostic (it needs the closed-form target), dispatched in `method_update`.
-METHOD_NAMES = (*bl.METHODS, "exact-flow")
-
-
 def method_config(cfg: ToyConfig) -> bl.MethodConfig:
     """This rung's config fields → the registry's method hyper-parameters."""
     return bl.MethodConfig(
@@ -154,61 +132,12 @@ def method_config(cfg: ToyConfig) -> bl.MethodConfig:
     )
 
 
-class RewardGradCounter:
-    """Wraps r(x) and counts the rows it scores with a graph to x: each costs one reward gradient."""
-
-    def __init__(self, reward: Callable[[Tensor], Tensor]):
-        self.reward, self.rows = reward, 0
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            self.rows += len(x)
-        return self.reward(x)
-
-
-class NetworkVJPCounter:
-    """Counts network rows evaluated with an autograd graph (ε̂_θ, ε̂♯ with x requiring grad, g_φ).
-
-    Each such row is backpropagated once by the loss or by the adjoint sweep: the cost unit
-    "network VJPs" of compare_toy.py. Sampling under no_grad is not counted. Remove when done.
-    """
-
-    def __init__(self, modules: List[nn.Module]):
-        self.rows = 0
-        self.handles = [m.register_forward_hook(self._count) for m in modules if m is not None]
-
-    def _count(self, module, inputs, output):
-        if torch.is_grad_enabled() and output.requires_grad:
-            self.rows += len(inputs[0])
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
-
-
-def sd_scheduler():
-    """A DDIMScheduler with Stable Diffusion v1.5's config (scaled-linear betas, 1000 steps)."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Exact Gaussian-mixture math: prior, tilted target, noised marginals, residual flow
-# ----------------------------------------------------------------------------------------------
-
+# ---------------------------------------------------------------------------------------------- exact GMM math: prior, tilted target, residual flow
 
 @dataclass
 class GMM:
-    """Gaussian mixture with a covariance shared by all components: Σ_k w_k N(m_k, diag(s²)).
-
-    std is a float (isotropic, s² I: every prior, and every target of an isotropic tilt) or a (D,)
-    tensor of per-coordinate stds (diagonal: the target of a reward that reads only some coordinates,
-    e.g. the bump on the first two coordinates of a D-dimensional prior).
-    """
+    """Σ_k w_k N(m_k, diag(s²)), one covariance for all components. std: a float (isotropic: every prior and
+    isotropic tilt) or a (D,) tensor (diagonal: the target of a reward that reads only some coordinates)."""
 
     means: Tensor  # (K, D)
     weights: Tensor  # (K,)
@@ -223,9 +152,8 @@ class GMM:
         return (torch.as_tensor(self.std, dtype=torch.float64) ** 2).expand(self.dim).clone()
 
     def marginal(self, coords: int) -> "GMM":
-        """The mixture of the first `coords` coordinates (for figures): same weights, sliced means and stds."""
-        std = self.std if not isinstance(self.std, Tensor) else self.std[:coords]
-        return GMM(self.means[:, :coords], self.weights, std)
+        """The mixture of the first `coords` coordinates (for figures)."""
+        return GMM(self.means[:, :coords], self.weights, self.std[:coords] if isinstance(self.std, Tensor) else self.std)
 
     def noised(self, alpha_bar: Tensor) -> Tuple[Tensor, Tensor]:
         """Marginal under x_τ = √ᾱ x_0 + √(1−ᾱ) ε, per row: means (N, K, D) and variance (N,), or (N, D) if diagonal."""
@@ -241,7 +169,7 @@ class GMM:
             log_comp = (self.weights.log() - 0.5 * (diff.pow(2) / var[:, None, :]).sum(-1)
                         - 0.5 * torch.log(2 * math.pi * var).sum(-1)[:, None])
             return log_comp, diff, var
-        # isotropic: for D = 2 these are exactly the original 2-D operations (0.5·D = 1)
+        # isotropic: for D = 2 exactly the original 2-D operations (0.5·D = 1)
         log_comp = self.weights.log() - 0.5 * diff.pow(2).sum(-1) / var[:, None] - 0.5 * self.dim * torch.log(2 * math.pi * var)[:, None]
         return log_comp, diff, var[:, None]
 
@@ -252,8 +180,7 @@ class GMM:
     def score(self, x: Tensor, alpha_bar: Tensor) -> Tensor:
         """∇_x log p_τ(x) in closed form: Σ_k resp_k(x) · (−(x − √ᾱ m_k)/v_τ), v_τ per coordinate. (N, D)."""
         log_comp, diff, var = self._log_resp_terms(x, alpha_bar)
-        resp = log_comp.softmax(-1)
-        return -(resp[..., None] * diff).sum(1) / var
+        return -(log_comp.softmax(-1)[..., None] * diff).sum(1) / var
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
@@ -262,11 +189,8 @@ class GMM:
 
 
 class GaussianReward:
-    """r(x) = −‖x_{:n} − c‖² / (2 s²) on the first n = len(c) coordinates: R^β is a Gaussian bump with variance s²/β.
-
-    Coordinates beyond n are not read: a 2-D centre on a D-dimensional prior is a bump on the first
-    two coordinates (whose tilted target is then diagonal, not isotropic).
-    """
+    """r(x) = −‖x_{:n} − c‖² / (2 s²) on the first n = len(c) coordinates: R^β is a Gaussian bump with
+    variance s²/β. A 2-D centre on a D-dimensional prior reads two coordinates (a diagonal target)."""
 
     def __init__(self, center, std):
         self.center, self.std = torch.tensor(center, dtype=torch.float64), float(std)
@@ -324,6 +248,16 @@ class LinearReward:
         return float(gmm.weights @ (gmm.means[:, : len(self.w)] @ self.w))
 
 
+def exact_flow_score(prior: GMM, target: GMM, x: Tensor, alpha_bar: Tensor) -> Tensor:
+    """Exact ∇ log F̃_τ(x) = ∇ log E♯[R(x_0)^β | x_τ = x] = ∇ log p*_τ(x) − ∇ log p♯_τ(x).
+
+    The tilted path measure p♯(x_{0:T}) R(x_0)^β / Z has marginal p*_τ ∝ p♯_τ · E♯[R^β | x_τ], and
+    p*_τ is the target GMM noised by the same forward process. At ᾱ = 1 this is β∇r (tested). float64 inside.
+    """
+    x64, a = x.double(), alpha_bar.double().expand(len(x))
+    return (target.score(x64, a) - prior.score(x64, a)).to(x.dtype)
+
+
 def _json_or_preset(text: str, presets: Dict[str, dict], flag: str) -> dict:
     if text in presets:
         return presets[text]
@@ -335,9 +269,8 @@ def _json_or_preset(text: str, presets: Dict[str, dict], flag: str) -> dict:
     raise SystemExit(f"error: {flag}: unknown preset {text!r}; use one of {sorted(presets)} or a JSON object")
 
 
-# D > 2: the preset's 2-D means are extended by one fixed offset per mode in coordinates 3 … D, of norm
-# OFFSET_NORM (directions of N(0, I) draws from a generator seeded OFFSET_SEED, independent of --seed), so
-# that the modes are separated in every coordinate, not only in the plane.
+# D > 2: the preset's 2-D means get one fixed offset per mode in coordinates 3 … D, of norm OFFSET_NORM
+# (directions of N(0, I) draws seeded OFFSET_SEED, independent of --seed): modes apart in every coordinate.
 OFFSET_NORM, OFFSET_SEED = 2.0, 0
 
 
@@ -353,8 +286,7 @@ def parse_prior(text: str, dim: int = 2) -> GMM:
     try:
         means = torch.tensor(spec["means"], dtype=torch.float64)
         k = len(means)
-        weights = torch.tensor(spec.get("weights", [1 / k] * k), dtype=torch.float64)
-        std = float(spec["std"])
+        weights, std = torch.tensor(spec.get("weights", [1 / k] * k), dtype=torch.float64), float(spec["std"])
     except (KeyError, TypeError, ValueError) as err:
         raise SystemExit(f'error: --prior: expected {{"means": [[x, y], ...], "weights": [...], "std": s}}, got {text} ({err})')
     if means.ndim != 2 or means.shape[1] not in (2, dim) or weights.shape != (k,) or std <= 0 or (weights < 0).any():
@@ -365,11 +297,8 @@ def parse_prior(text: str, dim: int = 2) -> GMM:
 
 
 def parse_reward(text: str, prior: Optional[GMM] = None):
-    """A preset or JSON reward on the first len(center) / len(w) coordinates of `prior` (default: the 2-D plane).
-
-    "extend": "nearest-mode" (gaussian only) appends to the centre the other coordinates of the prior
-    mode nearest to it in the given ones: a bump on all D coordinates ("bump-all"; at D = 2 it is "bump").
-    """
+    """A preset or JSON reward on the first len(center) / len(w) coordinates of `prior` (default: the plane).
+    "extend": "nearest-mode" (gaussian) appends the other coordinates of the prior mode nearest the centre."""
     spec = _json_or_preset(text, REWARD_PRESETS, "--reward")
     kind, dim = spec.get("type"), 2 if prior is None else prior.dim
     try:
@@ -378,8 +307,7 @@ def parse_reward(text: str, prior: Optional[GMM] = None):
             if spec.get("extend") == "nearest-mode" and prior is not None and len(center) < dim:
                 nearest = (prior.means[:, : len(center)] - center).norm(dim=1).argmin()
                 center = torch.cat([center, prior.means[nearest, len(center):]])
-            reward = GaussianReward(center.tolist(), spec["std"])
-            size = len(center)
+            reward, size = GaussianReward(center.tolist(), spec["std"]), len(center)
         elif kind == "linear":
             reward = LinearReward(spec["w"])
             size = len(reward.w)
@@ -392,21 +320,33 @@ def parse_reward(text: str, prior: Optional[GMM] = None):
     return reward
 
 
-def exact_flow_score(prior: GMM, target: GMM, x: Tensor, alpha_bar: Tensor) -> Tensor:
-    """Exact ∇ log F̃_τ(x) = ∇ log E♯[R(x_0)^β | x_τ = x] = ∇ log p*_τ(x) − ∇ log p♯_τ(x).
+@dataclass
+class Task:
+    """One prior, reward and β, and the exact target p♯·R^β (None for a user reward without a closed form)."""
 
-    The tilted path measure p♯(x_{0:T}) R(x_0)^β / Z has marginal p*_τ ∝ p♯_τ · E♯[R^β | x_τ], and
-    p*_τ is the target GMM noised by the same forward process. At ᾱ = 1 this is β∇r (tested).
-    """
-    x64 = x.double()
-    a = alpha_bar.double().expand(len(x))
-    return (target.score(x64, a) - prior.score(x64, a)).to(x.dtype)
+    prior: GMM
+    reward: Callable[[Tensor], Tensor]
+    beta: float
+    target: Optional[GMM]
+
+    @property
+    def dim(self) -> int:
+        return self.prior.means.shape[1]
+
+    def log_reward(self, x0: Tensor, traj: Tensor) -> Tensor:
+        return self.reward(x0)
 
 
-# ----------------------------------------------------------------------------------------------
-# Networks
-# ----------------------------------------------------------------------------------------------
+def build_task(cfg: ToyConfig, log_reward: Optional[Callable[[Tensor], Tensor]] = None) -> Task:
+    """Prior and reward from the config; a user callable `log_reward` replaces --reward (no exact target)."""
+    prior = parse_prior(cfg.prior, cfg.dim)
+    if log_reward is not None:
+        return Task(prior, log_reward, cfg.beta, None)
+    reward = parse_reward(cfg.reward, prior)
+    return Task(prior, reward, cfg.beta, reward.tilt(prior, cfg.beta))
 
+
+# ---------------------------------------------------------------------------------------------- networks, pretraining P_F♯ (cached)
 
 class TimeMLP(nn.Module):
     """(x, τ) → vector shaped like x. Sinusoidal embedding of τ/1000, three SiLU layers."""
@@ -414,12 +354,8 @@ class TimeMLP(nn.Module):
     def __init__(self, hidden: int = 128, dim: int = 2, freqs: int = 8):
         super().__init__()
         self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(1000), freqs)), persistent=False)
-        self.net = nn.Sequential(
-            nn.Linear(dim + 2 * freqs, hidden), nn.SiLU(),
-            nn.Linear(hidden, hidden), nn.SiLU(),
-            nn.Linear(hidden, hidden), nn.SiLU(),
-            nn.Linear(hidden, dim),
-        )
+        self.net = nn.Sequential(nn.Linear(dim + 2 * freqs, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, dim))
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         angle = (t.to(x.dtype) / 1000)[:, None] * self.freqs
@@ -427,11 +363,8 @@ class TimeMLP(nn.Module):
 
 
 def network_width(hidden: int, dim: int) -> int:
-    """Hidden width of the ε-network and g_φ in D dimensions: max(hidden, 2·D) (128 up to D = 64, 256 at D = 128).
-
-    A layer must stay wider than its D-dimensional output; the prior's score needs only ~K mode
-    features, so growing the width faster (4·D was tried) buys nothing the toy measures and costs CPU.
-    """
+    """Width of the ε-network and g_φ in D dimensions: max(hidden, 2·D). A layer must stay wider than its
+    D-dimensional output; the prior's score needs only ~K mode features (4·D was tried: no gain, more CPU)."""
     return max(hidden, 2 * dim)
 
 
@@ -440,23 +373,28 @@ def as_eps_fn(net: nn.Module) -> ng.EpsFn:
     return lambda x, t, traj: net(x, t)
 
 
-# ----------------------------------------------------------------------------------------------
-# Pretraining P_F^♯ (cached)
-# ----------------------------------------------------------------------------------------------
+def make_flow(cfg: ToyConfig) -> TimeMLP:
+    """g_φ: a TimeMLP whose output layer is zeroed, so ∇ log F̃ starts at the forward-looking guess."""
+    return ng.zero_output_layer(TimeMLP(network_width(cfg.flow_hidden, cfg.dim), cfg.dim))
 
 
-def cache_root(cfg: ToyConfig) -> Path:
-    return Path(cfg.cache_dir or os.environ.get("NABLA_GFN_CACHE") or Path.home() / ".cache" / "nabla-gfn")
+def sd_scheduler():
+    """A DDIMScheduler with Stable Diffusion v1.5's config (scaled-linear betas, 1000 steps)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
 def pretrain(cfg: ToyConfig, prior: GMM, scheduler, quiet: bool = False) -> TimeMLP:
-    """Denoising score matching on prior samples: E‖ε − ε̂(√ᾱ x_0 + √(1−ᾱ) ε, τ)‖². Cached on disk."""
+    """Denoising score matching on prior samples, E‖ε − ε̂(√ᾱ x_0 + √(1−ᾱ) ε, τ)‖², cached under --cache-dir
+    (else $NABLA_GFN_CACHE, else ~/.cache/nabla-gfn), keyed by the prior and the pretraining fields."""
     width = network_width(cfg.hidden, prior.dim)
     key = {"prior": [prior.means.tolist(), prior.weights.tolist(), prior.std], "hidden": width,
            "iters": cfg.pretrain_iters, "batch": cfg.pretrain_batch, "lr": cfg.pretrain_lr, "seed": cfg.seed}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_root(cfg) / "toy_2d" / f"eps_{digest}.pt"
-    net = TimeMLP(width, prior.dim)
+    root = Path(cfg.cache_dir or os.environ.get("NABLA_GFN_CACHE") or Path.home() / ".cache" / "nabla-gfn")
+    path, net = root / "toy_2d" / f"eps_{digest}.pt", TimeMLP(width, prior.dim)
     if path.exists():
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return net.requires_grad_(False).eval()
@@ -479,221 +417,25 @@ def pretrain(cfg: ToyConfig, prior: GMM, scheduler, quiet: bool = False) -> Time
     return net.requires_grad_(False).eval()
 
 
-# ----------------------------------------------------------------------------------------------
-# Metrics against the exact target
-# ----------------------------------------------------------------------------------------------
-
-
-def mode_weights(samples: Tensor, means: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-    """Fraction of (optionally weighted) samples whose nearest component mean is each m_k."""
-    nearest = torch.cdist(samples.double(), means.double()).argmin(1)
-    w = torch.ones(len(samples), dtype=torch.float64) if weights is None else weights.double()
-    return torch.zeros(len(means), dtype=torch.float64).index_add_(0, nearest, w) / w.sum()
-
-
-def sliced_wasserstein(a: Tensor, b: Tensor, projections: int = 128, seed: int = 0) -> float:
-    """Sliced 1-Wasserstein distance between two equal-size sample sets (exact per projection)."""
-    gen = torch.Generator().manual_seed(seed)
-    theta = torch.randn(projections, a.shape[1], generator=gen, dtype=torch.float64)
-    theta = theta / theta.norm(dim=1, keepdim=True)
-    pa, pb = (a.double() @ theta.T).sort(0).values, (b.double() @ theta.T).sort(0).values
-    return float((pa - pb).abs().mean())
+# ---------------------------------------------------------------------------------------------- finetuning
 
 
 @dataclass
-class Task:
-    """Everything exact about one prior/reward/β: the pieces metrics and the oracle need."""
+class Hooks:
+    """Optional extension points of `finetune`, `evaluate` and `run` (experiments/toy_diagnostics.py fills
+    them; the rung needs none, and imports nothing from experiments/).
 
-    prior: GMM
-    reward: Callable[[Tensor], Tensor]
-    beta: float
-    target: Optional[GMM]  # None for a user-supplied reward without a closed form
-
-    @property
-    def dim(self) -> int:
-        return self.prior.means.shape[1]
-
-    def log_reward(self, x0: Tensor, traj: Tensor) -> Tensor:
-        return self.reward(x0)
-
-
-def metrics(task: Task, samples: Tensor, reference: Optional[Tensor] = None, seed: int = 0) -> Dict[str, float]:
-    """Mode-weight TV to the exact target, mean log-reward vs its exact expectation, sliced W1.
-
-    With no closed-form target, `reference` (pretrained samples) is importance-reweighted by R^β.
-    """
-    samples = samples.double()
-    if task.target is not None:
-        gen = torch.Generator().manual_seed(seed + 1)
-        means, target_w = task.target.means, task.target.weights
-        exact_reward = task.reward.expectation(task.target)
-        target_samples = task.target.sample(len(samples), gen)
-    else:  # self-normalised importance weights of pretrained samples
-        logw = task.beta * task.reward(reference.double())
-        w = (logw - logw.max()).exp()
-        means, target_w = task.prior.means, mode_weights(reference, task.prior.means, w)
-        exact_reward = float((w * task.reward(reference.double())).sum() / w.sum())
-        idx = torch.multinomial(w / w.sum(), len(samples), replacement=True, generator=torch.Generator().manual_seed(seed))
-        target_samples = reference.double()[idx]
-    # Non-finite samples (a diverged sampler) belong to no mode: their mass counts fully against TV.
-    finite = torch.isfinite(samples).all(1)
-    weights = mode_weights(samples[finite], means) * finite.double().mean() if finite.any() else torch.zeros_like(target_w)
-    tv = 0.5 * (float((weights - target_w).abs().sum()) + float(1 - finite.double().mean()))
-    return {
-        "mode_tv": tv,
-        "nonfinite_fraction": float(1 - finite.double().mean()),
-        "mean_log_reward": float(task.reward(samples).mean()),
-        "exact_mean_log_reward": exact_reward,
-        "sliced_w1": sliced_wasserstein(samples, target_samples, seed=seed),
-    }
-
-
-# ----------------------------------------------------------------------------------------------
-# Samplers: learned policy, pretrained, and the exact-flow oracle
-# ----------------------------------------------------------------------------------------------
-
-
-def sample(eps_fn: ng.EpsFn, schedule: ng.StepSchedule, n: int, gen: torch.Generator, dim: int = 2) -> ng.Trajectory:
-    return ng.sample_trajectory(eps_fn, schedule, torch.randn(n, dim, generator=gen), generator=gen)
-
-
-def analytic_eps(prior: GMM, alphas_cumprod: Tensor) -> ng.EpsFn:
-    """The exact ε-model of the prior: ε̂(x, τ) = −√(1−ᾱ_τ) ∇ log p♯_τ(x), as an eps_fn (float64 math).
-
-    A pretrained network with zero error; alphas_cumprod: the scheduler's (1000,) tensor.
+    methods: extra --method names → update(task) factories (diagnostics outside baselines.METHODS).
+    counters(trainee, modules): a context manager around training; its value, called, gives extra logs for
+    every update (cumulative costs). evaluate(cfg, task, reference, policy, flow, schedule, finetuned, gen,
+    result, samples): adds final metrics and samples, drawing on from the evaluation generator `gen`.
+    panels: extra figure panels panel(ax, result, cfg), drawn before the TV curve.
     """
 
-    def eps_fn(x: Tensor, t: Tensor, traj: Tensor) -> Tensor:
-        a = alphas_cumprod.to(torch.float64)[t.cpu()].to(x.device)
-        return (-(1 - a).sqrt()[:, None] * prior.score(x.double(), a)).to(x.dtype)
-
-    return eps_fn
-
-
-def step_index(schedule: ng.StepSchedule, t: Tensor) -> Tensor:
-    """The step i of each row's timestep τ_i: (N,) long."""
-    return (schedule.timesteps.to(t.device)[None, :] == t[:, None]).long().argmax(1)
-
-
-def oracle_eps(task: Task, reference_eps: ng.EpsFn, schedule: ng.StepSchedule) -> ng.EpsFn:
-    """ε̂ whose step mean is μ♯(x) + σ_τ² ∇ log F̃_τ'(μ♯(x)): the pretrained step tilted by the exact flow.
-
-    The optimal policy is P_F♯(x'|x) F̃(x') / F̃(x); linearising log F̃ around μ♯ gives this Gaussian
-    (the best a Gaussian-step policy can do). step_mean is affine in ε̂, so the ε̂ that shifts the mean
-    by δ is ε̂♯ + δ / slope. Needs a closed-form target.
-    """
-
-    def eps_fn(x: Tensor, t: Tensor, traj: Tensor) -> Tensor:
-        i = step_index(schedule, t)
-        coef = schedule.alpha_bar[i], schedule.alpha_bar_next[i], schedule.sigma[i]
-        eps_sharp = reference_eps(x, t, traj)
-        mean_sharp = ng.step_mean(x, eps_sharp, *coef)
-        shift = coef[2].to(x.dtype)[:, None] ** 2 * exact_flow_score(task.prior, task.target, mean_sharp, coef[1])
-        slope = ng.step_mean(x, torch.ones_like(x), *coef) - ng.step_mean(x, torch.zeros_like(x), *coef)
-        return eps_sharp + shift / slope
-
-    return eps_fn
-
-
-@torch.no_grad()
-def sample_oracle(task: Task, reference: nn.Module, schedule: ng.StepSchedule, n: int, gen: torch.Generator) -> Tensor:
-    """Final samples of the exact-flow oracle policy (`oracle_eps`)."""
-    return sample(oracle_eps(task, as_eps_fn(reference), schedule), schedule, n, gen, task.dim).final
-
-
-def _relative_error(estimate: Tensor, exact: Tensor) -> float:
-    return float((estimate - exact).norm(dim=1).mean() / exact.norm(dim=1).mean().clamp(min=1e-8))
-
-
-def _projection(estimate: Tensor, exact: Tensor) -> float:
-    """Σ⟨estimate, exact⟩ / Σ‖exact‖²: 1 for an unbiased estimate, < 1 when it shrinks the flow."""
-    return float((estimate * exact).sum() / exact.pow(2).sum().clamp(min=1e-12))
-
-
-def bootstrap_flow_target(policy: nn.Module, reference: nn.Module, trajectory: ng.Trajectory,
-                          schedule: ng.StepSchedule, i: int) -> Tensor:
-    """The paper's one-sample reverse target for ∇ log F̃(x_i): −∇_x[log P_F^θ − log P_F^♯](x_{i+1}|x_i).
-
-    (guess + g_φ at x is pulled towards it by L_B.) Its mean is J♯ᵀ(μ_θ − μ♯)/σ² — the policy's own
-    learned residual carried one link back: the TD(0) chain. (N, 2), detached.
-    """
-    x = trajectory.states[:, i].detach().requires_grad_(True)
-    x_next, n = trajectory.states[:, i + 1], len(x)
-    coef = schedule.alpha_bar[i].expand(n), schedule.alpha_bar_next[i].expand(n), schedule.sigma[i].expand(n)
-    t = schedule.timesteps[i].expand(n)
-    log_ratio = (ng.gaussian_log_prob(x_next, ng.step_mean(x, policy(x, t), *coef), coef[2])
-                 - ng.gaussian_log_prob(x_next, ng.step_mean(x, reference(x, t), *coef), coef[2]))
-    return -torch.autograd.grad(log_ratio.sum(), x)[0]
-
-
-def flow_errors(task: Task, policy: nn.Module, flow: Optional[nn.Module], trajectory: ng.Trajectory,
-                schedule: ng.StepSchedule, cfg: ToyConfig, reference: Optional[nn.Module] = None) -> Dict[str, List[float]]:
-    """Per step (0 = x_T), on the policy's own states, against the exact ∇ log F̃:
-
-    relative error ‖· − exact‖ / ‖exact‖ (mean over samples) of the learned flow (forward-looking
-    guess, guess + g_φ) and of the two one-sample targets g_φ can be trained on (the lean adjoint
-    a_i, the bootstrapped reverse target), and each one's projection Σ⟨·, exact⟩ / Σ‖exact‖²
-    (1 = unbiased on average; the targets' noise averages out of it, their shrinkage does not).
-    The targets need the frozen `reference`; without it only the learned flow is scored.
-    """
-    out = {k: [] for k in ("guess", "guess_plus_flow", "adjoint_target", "bootstrap_target",
-                           "projection_guess_plus_flow", "projection_adjoint_target", "projection_bootstrap_target")}
-    if reference is not None:
-        adjoint, _ = ng.lean_adjoint(as_eps_fn(reference), schedule, trajectory, task.log_reward, cfg.beta)
-    for i in range(schedule.num_steps):
-        x = trajectory.states[:, i]
-        n = len(x)
-        t, a = schedule.timesteps[i].expand(n), schedule.alpha_bar[i].expand(n)
-        guess, _ = ng.forward_looking_score(as_eps_fn(policy), task.log_reward, x, t, a, torch.arange(n), cfg.beta, cfg.gamma)
-        exact = exact_flow_score(task.prior, task.target, x, a)
-        estimates = {"guess": guess.detach()}
-        if reference is not None:
-            estimates["adjoint_target"] = adjoint[:, i]
-            estimates["bootstrap_target"] = bootstrap_flow_target(policy, reference, trajectory, schedule, i)
-        if flow is not None:
-            with torch.no_grad():
-                estimates["guess_plus_flow"] = guess.detach() + flow(x, t)
-        for key, estimate in estimates.items():
-            out[key].append(_relative_error(estimate, exact))
-            if f"projection_{key}" in out:
-                out[f"projection_{key}"].append(_projection(estimate, exact))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Finetuning
-# ----------------------------------------------------------------------------------------------
-
-
-def make_flow(cfg: ToyConfig) -> TimeMLP:
-    """g_φ: a TimeMLP whose output layer is zeroed, so ∇ log F̃ starts at the forward-looking guess."""
-    return ng.zero_output_layer(TimeMLP(network_width(cfg.flow_hidden, cfg.dim), cfg.dim))
-
-
-def exact_flow_update(task: Task) -> Callable[[bl.Trainee, bl.MethodConfig, torch.Generator], Dict[str, float]]:
-    """Diagnostic update: the forward residual regressed on the *exact* ∇ log F̃(x') (no guess, no g_φ).
-
-    Shows how fast the policy side alone converges; the gap to nabla-db is the cost of having to
-    learn the flow. Needs a closed-form target.
-    """
-    if task.target is None:
-        raise SystemExit("error: --method exact-flow needs a closed-form target (a --reward preset or JSON)")
-
-    def update(trainee: bl.Trainee, hp: bl.MethodConfig, gen: torch.Generator) -> Dict[str, float]:
-        trajectory = bl.sample_policy(trainee, hp.batch_size, gen)
-        steps = ng.subsample_steps(trainee.schedule.num_steps, hp.fraction, hp.batch_size, gen)
-        b = ng.gather_transitions(trajectory, trainee.schedule, steps)
-        mean_policy = ng.step_mean(b.x, trainee.policy_eps(b.x, b.t, b.traj), b.alpha_bar, b.alpha_bar_next, b.sigma)
-        with torch.no_grad():
-            mean_reference = ng.step_mean(b.x, trainee.reference_eps(b.x, b.t, b.traj), b.alpha_bar, b.alpha_bar_next, b.sigma)
-            target = exact_flow_score(task.prior, task.target, b.x_next, b.alpha_bar_next)
-        weight, _ = ng.transition_weights(b.sigma, hp.loss.weighting)
-        loss = (weight * (ng.forward_residual(mean_policy, mean_reference, b.sigma) - target).pow(2).mean(1)).mean()
-        logs = bl.optimizer_step(trainee, loss, hp.grad_clip)
-        logs.update(loss=loss.item(), reward=float(task.reward(trajectory.final).mean()))
-        return logs
-
-    return update
+    methods: Dict[str, Callable[[Task], Callable]] = field(default_factory=dict)
+    counters: Callable[..., ContextManager[Callable[[], dict]]] = lambda trainee, modules: contextlib.nullcontext(dict)
+    evaluate: Optional[Callable[..., None]] = None
+    panels: List[Callable[..., None]] = field(default_factory=list)
 
 
 def make_trainee(cfg: ToyConfig, task: Task, policy: nn.Module, reference: nn.Module, schedule: ng.StepSchedule,
@@ -716,126 +458,155 @@ def make_trainee(cfg: ToyConfig, task: Task, policy: nn.Module, reference: nn.Mo
     return trainee, flow
 
 
-def finetune(cfg: ToyConfig, task: Task, reference: nn.Module, schedule: ng.StepSchedule, quiet: bool = False):
-    """Finetune a copy of the pretrained ε-network. Returns (policy, flow or None, history)."""
+def finetune(cfg: ToyConfig, task: Task, reference: nn.Module, schedule: ng.StepSchedule, quiet: bool = False,
+             hooks: Optional[Hooks] = None):
+    """Finetune a copy of the pretrained ε-network, one `cfg.method` update per step, with metric-curve
+    points every eval_every updates. Returns (policy, g_φ or None, history)."""
+    hooks = hooks or Hooks()
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     torch.manual_seed(cfg.seed + 1)
     policy = copy.deepcopy(reference).requires_grad_(True).train()
     method = bl.METHODS.get(cfg.method)
-    update_fn = method.update if method is not None else exact_flow_update(task)
-    counter = RewardGradCounter(task.reward)
-    trainee, flow = make_trainee(cfg, dataclasses.replace(task, reward=counter), policy, reference, schedule,
-                                 method and method.module)
+    update_fn = method.update if method is not None else hooks.methods[cfg.method](task)
+    trainee, flow = make_trainee(cfg, task, policy, reference, schedule, method and method.module)
     hp, optimizer = method_config(cfg), trainee.optimizer
     decay = (lambda u: 0.5 * (1 + math.cos(math.pi * u / cfg.updates))) if cfg.lr_schedule == "cosine" else (lambda u: 1.0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)  # stepped once per update
-    vjps = NetworkVJPCounter([policy, reference, flow])
+    # without an exact target, metrics reweight pretrained samples (own generator: the run's draws are unchanged)
+    pretrained = None if task.target is not None else sample(
+        as_eps_fn(reference), schedule, cfg.eval_samples, torch.Generator().manual_seed(cfg.seed + 4), task.dim).final
     train_time, history, eval_gen = 0.0, [], torch.Generator().manual_seed(cfg.seed + 2)
     bar = tqdm(range(cfg.updates), desc=f"finetune ({cfg.method})", disable=quiet)
-    for update in bar:
-        start = time.perf_counter()
-        stats = update_fn(trainee, hp, gen)
-        stats["lr"] = optimizer.param_groups[0]["lr"]  # the policy's rate used by this update
-        lr_schedule.step()
-        train_time += time.perf_counter() - start
-        stats.update(reward_grad_calls=counter.rows, network_vjps=vjps.rows, train_time_s=train_time)  # cumulative
-        if (update + 1) % cfg.eval_every == 0 or update == 0:
-            with torch.no_grad():
-                x0 = sample(as_eps_fn(policy), schedule, 1000, eval_gen, task.dim).final
-            stats.update({f"eval_{k}": v for k, v in metrics(task, x0, seed=update).items()})
-            bar.set_postfix(tv=f"{stats['eval_mode_tv']:.3f}", loss=f"{stats['loss']:.3g}")
-        history.append({"update": update + 1, **stats})
-    vjps.remove()
+    with hooks.counters(trainee, [policy, reference, flow]) as counts:
+        for update in bar:
+            start = time.perf_counter()
+            stats = update_fn(trainee, hp, gen)
+            stats["lr"] = optimizer.param_groups[0]["lr"]  # the policy's rate used by this update
+            lr_schedule.step()
+            train_time += time.perf_counter() - start
+            stats.update(counts(), train_time_s=train_time)
+            if (update + 1) % cfg.eval_every == 0 or update == 0:
+                with torch.no_grad():
+                    x0 = sample(as_eps_fn(policy), schedule, 1000, eval_gen, task.dim).final
+                stats.update({f"eval_{k}": v for k, v in metrics(task, x0, pretrained, seed=update).items()})
+                bar.set_postfix(tv=f"{stats['eval_mode_tv']:.3f}", loss=f"{stats['loss']:.3g}")
+            history.append({"update": update + 1, **stats})
     return policy.eval(), flow, history
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation, figure
-# ----------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------- metrics against the exact target, evaluation
 
 
-def evaluate(cfg: ToyConfig, task: Task, reference: nn.Module, policy: nn.Module, flow, schedule) -> Tuple[dict, dict]:
-    """Final metrics for the finetuned, pretrained and oracle samplers. Returns (metrics, samples)."""
+def mode_weights(samples: Tensor, means: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+    """Fraction of (optionally weighted) samples whose nearest component mean is each m_k."""
+    nearest = torch.cdist(samples.double(), means.double()).argmin(1)
+    w = torch.ones(len(samples), dtype=torch.float64) if weights is None else weights.double()
+    return torch.zeros(len(means), dtype=torch.float64).index_add_(0, nearest, w) / w.sum()
+
+
+def sliced_wasserstein(a: Tensor, b: Tensor, projections: int = 128, seed: int = 0) -> float:
+    """Sliced 1-Wasserstein distance between two equal-size sample sets (exact per projection)."""
+    gen = torch.Generator().manual_seed(seed)
+    theta = torch.randn(projections, a.shape[1], generator=gen, dtype=torch.float64)
+    theta = theta / theta.norm(dim=1, keepdim=True)
+    pa, pb = (a.double() @ theta.T).sort(0).values, (b.double() @ theta.T).sort(0).values
+    return float((pa - pb).abs().mean())
+
+
+def metrics(task: Task, samples: Tensor, reference: Optional[Tensor] = None, seed: int = 0) -> Dict[str, float]:
+    """Mode-weight TV to the exact target, mean log-reward vs its exact expectation, sliced W1.
+
+    With no closed-form target, `reference` (pretrained samples) is importance-reweighted by R^β.
+    """
+    samples = samples.double()
+    if task.target is not None:
+        gen = torch.Generator().manual_seed(seed + 1)
+        means, target_w = task.target.means, task.target.weights
+        exact_reward = task.reward.expectation(task.target)
+        target_samples = task.target.sample(len(samples), gen)
+    elif reference is None:
+        raise ValueError("metrics: a reward without a closed-form target needs pretrained `reference` samples")
+    else:  # self-normalised importance weights of pretrained samples
+        logw = task.beta * task.reward(reference.double())
+        w = (logw - logw.max()).exp()
+        means, target_w = task.prior.means, mode_weights(reference, task.prior.means, w)
+        exact_reward = float((w * task.reward(reference.double())).sum() / w.sum())
+        idx = torch.multinomial(w / w.sum(), len(samples), replacement=True, generator=torch.Generator().manual_seed(seed))
+        target_samples = reference.double()[idx]
+    # Non-finite samples (a diverged sampler) belong to no mode: their mass counts fully against TV.
+    finite = torch.isfinite(samples).all(1)
+    weights = mode_weights(samples[finite], means) * finite.double().mean() if finite.any() else torch.zeros_like(target_w)
+    tv = 0.5 * (float((weights - target_w).abs().sum()) + float(1 - finite.double().mean()))
+    return {"mode_tv": tv, "nonfinite_fraction": float(1 - finite.double().mean()),
+            "mean_log_reward": float(task.reward(samples).mean()), "exact_mean_log_reward": exact_reward,
+            "sliced_w1": sliced_wasserstein(samples, target_samples, seed=seed)}
+
+
+def sample(eps_fn: ng.EpsFn, schedule: ng.StepSchedule, n: int, gen: torch.Generator, dim: int = 2) -> ng.Trajectory:
+    """n trajectories of the shared sampler from x_T ~ N(0, I) (states, ε̂ and the final x_0)."""
+    return ng.sample_trajectory(eps_fn, schedule, torch.randn(n, dim, generator=gen), generator=gen)
+
+
+def evaluate(cfg: ToyConfig, task: Task, reference: nn.Module, policy: nn.Module, flow, schedule,
+             hooks: Optional[Hooks] = None) -> Tuple[dict, dict]:
+    """Final metrics of the finetuned and pretrained samplers (+ the hooks'). Returns (metrics, samples)."""
     gen = torch.Generator().manual_seed(cfg.seed + 3)
-    n = cfg.eval_samples
-    finetuned = sample(as_eps_fn(policy), schedule, n, gen, task.dim)
-    pretrained = sample(as_eps_fn(reference), schedule, n, gen, task.dim).final
+    finetuned = sample(as_eps_fn(policy), schedule, cfg.eval_samples, gen, task.dim)
+    pretrained = sample(as_eps_fn(reference), schedule, cfg.eval_samples, gen, task.dim).final
     samples = {"finetuned": finetuned.final, "pretrained": pretrained}
     result = {"finetuned": metrics(task, finetuned.final, pretrained), "pretrained": metrics(task, pretrained, pretrained)}
-    if task.target is not None:
-        samples["oracle"] = sample_oracle(task, reference, schedule, n, gen)
-        samples["target"] = task.target.sample(n, gen).float()
-        result["oracle"] = metrics(task, samples["oracle"])
-        result["exact_target_samples"] = metrics(task, samples["target"], seed=cfg.seed + 7)
-        sub = ng.Trajectory(finetuned.states[:500], finetuned.eps[:500])
-        result["flow_relative_error"] = flow_errors(task, policy, flow, sub, schedule, cfg, reference)
-        result["prior_mode_tv"] = 0.5 * float((mode_weights(pretrained, task.prior.means) - task.prior.weights).abs().sum())
+    if hooks is not None and hooks.evaluate is not None:
+        hooks.evaluate(cfg, task, reference, policy, flow, schedule, finetuned, gen, result, samples)
     return result, samples
 
 
-def make_figure(path: Path, task: Task, samples: Dict[str, Tensor], result: dict, history: List[dict], cfg: ToyConfig):
+# ---------------------------------------------------------------------------------------------- figure
+
+
+def make_figure(path: Path, task: Task, samples: Dict[str, Tensor], result: dict, history: List[dict], cfg: ToyConfig,
+                panels: List[Callable[..., None]] = ()):
+    """Exact target density | one scatter per sampler | the hooks' panels | mode TV vs updates."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    titles = {"pretrained": "pretrained P_F♯", "finetuned": f"finetuned ({cfg.method})", "oracle": "oracle (exact flow)"}
+    scatters = [key for key in titles if key in samples]
     pts = torch.cat(list(samples.values())).double()
     lo, hi = pts.quantile(0.005, 0).numpy() - 0.5, pts.quantile(0.995, 0).numpy() + 0.5
-    fig, axes = plt.subplots(1, 6, figsize=(25, 4.6))
+    fig, axes = plt.subplots(1, 2 + len(scatters) + len(panels), figsize=(4.2 * (2 + len(scatters) + len(panels)), 4.6))
     if task.target is not None:
         gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 200), np.linspace(lo[1], hi[1], 200))
-        grid = torch.tensor(np.stack([gx.ravel(), gy.ravel()], 1))
-        dens = task.target.marginal(2).log_prob(grid).exp().reshape(200, 200).numpy()
-        axes[0].contourf(gx, gy, dens, levels=30, cmap="viridis")
+        dens = task.target.marginal(2).log_prob(torch.tensor(np.stack([gx.ravel(), gy.ravel()], 1))).exp()
+        axes[0].contourf(gx, gy, dens.reshape(200, 200).numpy(), levels=30, cmap="viridis")
         axes[0].set_title("exact target p♯·R^β" + (f"\n(D = {task.dim}: first two coordinates)" if task.dim > 2 else ""))
-    panels = [("pretrained", "pretrained P_F♯"), ("finetuned", f"finetuned ({cfg.method})"), ("oracle", "oracle (exact flow)")]
-    for ax, (key, title) in zip(axes[1:4], panels):
-        if key in samples:
-            s = samples[key].numpy()
-            ax.scatter(s[:, 0], s[:, 1], s=1, alpha=0.4)
-            tv = result.get(key, {}).get("mode_tv")
-            ax.set_title(title + (f"\nmode TV {tv:.3f}" if tv is not None else ""))
-    for ax in axes[:4]:
+    for ax, key in zip(axes[1:], scatters):
+        s = samples[key].numpy()
+        ax.scatter(s[:, 0], s[:, 1], s=1, alpha=0.4)
+        ax.set_title(titles[key] + f"\nmode TV {result[key]['mode_tv']:.3f}")
+    for ax in axes[: 1 + len(scatters)]:
         ax.set_xlim(lo[0], hi[0]), ax.set_ylim(lo[1], hi[1]), ax.set_aspect("equal")
-    if "flow_relative_error" in result:
-        err = result["flow_relative_error"]
-        axes[4].plot(err["guess"], label="guess β γ ∇r(x̂₀)")
-        if err["guess_plus_flow"]:
-            axes[4].plot(err["guess_plus_flow"], label=f"guess + g_φ ({cfg.flow_target})")
-        for key, color, name in (("adjoint_target", "C3", "lean adjoint a_i"), ("bootstrap_target", "C4", "bootstrapped")):
-            if err[key]:
-                axes[4].plot(err[key], ":", c=color, label=f"one-sample target: {name}")
-        axes[4].set_yscale("log"), axes[4].set_xlabel("step (0 = noise)"), axes[4].legend()
-        axes[4].set_title("‖learned − exact ∇log F̃‖ / ‖exact‖")
+    for ax, panel in zip(axes[1 + len(scatters):], panels):
+        panel(ax, result, cfg)
     evals = [h for h in history if "eval_mode_tv" in h]
-    axes[5].plot([h["update"] for h in evals], [h["eval_mode_tv"] for h in evals], "o-", label="finetuned")
+    axes[-1].plot([h["update"] for h in evals], [h["eval_mode_tv"] for h in evals], "o-", label="finetuned")
     for key, style in (("pretrained", "--"), ("oracle", ":")):
         if key in result:
-            axes[5].axhline(result[key]["mode_tv"], ls=style, c="gray", label=key)
-    axes[5].set_xlabel("update"), axes[5].set_ylabel("mode-weight TV to exact target"), axes[5].legend()
-    axes[5].set_title("TV vs updates")
+            axes[-1].axhline(result[key]["mode_tv"], ls=style, c="gray", label=key)
+    axes[-1].set_xlabel("update"), axes[-1].set_ylabel("mode-weight TV to exact target"), axes[-1].legend()
+    axes[-1].set_title("TV vs updates")
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------- main
 
 
-def build_task(cfg: ToyConfig, log_reward: Optional[Callable[[Tensor], Tensor]] = None) -> Task:
-    """Prior and reward from the config; a user callable `log_reward` replaces --reward (no exact target)."""
-    prior = parse_prior(cfg.prior, cfg.dim)
-    if log_reward is not None:
-        return Task(prior, log_reward, cfg.beta, None)
-    reward = parse_reward(cfg.reward, prior)
-    return Task(prior, reward, cfg.beta, reward.tilt(prior, cfg.beta))
-
-
-def validate(cfg: ToyConfig):
+def validate(cfg: ToyConfig, methods: Tuple[str, ...] = METHOD_NAMES):
     checks = [
-        (cfg.method in METHOD_NAMES, f"--method must be one of {METHOD_NAMES}, got {cfg.method!r}"),
+        (cfg.method in methods, f"--method must be one of {methods}, got {cfg.method!r}"),
         (cfg.gamma in ng.GAMMA_CHOICES, f"--gamma must be one of {ng.GAMMA_CHOICES}, got {cfg.gamma!r}"),
         (cfg.weighting in ng.WEIGHTING_CHOICES, f"--weighting must be one of {ng.WEIGHTING_CHOICES}, got {cfg.weighting!r}"),
         (cfg.flow_target in ng.FLOW_TARGET_CHOICES, f"--flow-target must be one of {ng.FLOW_TARGET_CHOICES}, got {cfg.flow_target!r}"),
@@ -851,9 +622,11 @@ def validate(cfg: ToyConfig):
             raise SystemExit(f"error: {message}")
 
 
-def run(cfg: ToyConfig, log_reward: Optional[Callable[[Tensor], Tensor]] = None, quiet: bool = False) -> dict:
+def run(cfg: ToyConfig, log_reward: Optional[Callable[[Tensor], Tensor]] = None, quiet: bool = False,
+        hooks: Optional[Hooks] = None) -> dict:
     """Pretrain (cached), finetune, evaluate, write outputs. Returns the metrics dict."""
-    validate(cfg)
+    hooks = hooks or Hooks()
+    validate(cfg, (*METHOD_NAMES, *hooks.methods))
     start = time.time()
     torch.manual_seed(cfg.seed)
     task = build_task(cfg, log_reward)
@@ -861,8 +634,8 @@ def run(cfg: ToyConfig, log_reward: Optional[Callable[[Tensor], Tensor]] = None,
     schedule = ng.ddim_schedule(scheduler, cfg.num_steps)
     reference = pretrain(cfg, task.prior, scheduler, quiet)
     pretrain_done = time.time()
-    policy, flow, history = finetune(cfg, task, reference, schedule, quiet)
-    result, samples = evaluate(cfg, task, reference, policy, flow, schedule)
+    policy, flow, history = finetune(cfg, task, reference, schedule, quiet, hooks)
+    result, samples = evaluate(cfg, task, reference, policy, flow, schedule, hooks)
     result["time_s"] = {"pretrain_or_load": pretrain_done - start, "total": time.time() - start}
     out = Path(cfg.out or f"runs/toy_2d/{Path(cfg.prior).stem if cfg.prior in PRIOR_PRESETS else 'custom'}_"
                f"{cfg.reward if cfg.reward in REWARD_PRESETS else 'custom'}_{cfg.method}" + (f"_d{cfg.dim}" if cfg.dim != 2 else ""))
@@ -871,7 +644,7 @@ def run(cfg: ToyConfig, log_reward: Optional[Callable[[Tensor], Tensor]] = None,
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     (out / "metrics.json").write_text(json.dumps({**result, "history": history}, indent=2))
     if not cfg.no_figure:
-        make_figure(out / "figure.png", task, samples, result, history, cfg)
+        make_figure(out / "figure.png", task, samples, result, history, cfg, hooks.panels)
     result["out"] = str(out)
     return result
 
@@ -889,18 +662,18 @@ def dataclass_parser(cls, description: str, choices: Optional[Dict[str, tuple]] 
     return parser
 
 
-def parse_args(argv=None) -> ToyConfig:
-    choices = {"method": METHOD_NAMES, "gamma": ng.GAMMA_CHOICES, "weighting": ng.WEIGHTING_CHOICES,
-               "guess_from": ng.GUESS_CHOICES, "flow_target": ng.FLOW_TARGET_CHOICES,
-               "lr_schedule": LR_SCHEDULES}
+def parse_args(argv=None, methods: Tuple[str, ...] = METHOD_NAMES) -> ToyConfig:
+    choices = {"method": methods, "gamma": ng.GAMMA_CHOICES, "weighting": ng.WEIGHTING_CHOICES,
+               "guess_from": ng.GUESS_CHOICES, "flow_target": ng.FLOW_TARGET_CHOICES, "lr_schedule": LR_SCHEDULES}
     parser = dataclass_parser(ToyConfig, __doc__.split("\n\n")[0], choices)
     return ToyConfig(**vars(parser.parse_args(argv)))
 
 
-def main(argv=None):
-    cfg = parse_args(argv)
+def main(argv=None, hooks: Optional[Hooks] = None):
+    hooks = hooks or Hooks()
+    cfg = parse_args(argv, (*METHOD_NAMES, *hooks.methods))
     torch.set_num_threads(cfg.threads)
-    result = run(cfg)
+    result = run(cfg, hooks=hooks)
     fin, pre = result["finetuned"], result["pretrained"]
     print(f"mode-weight TV to exact target: finetuned {fin['mode_tv']:.3f} | pretrained {pre['mode_tv']:.3f}"
           + (f" | oracle {result['oracle']['mode_tv']:.3f}" if "oracle" in result else ""))
