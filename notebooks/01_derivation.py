@@ -53,6 +53,7 @@ import dataclasses
 
 import nabla_gfn as ng
 import toy_2d
+from experiments import toy_diagnostics  # the exact-flow oracle and flow errors of the toy
 
 cfg = toy_2d.ToyConfig()               # toy_2d's current defaults: prior, reward, β, T, γ, weighting, ...
 torch.set_num_threads(cfg.threads)     # tiny MLPs run fastest on one thread
@@ -275,13 +276,13 @@ print(f"max |reverse residual (autograd) − finite differences| = {float((rever
 # %% [markdown]
 # The forward equation says what the optimal step looks like: its mean is the pretrained mean
 # shifted by $\sigma_\tau^2$ times the residual flow at the next state. No Gaussian satisfies it
-# for every $x'$ when $\log\tilde F$ is not linear, so `toy_2d.sample_oracle` linearises at
+# for every $x'$ when $\log\tilde F$ is not linear, so `toy_diagnostics.sample_oracle` linearises at
 # $\mu^\sharp$: $\mu^* = \mu^\sharp(x) + \sigma_\tau^2\,\nabla\log\tilde F_{\tau'}(\mu^\sharp(x))$ with
 # the *exact* flow. It is the best a Gaussian-step policy can do, and the bar every finetuned
 # model is judged against (TV = total variation between mode weights and the target's).
 
 # %%
-oracle = toy_2d.sample_oracle(task, reference, schedule, 2000, gen)
+oracle = toy_diagnostics.sample_oracle(task, reference, schedule, 2000, gen)
 pretrained = toy_2d.sample(eps_ref, schedule, 2000, gen).final
 exact = task.target.sample(2000, gen)
 fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
@@ -319,12 +320,12 @@ print(f"max |forward_looking_score − autograd of βγ r(x̂_0(x))| = {float((g
 # %% [markdown]
 # **What the guess gets right and wrong at each noise level.** On the pretrained model's own
 # states, compare the guess with the exact $\nabla\log\tilde F$ per step: the relative error
-# (`toy_2d.flow_errors`; a zero guess scores 1), and, since $\gamma_\tau$ only scales, the
+# (`toy_diagnostics.flow_errors`; a zero guess scores 1), and, since $\gamma_\tau$ only scales, the
 # *direction* (cosine) and the scale $\gamma^*_\tau$ that would fit best,
 # $\gamma^*_\tau = \langle G, \nabla\log\tilde F\rangle / \|G\|^2$ with $G = \beta\nabla_x r(\hat x_0(x))$ undamped.
 
 # %%
-errors = {g: toy_2d.flow_errors(task, reference, None, traj, schedule, dataclasses.replace(cfg, gamma=g))["guess"]
+errors = {g: toy_diagnostics.flow_errors(task, reference, None, traj, schedule, dataclasses.replace(cfg, gamma=g))["guess"]
           for g in ng.GAMMA_CHOICES}
 cosine, gamma_star = [], []
 for i in range(cfg.num_steps):
@@ -425,7 +426,7 @@ def oracle_flow_fn(policy_eps):
 ratios = {}
 for T in (10, 25, 50, 100, 200):
     sched_T = ng.ddim_schedule(toy_2d.sd_scheduler(), T)
-    policy_eps = toy_2d.oracle_eps(task, eps_ref, sched_T)   # μ♯ + σ² ∇log F̃_τ'(μ♯), as in §4
+    policy_eps = toy_diagnostics.oracle_eps(task, eps_ref, sched_T)   # μ♯ + σ² ∇log F̃_τ'(μ♯), as in §4
     traj_T = toy_2d.sample(policy_eps, sched_T, 64, torch.Generator().manual_seed(1))
     batch_T = ng.gather_transitions(traj_T, sched_T, torch.arange(T).expand(64, T))   # every transition
     _, at_oracle = ng.nabla_db_loss(batch_T, policy_eps, eps_ref, task.log_reward, oracle_flow_fn(policy_eps), paper_loss)
@@ -478,7 +479,7 @@ plt.show()
 # $a_i - \nabla\log\tilde F(x_i)$ over paths is zero within Monte-Carlo error at every step, and so is
 # the scale of $a_i$ along the exact flow minus one, $c_i - 1$ with
 # $c_i = \sum\langle a_i, \nabla\log\tilde F\rangle / \sum\|\nabla\log\tilde F\|^2$. The pretrained model here
-# is the prior's exact ε-model (`toy_2d.analytic_eps`), so that `toy_2d.exact_flow_score` is *its*
+# is the prior's exact ε-model (`toy_diagnostics.analytic_eps`), so that `toy_2d.exact_flow_score` is *its*
 # residual flow. Two priors: the ring with modes of std 0.5, and this notebook's ring (std 0.3),
 # where the same check holds but with wide error bars: there a few paths in ten thousand pass
 # between modes at low noise, where the exact model's Jacobian is large, and carry $\|a_i\|$ in
@@ -505,8 +506,8 @@ def scale_along_exact(estimate, exact):
 
 def adjoint_along_oracle(toy, n_paths):
     """The exact ε-model of toy's prior, n oracle paths, their lean adjoints and the exact flow along them."""
-    eps_exact = toy_2d.analytic_eps(toy.prior, scheduler.alphas_cumprod)
-    paths = toy_2d.sample(toy_2d.oracle_eps(toy, eps_exact, schedule), schedule, n_paths, gen)
+    eps_exact = toy_diagnostics.analytic_eps(toy.prior, scheduler.alphas_cumprod)
+    paths = toy_2d.sample(toy_diagnostics.oracle_eps(toy, eps_exact, schedule), schedule, n_paths, gen)
     adjoint, _ = ng.lean_adjoint(eps_exact, schedule, paths, toy.log_reward, toy.beta)   # (N, T+1, 2)
     return eps_exact, paths, adjoint, flow_along(toy, paths)
 

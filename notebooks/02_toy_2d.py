@@ -46,6 +46,7 @@ import time
 
 import nabla_gfn as ng
 import toy_2d
+from experiments import toy_diagnostics  # toy_2d + the exact-flow oracle, flow errors and cost counters
 
 cfg = toy_2d.ToyConfig()               # toy_2d's current defaults
 torch.set_num_threads(cfg.threads)     # tiny MLPs run fastest on one thread
@@ -114,9 +115,9 @@ plt.show()
 
 # %%
 start = time.time()
-policy, flow, history = toy_2d.finetune(run_cfg, task, reference, schedule, quiet=True)
+policy, flow, history = toy_diagnostics.finetune(run_cfg, task, reference, schedule, quiet=True)  # + cost counters (§5)
 print(f"{UPDATES} updates in {time.time() - start:.0f} s")
-oracle = toy_2d.sample_oracle(task, reference, schedule, 2000, torch.Generator().manual_seed(1))
+oracle = toy_diagnostics.sample_oracle(task, reference, schedule, 2000, torch.Generator().manual_seed(1))
 oracle_metrics = toy_2d.metrics(task, oracle)
 
 evals = [h for h in history if "eval_mode_tv" in h]
@@ -172,16 +173,17 @@ plt.show()
 # %% [markdown]
 # ## 4 · Final metrics, and the learned flow against the exact one
 #
-# `toy_2d.evaluate` samples the finetuned, pretrained and oracle samplers and the exact target,
-# and measures each against the target: mode-weight TV, mean log-reward (vs its exact
-# expectation under $p^*$) and a sliced Wasserstein-1 distance. It also compares the flow the
+# `toy_2d.evaluate` samples the finetuned and pretrained samplers; `experiments/toy_diagnostics.py`'s
+# `evaluate` adds the oracle, the exact target and the flow errors below. Each sampler is measured
+# against the target: mode-weight TV, mean log-reward (vs its exact
+# expectation under $p^*$) and a sliced Wasserstein-1 distance. The flow errors compare the flow the
 # model *uses*, guess + $g_\phi$, with the exact $\nabla\log\tilde F$ at every step, on the finetuned
 # policy's own states (the guess alone is shown for reference; 1 = no better than a zero flow).
 # The two scatter plots show the same at two steps coordinate by coordinate: on the diagonal
 # is exact; a cloud flatter than the diagonal is a flow that is too weak.
 
 # %%
-result, samples = toy_2d.evaluate(run_cfg, task, reference, policy, flow, schedule)
+result, samples = toy_diagnostics.evaluate(run_cfg, task, reference, policy, flow, schedule)
 print(f"{'':>22} {'mode TV':>8} {'mean r':>8} {'sliced W1':>10}")
 for key in ("pretrained", "finetuned", "oracle", "exact_target_samples"):
     m = result[key]
@@ -229,7 +231,8 @@ plt.show()
 # | adjoint matching | `--method adjoint-matching` | no guess, no $g_\phi$: $\theta$'s forward residual $(\mu_\theta-\mu^\sharp)/\sigma^2$ on $a_{i+1}$ |
 #
 # Same budget and seed as above, everything else at `toy_2d`'s defaults. The cost columns are
-# counted by `toy_2d.finetune`: rows through a network with a graph (each one VJP) and reward
+# counted by `toy_diagnostics.finetune` (`toy_2d.finetune` with its cost counters): rows through
+# a network with a graph (each one VJP) and reward
 # gradients, per update.
 
 # %%
@@ -245,7 +248,7 @@ for name, overrides in FLOW_TARGETS.items():
     if target_cfgs[name] == run_cfg:
         target_runs[name] = (policy, flow, history)          # the run of §2 is this one
     else:
-        target_runs[name] = toy_2d.finetune(target_cfgs[name], task, reference, schedule, quiet=True)
+        target_runs[name] = toy_diagnostics.finetune(target_cfgs[name], task, reference, schedule, quiet=True)
 
 states = {name: toy_2d.sample(toy_2d.as_eps_fn(net), schedule, 2000, torch.Generator().manual_seed(7))
           for name, (net, _, _) in target_runs.items()}
@@ -263,7 +266,7 @@ for name, (net, g, h) in target_runs.items():
     axes[0].plot([e["update"] for e in evals], [e["eval_mode_tv"] for e in evals], "o-", ms=2, label=name)
     if g is not None:   # adjoint matching has no g_φ: its flow is the policy itself
         sub = ng.Trajectory(states[name].states[:500], states[name].eps[:500])
-        err = toy_2d.flow_errors(task, net, g, sub, schedule, target_cfgs[name])
+        err = toy_diagnostics.flow_errors(task, net, g, sub, schedule, target_cfgs[name])
         axes[1].plot(err["guess_plus_flow"], label=f"guess + g_φ, {name}")
         axes[2].plot(err["projection_guess_plus_flow"], label=f"guess + g_φ, {name}")
 axes[0].axhline(oracle_metrics["mode_tv"], ls=":", c="k", label="oracle")

@@ -833,13 +833,14 @@ def test_lean_adjoint_is_unbiased_along_oracle_paths_and_biased_along_pretrained
     bias of its own (measured +0.04…+0.06 of E‖∇log F̃‖², ~2 standard errors): the bound is
     0.12, against +0.89 for pretrained paths at step 0."""
     import toy_2d
+    from experiments import toy_diagnostics
 
     torch.set_num_threads(1)
     cfg = toy_2d.ToyConfig(prior="grid25", reward="bump")
     task, scheduler = toy_2d.build_task(cfg), toy_2d.sd_scheduler()
     schedule = ddim_schedule(scheduler, 50)
-    reference = toy_2d.analytic_eps(task.prior, scheduler.alphas_cumprod)
-    oracle = toy_2d.oracle_eps(task, reference, schedule)
+    reference = toy_diagnostics.analytic_eps(task.prior, scheduler.alphas_cumprod)
+    oracle = toy_diagnostics.oracle_eps(task, reference, schedule)
     generator, n = torch.Generator().manual_seed(0), 4000
     bias = {}
     for name, policy in (("oracle", oracle), ("pretrained", reference)):
