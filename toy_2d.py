@@ -67,6 +67,8 @@ METHOD_NAMES = tuple(bl.METHODS)  # every --method comes from the one registry
 
 @dataclass
 class ToyConfig:
+    """Every setting of a run, one --flag each (`parse_args`); written to config.json beside the outputs."""
+
     prior: str = field(default="ring8", metadata={"help": f"prior preset {sorted(PRIOR_PRESETS)} or GMM JSON"})
     reward: str = field(default="bump", metadata={"help": f"reward preset {sorted(REWARD_PRESETS)} or JSON"})
     dim: int = field(default=2, metadata={"help": "dimension D ≥ 2: the prior's modes in the first two coordinates, plus fixed per-mode offsets (norm 2) in the others; ε-network and g_φ widths max(hidden, 2·D)"})
@@ -121,6 +123,7 @@ class ToyConfig:
             adjoint_lambda=self.adjoint_lambda,
         )
         return bl.METHODS[self.method].loss_config(base) if self.method in bl.METHODS else base
+
 
 def method_config(cfg: ToyConfig) -> bl.MethodConfig:
     """This rung's config fields → the registry's method hyper-parameters."""
@@ -422,13 +425,14 @@ def pretrain(cfg: ToyConfig, prior: GMM, scheduler, quiet: bool = False) -> Time
 
 @dataclass
 class Hooks:
-    """Optional extension points of `finetune`, `evaluate` and `run` (experiments/toy_diagnostics.py fills
-    them; the rung needs none, and imports nothing from experiments/).
+    """Optional extension points of `run`, `finetune` and `evaluate`. experiments/toy_diagnostics.py fills
+    them (oracle, flow errors, cost counters); the rung needs none and imports nothing from experiments/.
 
-    methods: extra --method names → update(task) factories (diagnostics outside baselines.METHODS).
-    counters(trainee, modules): a context manager around training; its value, called, gives extra logs for
-    every update (cumulative costs). evaluate(cfg, task, reference, policy, flow, schedule, finetuned, gen,
-    result, samples): adds final metrics and samples, drawing on from the evaluation generator `gen`.
+    methods: extra --method names → update factory(task), for diagnostics outside baselines.METHODS.
+    counters(trainee, modules): a context manager around the training loop; the function it yields
+        returns extra (cumulative) logs for every update.
+    evaluate(cfg, task, reference, policy, flow, schedule, finetuned, gen, result, samples): adds final
+        metrics and samples, drawing on from the evaluation generator `gen`.
     panels: extra figure panels panel(ax, result, cfg), drawn before the TV curve.
     """
 
