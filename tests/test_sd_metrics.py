@@ -85,9 +85,12 @@ def test_dreamsim_diversity_is_the_mean_pairwise_dreamsim_distance():
     unit = F.interpolate((images + 1) / 2, size=(224, 224), mode="bicubic", antialias=True).clamp(0, 1)
     embeds = distance.embedder.embed(unit)
     pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    embeds = embeds.double()  # 1 − cos ≈ 0.006 cancels ~2.5 of float32's ~7 digits: the oracle is float64
     expected = sum(float(1 - F.cosine_similarity(embeds[i : i + 1], embeds[j : j + 1])) for i, j in pairs) / len(pairs)
-    assert distance.diversity(images) == pytest.approx(expected, rel=1e-5)
-    assert distance.diversity(images[:1].expand(3, -1, -1, -1)) == pytest.approx(0.0, abs=1e-6)
+    # Same float32 embeddings, float64 sums in another order: error ≲ κ·eps64 with κ = Σ|terms|/|result| ≈ 2/0.006.
+    assert distance.diversity(images) == pytest.approx(expected, rel=1e-10)
+    # Equal rows: 0 up to float64 rounding (a float32 difference δ between rows would enter as δ²/2 ≲ 1e-13).
+    assert distance.diversity(images[:1].expand(3, -1, -1, -1)) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_a_metric_that_cannot_load_is_unavailable_and_the_others_still_run(tmp_path):

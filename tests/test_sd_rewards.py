@@ -5,6 +5,7 @@ CPU only, offline."""
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import open_clip
@@ -19,7 +20,7 @@ import sd_rewards as sdr
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
-AESTHETIC_ASSET = ROOT.parent / "shared" / "assets" / "sac+logos+ava1-l14-linearMSE.pth"
+AESTHETIC_ASSET = Path(os.environ.get("NABLA_GFN_AESTHETIC_HEAD", ""))  # the real sac+logos+ava1-l14-linearMSE.pth
 PROMPT_DEPENDENT = ("hpsv2", "pickscore", "imagereward", "clip-score")
 # The laion/CLIP-ViT-H-14-laion2B-s32B-b79K preprocessor_config.json that PickScore's authors load.
 LAION_PROCESSOR = {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
@@ -237,7 +238,8 @@ def test_imagereward_tokenizer_is_the_authors(cache):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not AESTHETIC_ASSET.is_file(), reason="the real aesthetic MLP is not in ../shared/assets")
+@pytest.mark.skipif(not AESTHETIC_ASSET.is_file(), reason="the real aesthetic MLP: set NABLA_GFN_AESTHETIC_HEAD to a "
+                    "local sac+logos+ava1-l14-linearMSE.pth")
 def test_aesthetic_head_loads_the_real_file_with_strict_keys():
     head = sdr.AestheticHead.from_file(AESTHETIC_ASSET, embed_dim=768)
     state = torch.load(AESTHETIC_ASSET, map_location="cpu", weights_only=True)
