@@ -1,11 +1,11 @@
 """∇-GFlowNet against DRaFT-K, ReFL, DDPO and RTB on the 2-D toy, judged against the exact target.
 
-    python compare_toy.py --readme      # ring8 + bump, 3 seeds, all methods (≈ 10 min on 2 CPU cores):
-                                        # runs/compare_toy/table.{md,json}, assets/toy_baselines.png and
-                                        # the table in README.md's baselines section
-    python compare_toy.py               # the same without touching README.md / assets (figure in --out)
-    python compare_toy.py --quick       # tiny budget, seconds (tests)
-    python compare_toy.py --methods nabla-db,rtb --seeds 5
+    python experiments/compare_toy.py --docs     # ring8 + bump, 3 seeds, all methods (≈ 22 min on 2 busy CPU cores):
+                                                 # runs/compare_toy/table.{md,json}, docs/results/compare_toy.md
+                                                 # and docs/figures/compare_toy.png
+    python experiments/compare_toy.py            # the same, outputs in --out only
+    python experiments/compare_toy.py --quick    # tiny budget, seconds (tests)
+    python experiments/compare_toy.py --methods nabla-db,rtb --seeds 5
 
 Every method runs through `toy_2d.run` with toy_2d's current defaults (so a change of defaults is
 picked up by rerunning this one command), on the same prior, reward, β, pretrained model (one per
@@ -19,30 +19,25 @@ an evaluation (every --eval-every updates, 1000 samples), and the final samples 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import re
-import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List
 
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import nabla_gfn as ng
-import toy_2d
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import nabla_gfn as ng  # noqa: E402
+import toy_2d  # noqa: E402
+from experiments import runner  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------
-
-README_TABLE = ("<!-- BASELINES-TABLE:BEGIN -->", "<!-- BASELINES-TABLE:END -->")
-README_FIGURE = "assets/toy_baselines.png"
 
 
 @dataclass
@@ -57,7 +52,7 @@ class CompareConfig:
     threshold: float = field(default=0.1, metadata={"help": "TV level for 'updates to TV ≤ threshold'"})
     jobs: int = field(default=2, metadata={"help": "parallel runs (one CPU thread each)"})
     out: str = field(default="runs/compare_toy", metadata={"help": "output folder"})
-    readme: bool = field(default=False, metadata={"help": f"write the figure to {README_FIGURE} and the table into README.md"})
+    docs: bool = field(default=False, metadata={"help": "also write docs/results/compare_toy.md and docs/figures/compare_toy.png"})
     quick: bool = field(default=False, metadata={"help": "tiny budget for tests: 1 seed, 6 updates, 10 steps, small pretraining"})
     cache_dir: str = field(default="", metadata={"help": "pretrained-model cache (as toy_2d.py)"})
     reuse: bool = field(default=False, metadata={"help": "reuse runs in --out whose config.json matches exactly (e.g. after a crash)"})
@@ -102,176 +97,34 @@ def variants(base: toy_2d.ToyConfig) -> Dict[str, dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# One run (in a worker process)
-# ----------------------------------------------------------------------------------------------
-
-
-def _worker_init():
-    torch.set_num_threads(1)  # the pool's processes share the machine's cores
-
-
-def mode_entropy(weights: torch.Tensor) -> float:
-    """Entropy (nats) of mode weights; 0 log 0 = 0."""
-    w = weights[weights > 0]
-    return max(0.0, float(-(w * w.log()).sum()))
-
-
-def pretrain_seed(cfg: toy_2d.ToyConfig) -> str:
-    """Pretrain (or load) the ε-network of cfg.seed, so that later parallel runs only read the cache."""
-    scheduler = toy_2d.sd_scheduler()
-    toy_2d.pretrain(cfg, toy_2d.parse_prior(cfg.prior), scheduler, quiet=True)
-    return f"seed {cfg.seed}"
-
-
-def pretrained_entropy(cfg: toy_2d.ToyConfig, n: int = 4000) -> float:
-    """Mode entropy of the pretrained sampler P_F♯ (seed cfg.seed), nearest target mean as in the TV."""
-    scheduler = toy_2d.sd_scheduler()
-    task = toy_2d.build_task(cfg)
-    reference = toy_2d.pretrain(cfg, task.prior, scheduler, quiet=True)
-    schedule = ng.ddim_schedule(scheduler, cfg.num_steps)
-    x0 = toy_2d.sample(toy_2d.as_eps_fn(reference), schedule, n, torch.Generator().manual_seed(cfg.seed + 3)).final
-    return mode_entropy(toy_2d.mode_weights(x0, task.target.means))
-
-
-def finished(cfg: toy_2d.ToyConfig) -> bool:
-    """Whether cfg.out holds a completed toy_2d run of exactly this config."""
-    out = Path(cfg.out)
-    if not (out / "metrics.json").exists() or not (out / "config.json").exists():
-        return False
-    return json.loads((out / "config.json").read_text()) == json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def run_one(cfg: toy_2d.ToyConfig, threshold: float, reuse: bool = False) -> dict:
-    """toy_2d.run (skipped with reuse when cfg.out already holds this exact run), then its summary."""
-    if not (reuse and finished(cfg)):
-        toy_2d.run(cfg, quiet=True)
-    return read_run(cfg, threshold)
-
-
-def read_run(cfg: toy_2d.ToyConfig, threshold: float) -> dict:
-    """The comparison's summary of one finished run: curve, first crossing of the threshold, entropy.
-
-    Divergence: a run whose final samples are non-finite or flung far off the data (sliced W1 to the
-    target over 10× the pretrained sampler's) diverged where the unbroken tail of such evaluations
-    starts; its curve stops there and its final numbers are None (toy_2d's nearest-mode metrics
-    would count NaN samples as mode 0). A transient outlier that training recovers from is not a
-    divergence.
-    """
-    result = json.loads((Path(cfg.out) / "metrics.json").read_text())
-    history = result["history"]
-    task = toy_2d.build_task(cfg)
-    samples = torch.from_numpy(np.load(Path(cfg.out) / "samples.npy"))
-    far = 10 * result["pretrained"]["sliced_w1"]
-
-    def sane(w1: float) -> bool:
-        return math.isfinite(w1) and w1 <= far
-
-    evals = [h for h in history if "eval_mode_tv" in h]
-    diverged_at = None
-    if not (torch.isfinite(samples).all() and sane(result["finetuned"]["sliced_w1"])):
-        keep = len(evals)
-        while keep > 0 and not sane(evals[keep - 1]["eval_sliced_w1"]):
-            keep -= 1
-        diverged_at = evals[keep]["update"] if keep < len(evals) else history[-1]["update"]
-        evals = evals[:keep]
-    curve = [(h["update"], h["eval_mode_tv"]) for h in evals]
-    hit = next((h for h in evals if h["eval_mode_tv"] <= threshold), None)
-    mid = cfg.updates // 5
-    at_mid = next((tv for u, tv in curve if u >= mid), None) if (diverged_at is None or diverged_at > mid) else None
-    final = result["finetuned"]
-    ok = diverged_at is None
-    return {
-        "final_tv": final["mode_tv"] if ok else None,
-        "final_log_reward": final["mean_log_reward"] if ok else None,
-        "exact_mean_log_reward": final["exact_mean_log_reward"],
-        "entropy": mode_entropy(toy_2d.mode_weights(samples, task.target.means)) if ok else None,
-        "diverged_at": diverged_at,
-        "tv_at_mid": at_mid,
-        "mid_update": mid,
-        "pretrained": result["pretrained"],
-        "oracle": result.get("oracle"),
-        "target_entropy": mode_entropy(task.target.weights),
-        "curve": curve,
-        "min_tv": min((tv for _, tv in curve), default=None),  # None: diverged before its first evaluation
-        "updates_to_threshold": hit["update"] if hit else None,
-        "train_s_to_threshold": hit["train_time_s"] if hit else None,
-        "reward_grads_to_threshold": hit["reward_grad_calls"] if hit else None,
-        "reward_grads_total": history[-1]["reward_grad_calls"],
-        "network_vjps_total": history[-1].get("network_vjps", 0),
-        "train_s": history[-1]["train_time_s"],
-        "optimizer_steps_per_update": history[-1].get("optimizer_steps", 1),
-        "updates": cfg.updates,
-    }
-
-
-# ----------------------------------------------------------------------------------------------
 # Table and figure
 # ----------------------------------------------------------------------------------------------
 
 
-def mean_std(values: List[Optional[float]], fmt: str) -> str:
-    """"mean ± std" over seeds (sample std, ddof 1), None values left out; one value alone; "—" for none."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{format(float(np.mean(values)), fmt)} ± {format(float(np.std(values, ddof=1)), fmt)}"
-
-
-def _median_reached(values: List[Optional[float]], fmt: str) -> str:
-    reached = [v for v in values if v is not None]
-    if not reached:
-        return f"not reached (0/{len(values)})"
-    text = format(float(np.median(reached)), fmt)
-    return text if len(reached) == len(values) else f"{text} ({len(reached)}/{len(values)})"
-
-
-def _diverged(updates: List[Optional[int]]) -> str:
-    hits = sorted(u for u in updates if u is not None)
-    return "—" if not hits else f"{len(hits)}/{len(updates)} (at update {', '.join(map(str, hits))})"
-
-
 def summarise(runs: Dict[str, List[dict]], labels: Dict[str, str]) -> List[dict]:
-    """Per variant, aggregate over seeds (mean ± std, or median over the seeds that reached TV ≤ thr)."""
-    rows = []
-    for key, seeds in runs.items():
-        rows.append({
-            "id": key,
-            "method": labels[key],
-            "final_tv": [r["final_tv"] for r in seeds],
-            "tv_at_mid": [r["tv_at_mid"] for r in seeds],
-            "min_tv": [r["min_tv"] for r in seeds],
-            "mean_log_reward": [r["final_log_reward"] for r in seeds],
-            "exact_mean_log_reward": seeds[0]["exact_mean_log_reward"],
-            "mode_entropy": [r["entropy"] for r in seeds],
-            "diverged_at": [r["diverged_at"] for r in seeds],
-            "updates_to_threshold": [r["updates_to_threshold"] for r in seeds],
-            "train_s_to_threshold": [r["train_s_to_threshold"] for r in seeds],
-            "reward_grads_to_threshold": [r["reward_grads_to_threshold"] for r in seeds],
-            "reward_grads_per_update": seeds[0]["reward_grads_total"] / seeds[0]["updates"],
-            "network_vjps_per_update": seeds[0]["network_vjps_total"] / seeds[0]["updates"],
-            "optimizer_steps_per_update": seeds[0]["optimizer_steps_per_update"],
-            "train_s": [r["train_s"] for r in seeds],
-        })
-    return rows
+    """Per variant: the toy summary lists over seeds (runner.toy_row) plus this table's columns."""
+    return [{"id": key, "method": labels[key], **runner.toy_row(seeds),
+             "tv_at_mid": [r["tv_at_mid"] for r in seeds],
+             "mode_entropy": [r["entropy"] for r in seeds],
+             "reward_grads_to_threshold": [r["reward_grads_to_threshold"] for r in seeds],
+             "optimizer_steps_per_update": seeds[0]["optimizer_steps_per_update"],
+             "train_s": [r["train_s"] for r in seeds]}
+            for key, seeds in runs.items()]
 
 
 def markdown_table(rows: List[dict], reference: dict, threshold: float, updates: int, seeds: int) -> str:
     thr, mid = f"{threshold:g}", updates // 5
-    head = (f"| method | final mode TV ↓ | TV at update {mid} | best TV seen | mean log-reward | mode entropy (nats) | "
-            f"updates to TV ≤ {thr} | train s to TV ≤ {thr} | network VJPs per update | ∇r calls per update | diverged |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|\n")
-    lines = []
-    for row in rows:
-        lines.append(
-            f"| {row['method']} | {mean_std(row['final_tv'], '.3f')} | {mean_std(row['tv_at_mid'], '.3f')} | {mean_std(row['min_tv'], '.3f')} | "
-            f"{mean_std(row['mean_log_reward'], '.2f')} | {mean_std(row['mode_entropy'], '.2f')} | "
-            f"{_median_reached(row['updates_to_threshold'], '.0f')} | {_median_reached(row['train_s_to_threshold'], '.1f')} | "
-            f"{row['network_vjps_per_update']:.0f} | {row['reward_grads_per_update']:.0f} | {_diverged(row['diverged_at'])} |")
+    ms, reached = runner.mean_std, runner.median_reached
+    head = ["method", "final mode TV ↓", f"TV at update {mid}", "best TV seen", "mean log-reward", "mode entropy (nats)",
+            f"updates to TV ≤ {thr}", f"train s to TV ≤ {thr}", "network VJPs per update", "∇r calls per update", "diverged"]
+    lines = [[row["method"], ms(row["final_tv"], ".3f"), ms(row["tv_at_mid"], ".3f"), ms(row["min_tv"], ".3f"),
+              ms(row["mean_log_reward"], ".2f"), ms(row["mode_entropy"], ".2f"),
+              reached(row["updates_to_threshold"], ".0f"), reached(row["train_s_to_threshold"], ".1f"),
+              f"{row['network_vjps_per_update']:.0f}", f"{row['reward_grads_per_update']:.0f}", runner.diverged_cell(row["diverged_at"])]
+             for row in rows]
     for name, ref in reference.items():
         entropy = "" if ref.get("entropy") is None else f"{ref['entropy']:.2f}"
-        lines.append(f"| *{name}* | {ref['mode_tv']:.3f} | | | {ref['mean_log_reward']:.2f} | {entropy} | | | | | |")
+        lines.append([f"*{name}*", f"{ref['mode_tv']:.3f}", "", "", f"{ref['mean_log_reward']:.2f}", entropy] + [""] * 5)
     note = (f"\n{seeds} seed(s) × {updates} updates; mean ± std over seeds; 'updates/train s to TV ≤ {thr}': median over "
             f"the seeds that reached it at an evaluation (every few updates, 1000 samples), with (reached/seeds) when not all did; "
             f"exact mean log-reward under the target: {rows[0]['exact_mean_log_reward']:.2f}. "
@@ -280,17 +133,13 @@ def markdown_table(rows: List[dict], reference: dict, threshold: float, updates:
             "off the data, with the update where that began; their final columns are left out of the mean and their "
             "curves stop there. Every method samples the same number of trajectories "
             "per update; DDPO then takes ppo_epochs × ppo_minibatches optimiser steps on them, the others one.\n")
-    return head + "\n".join(lines) + "\n" + note
+    return runner.markdown_table(head, lines) + note
 
 
 def make_figure(path: Path, task: toy_2d.Task, samples: Dict[str, np.ndarray], runs: Dict[str, List[dict]],
                 labels: Dict[str, str], threshold: float):
     """Left: exact-target samples and each method's final samples (seed 0). Right: TV vs updates."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = runner.pyplot()
     n_panels = len(samples) + 1
     rows = 2 if n_panels <= 10 else 3
     side = math.ceil(n_panels / rows)  # sample panels per row
@@ -334,44 +183,11 @@ def make_figure(path: Path, task: toy_2d.Task, samples: Dict[str, np.ndarray], r
     ax.set_title(f"TV vs updates: mean and min–max over {len(next(iter(runs.values())))} seed(s)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle("samples after finetuning (seed 0), mode-weight TV to the exact target", x=side / (2 * (side + 4.5)), fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=72)
-    plt.close(fig)
+    runner.save_figure(fig, path)
 
 
-def replace_readme_block(markers: Tuple[str, str], content: str, readme: Path = Path("README.md")):
-    """Replace the text between two marker comments of README.md with `content` (markers kept)."""
-    text = readme.read_text()
-    begin, end = markers
-    if begin not in text or end not in text:
-        raise SystemExit(f"error: README.md has no {begin} … {end} markers")
-    body = f"{begin}\n\n{content}\n{end}"
-    readme.write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: body, text, flags=re.S))
-
-
-def write_readme_table(table: str, command: str, readme: Path = Path("README.md")):
-    """The table between the BASELINES-TABLE markers of README.md (inside the baselines section)."""
-    replace_readme_block(README_TABLE, f"Produced by `{command}`:\n\n{table}", readme)
-
-
-# ----------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------
-
-
-def git_state() -> dict:
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {"commit": git("rev-parse", "HEAD"), "toy_2d_dirty": bool(git("status", "--porcelain", "toy_2d.py", "toy_baselines.py"))}
-
-
-def compare(cc: CompareConfig, command: str = "python compare_toy.py") -> dict:
-    """Run every (variant, seed), write table.{md,json} and the figure. Returns the table's json."""
+def compare(cc: CompareConfig, command: str = "python experiments/compare_toy.py") -> dict:
+    """Run every (variant, seed), write table.{md,json} and the figure (and the docs page). Returns the table's json."""
     start = time.time()
     base = toy_2d.ToyConfig(prior=cc.prior, reward=cc.reward, beta=cc.beta, cache_dir=cc.cache_dir, no_figure=True, eval_samples=2000,
                             eval_every=cc.eval_every)
@@ -389,48 +205,28 @@ def compare(cc: CompareConfig, command: str = "python compare_toy.py") -> dict:
     jobs = {(key, seed): dataclasses.replace(base, seed=seed, out=str(out / "runs" / key / f"seed{seed}"),
                                              **table_variants[key]["overrides"])
             for key in keys for seed in range(cc.seeds)}
-    for cfg in jobs.values():
-        toy_2d.validate(cfg)
-
-    runs: Dict[str, List[dict]] = {key: [None] * cc.seeds for key in keys}
-    with ProcessPoolExecutor(cc.jobs, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
-        list(pool.map(pretrain_seed, [dataclasses.replace(base, seed=s) for s in range(cc.seeds)]))
-        # slowest methods first, so that the pool's last minutes are not one long run
-        order = sorted(jobs, key=lambda ks: ks[0] not in ("ddpo", "rtb"))
-        futures = {ks: pool.submit(run_one, jobs[ks], cc.threshold, cc.reuse) for ks in order}
-        for (key, seed), future in futures.items():
-            runs[key][seed] = future.result()
-            r = runs[key][seed]
-            print(f"{key} seed {seed}: " + (f"final TV {r['final_tv']:.3f}" if r["diverged_at"] is None
-                                            else f"diverged at update {r['diverged_at']}"), flush=True)
+    # slowest methods first, so that the pool's last minutes are not one long run
+    results = runner.run_toy(jobs, cc.threshold, cc.reuse, cc.jobs, name=lambda ks: f"{ks[0]} seed {ks[1]}",
+                             order=lambda ks: ks[0] not in ("ddpo", "rtb"))
+    runs = {key: [results[(key, seed)] for seed in range(cc.seeds)] for key in keys}
 
     labels = {k: v["label"] for k, v in table_variants.items()}
     rows = summarise(runs, labels)
     first = runs[keys[0]][0]
-    reference = {"pretrained P_F♯": {**first["pretrained"], "entropy": pretrained_entropy(dataclasses.replace(base, seed=0))}}
+    reference = {"pretrained P_F♯": {**first["pretrained"], "entropy": runner.pretrained_entropy(dataclasses.replace(base, seed=0))}}
     if first["oracle"] is not None:
         reference["oracle (exact flow)"] = {**first["oracle"], "entropy": None}
     reference["exact target"] = {"mode_tv": 0.0, "mean_log_reward": first["exact_mean_log_reward"],
                                  "entropy": first["target_entropy"]}
     table = markdown_table(rows, reference, cc.threshold, base.updates, cc.seeds)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(table)
-    figure = Path(README_FIGURE) if cc.readme else out / "toy_baselines.png"
     samples = {key: np.load(out / "runs" / key / "seed0" / "samples.npy")[:1500] for key in keys}
-    make_figure(figure, toy_2d.build_task(base), samples, runs, labels, cc.threshold)
-    summary = {
-        "compare_config": dataclasses.asdict(cc),
-        "toy_config": dataclasses.asdict(base),
-        "variants": {k: table_variants[k] for k in keys},
-        "git": git_state(),
-        "wall_s": time.time() - start,
-        "rows": rows,
-        "reference": reference,
-        "runs": runs,
-    }
-    (out / "table.json").write_text(json.dumps(summary, indent=2, default=float))
-    if cc.readme:
-        write_readme_table(table, command)
+    summary = {"compare_config": dataclasses.asdict(cc), "toy_config": dataclasses.asdict(base),
+               "variants": {k: table_variants[k] for k in keys}, "wall_s": time.time() - start,
+               "rows": rows, "reference": reference, "runs": runs}
+    timing = "runs reused from an earlier invocation" if cc.reuse else f"wall {summary['wall_s'] / 60:.1f} min with --jobs {cc.jobs}"
+    figure = runner.write_outputs("compare_toy", __doc__.split("\n")[0], out, table, command=command, docs=cc.docs,
+                                  summary=summary, timing=timing,
+                                  figure=lambda path: make_figure(path, toy_2d.build_task(base), samples, runs, labels, cc.threshold))
     print(table)
     print(f"wall time {summary['wall_s']:.0f} s; table in {out / 'table.md'}, figure in {figure}")
     return summary
@@ -447,9 +243,7 @@ def main(argv=None):
         for key, v in variants(toy_2d.ToyConfig()).items():
             print(f"{key:24s} {v['label']}  {v['overrides']}")
         return
-    args = argv if argv is not None else sys.argv[1:]
-    command = "python compare_toy.py " + " ".join(a for a in args if a != "--reuse")  # reuse changes no number
-    compare(cc, command.strip())
+    compare(cc, runner.command_line("compare_toy", argv))
 
 
 if __name__ == "__main__":
