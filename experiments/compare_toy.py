@@ -1,6 +1,6 @@
 """∇-GFlowNet against DRaFT-K, ReFL, DDPO and RTB on the 2-D toy, judged against the exact target.
 
-    python experiments/compare_toy.py --docs     # ring8 + bump, 3 seeds, all methods (≈ 22 min on 2 busy CPU cores):
+    python experiments/compare_toy.py --docs     # ring8 + bump, 3 seeds, all methods (22 min on 2 shared CPU cores):
                                                  # runs/compare_toy/table.{md,json}, docs/results/compare_toy.md
                                                  # and docs/figures/compare_toy.png
     python experiments/compare_toy.py            # the same, outputs in --out only

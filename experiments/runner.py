@@ -46,18 +46,6 @@ DOCS = ROOT / "docs"
 # ----------------------------------------------------------------------------------------------
 
 
-def toy_parser(name: str, doc: str, quick: str) -> argparse.ArgumentParser:
-    """The flags every toy experiment takes: --jobs, --out (runs/<name>), --cache-dir, --docs, --quick, --reuse."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=2, help="parallel runs (one CPU thread each)")
-    parser.add_argument("--out", default=f"runs/{name}", help="output folder")
-    parser.add_argument("--cache-dir", default="", help="pretrained-model cache (as toy_2d.py)")
-    parser.add_argument("--docs", action="store_true", help=f"also write docs/results/{name}.md and docs/figures/{name}.png")
-    parser.add_argument("--quick", action="store_true", help=quick)
-    parser.add_argument("--reuse", action="store_true", help="reuse finished runs in --out whose config matches exactly")
-    return parser
-
-
 def one_thread():
     torch.set_num_threads(1)  # the pool's processes share the machine's cores
 
@@ -200,8 +188,20 @@ def write_docs_page(name: str, script: str, title: str, body: str, command: str,
 
 
 # ----------------------------------------------------------------------------------------------
-# toy_2d adapter: one run → its summary
+# toy_2d adapter: the toy experiments' flags, runs and per-run summaries
 # ----------------------------------------------------------------------------------------------
+
+
+def toy_parser(name: str, doc: str, quick: str) -> argparse.ArgumentParser:
+    """The flags every toy experiment takes: --jobs, --out (runs/<name>), --cache-dir, --docs, --quick, --reuse."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=2, help="parallel runs (one CPU thread each)")
+    parser.add_argument("--out", default=f"runs/{name}", help="output folder")
+    parser.add_argument("--cache-dir", default="", help="pretrained-model cache (as toy_2d.py)")
+    parser.add_argument("--docs", action="store_true", help=f"also write docs/results/{name}.md and docs/figures/{name}.png")
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--reuse", action="store_true", help="reuse finished runs in --out whose config matches exactly")
+    return parser
 
 
 def run_toy(jobs: Dict[Hashable, toy_2d.ToyConfig], threshold: float, reuse: bool, workers: int, name: Callable[[Hashable], str],
