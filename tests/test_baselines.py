@@ -19,10 +19,10 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-import compare_toy
 import nabla_gfn as ng
 import toy_2d
 import baselines as bl
+from experiments import compare_toy, runner
 
 NUM_STEPS = 6
 BATCH = 8
@@ -251,7 +251,7 @@ def test_every_method_trains_through_finetune_and_counts_reward_gradients(schedu
 def test_quick_comparison_writes_the_table(tmp_path):
     out = tmp_path / "compare"
     proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "compare_toy.py"), "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache")],
+        [sys.executable, str(REPO_ROOT / "experiments" / "compare_toy.py"), "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache")],
         cwd=tmp_path, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -263,8 +263,8 @@ def test_quick_comparison_writes_the_table(tmp_path):
     for row in summary["rows"]:
         assert row["method"] in table
         assert 0.0 <= row["final_tv"][0] <= 1.0
-    assert (out / "toy_baselines.png").stat().st_size > 10_000
-    assert not (tmp_path / "README.md").exists()
+    assert (out / "compare_toy.png").stat().st_size > 10_000
+    assert not (tmp_path / "README.md").exists() and not (tmp_path / "docs").exists()
 
 
 def test_comparison_reports_divergence_only_for_a_broken_tail(tmp_path):
@@ -286,7 +286,7 @@ def test_comparison_reports_divergence_only_for_a_broken_tail(tmp_path):
                    "pretrained": {"mode_tv": 0.5, "mean_log_reward": -2.0, "sliced_w1": 1.0}, "history": history}
         (out / "metrics.json").write_text(json.dumps(metrics))
         np.save(out / "samples.npy", samples)
-        return compare_toy.read_run(toy_2d.ToyConfig(**{**vars(cfg), "out": str(out)}), threshold=0.1)
+        return runner.read_run(toy_2d.ToyConfig(**{**vars(cfg), "out": str(out)}), threshold=0.1)
 
     transient = write("transient", [1.0, 1e7, 1.0, 1.0, 1.0], 1.0, good)
     assert transient["diverged_at"] is None and transient["final_tv"] == 0.3 and len(transient["curve"]) == 5
