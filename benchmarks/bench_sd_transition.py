@@ -61,6 +61,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nabla_gfn  # noqa: E402
 import sd_finetune as sd  # noqa: E402
+import tiny_models  # noqa: E402
+from sd_rewards import AestheticHead, AestheticReward, ClipEmbedder, quiet_library_logs  # noqa: E402
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel  # noqa: E402
 
@@ -80,7 +82,7 @@ def sd15_text_config() -> CLIPTextConfig:
 def sd15_random_models(cfg: sd.Config, device: torch.device, dtype: torch.dtype) -> sd.Models:
     """SD-1.5-sized pipeline and CLIP ViT-L/14 with random weights, assembled like sd.load_models.
     Modules are created directly on `device` (which may be "meta")."""
-    tokenizer = sd.build_tiny_tokenizer(Path(cfg.cache_dir) / "bench-vocab")  # ids < 514: fine for timing
+    tokenizer = tiny_models.build_tiny_tokenizer(Path(cfg.cache_dir) / "bench-vocab")  # ids < 514: fine for timing
     with torch.device(device):
         vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -93,19 +95,19 @@ def sd15_random_models(cfg: sd.Config, device: torch.device, dtype: torch.dtype)
                                image_size=224, patch_size=14, hidden_act="quick_gelu"),
             projection_dim=768,
         ))
-        head = sd.AestheticHead(768).eval().requires_grad_(False)
-    with sd.quiet_library_logs():  # diffusers warns on .to(dtype) even with nothing to keep in float32
+        head = AestheticHead(768).eval().requires_grad_(False)
+    with quiet_library_logs():  # diffusers warns on .to(dtype) even with nothing to keep in float32
         unet_dtype, fast_dtype = sd.unet_dtypes(cfg, torch.device("cuda" if device == "meta" else device))
         for module, module_dtype in ((vae, dtype), (text_encoder, dtype), (unet, unet_dtype)):
             module.requires_grad_(False).to(module_dtype)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=sd.sd_scheduler(), safety_checker=None, feature_extractor=None,
+                                   scheduler=tiny_models.sd_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    embedder = sd.ClipEmbedder(clip, tokenizer).to(device)
+    embedder = ClipEmbedder(clip, tokenizer).to(device)
     lora = sd.add_lora(unet, cfg.lora_rank, cfg.lora_alpha)
     with torch.device(device):
         flow = sd.build_flow_net(unet, cfg.flow_widths)
-    return sd.Models(pipe, lora, flow, embedder, sd.AestheticReward(embedder, head), sd.encode_prompts(pipe, [""]),
+    return sd.Models(pipe, lora, flow, embedder, AestheticReward(embedder, head), sd.encode_prompts(pipe, [""]),
                      fast_dtype)
 
 
@@ -305,7 +307,7 @@ def sd15_flops(models, benches, cfg, prompts, transitions, taesd: bool) -> None:
 
         with torch.device(models.pipe.device):
             tiny_decoder = AutoencoderTiny().requires_grad_(False)
-        with sd.quiet_library_logs():
+        with quiet_library_logs():
             tiny_decoder.to(models.pipe.vae.dtype)
     parts = {kind: b.part_flops(reward_of_latents, tiny_decoder) for kind, b in benches.items()}
     unit = parts["non-terminal"].pop("unit")

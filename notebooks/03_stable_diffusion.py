@@ -165,7 +165,7 @@ print(f"step {i}: forward-looking guess β·γ·∇r(x̂_0), β = {cfg.beta:g}, 
 # %% [markdown]
 # ## 5 · One ∇-DB update
 #
-# The training step of `sd.train_epoch`, written out once: subsample the transitions (the
+# The training step of `sd.train` (`sd.update`), written out once: subsample the transitions (the
 # terminal one of each trajectory plus ~10% of the others), evaluate `ng.nabla_db_loss` with the
 # four callables, backpropagate, then `sd.optimizer_step` (gradients averaged over processes,
 # norms clipped separately for the LoRA and for $g_\phi$, **one** AdamW step — the official code
@@ -242,7 +242,7 @@ print(f"pipe({prompts[0]!r}) → {image.size} image (noise: random tiny weights)
 # %% [markdown]
 # ## 7 · The real run
 #
-# The loop above, repeated: `sd.run` samples 64 trajectories per epoch (prompts drawn from 45
+# The loop above, repeated: `sd.train` samples 64 trajectories per epoch (prompts drawn from 45
 # simple animals), trains on their subsampled transitions in updates of 64, checkpoints, writes
 # sample grids and metrics. Defaults are the paper's aesthetic-reward run (SD v1.5, 50 DDIM(η=1)
 # steps, guidance 5, 512², LoRA rank 8, β = 1e4, λ = 2e3, ~200 updates); the frozen weights run

@@ -11,9 +11,11 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -510,19 +512,52 @@ def three_epoch_run(tmp_path_factory, env):
     return out
 
 
-@pytest.mark.parametrize("kill_at, resumes_from", [("update:3", "epoch_0001"), ("update:5", "epoch_0002"),
-                                                   ("save:2", "epoch_0001")])
-def test_sigkilled_run_resumes_bit_for_bit(kill_at, resumes_from, three_epoch_run, env, tmp_path):
-    """A run SIGKILLed mid-epoch (after update 3 or 5 of 6) or mid-save (epoch 2's LoRA and g_φ written,
-    its training state not yet) resumes from its last complete checkpoint and ends with exactly the
-    uninterrupted run's metrics, trajectories, kept checkpoints (--keep-checkpoints 2) and weights."""
+def logged_updates(out):
+    """Updates whose metrics line is complete in out/metrics.jsonl (a line being written is not one)."""
+    try:
+        text = (out / "metrics.jsonl").read_text()
+    except FileNotFoundError:
+        return 0
+    return text.count("\n")
+
+
+def run_and_kill(args, env, out, moment, timeout=300):
+    """Start the script, poll its run folder, SIGKILL it from outside once `moment(out)` holds.
+    Returns the return code (-9 when killed) and what `moment` saw."""
+    process = subprocess.Popen([sys.executable, SCRIPT, *map(str, args)], env=env, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        if moment(out):
+            os.kill(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.001)
+    process.communicate(timeout=60)
+    return process.returncode
+
+
+def partial_save(name):
+    """The moment a save is under way: its staging folder holds the LoRA (training state not yet renamed in)."""
+    return lambda out: (out / "checkpoints" / f".partial-{name}" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("moment, resumes_from", [("update:3", "epoch_0001"), ("update:5", "epoch_0002"),
+                                                  ("save:epoch_0002", None)])
+def test_sigkilled_run_resumes_bit_for_bit(moment, resumes_from, three_epoch_run, env, tmp_path):
+    """A run SIGKILLed from outside mid-epoch (once update 3 or 5 of 6 is logged) or during epoch 2's save
+    (once its staging folder holds the LoRA) resumes from its last complete checkpoint and ends with exactly
+    the uninterrupted run's metrics, trajectories, kept checkpoints (--keep-checkpoints 2) and weights.
+    A kill during a save may land before the rename (epoch_0002 absent, resume from epoch_0001) or just
+    after it (epoch_0002 complete): both must resume exactly."""
     out = tmp_path / "killed"
     args = ["--preset", "smoke", "--epochs", 3, "--keep-checkpoints", 2, "--out", out]
-    killed = run_script(args, {**env, sd.KILL_POINT_ENV: kill_at})
-    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL
-    if kill_at.startswith("save"):
-        assert (out / "checkpoints" / ".partial-epoch_0002" / "pytorch_lora_weights.safetensors").is_file()
-        assert not (out / "checkpoints" / "epoch_0002").exists()
+    kind, _, arg = moment.partition(":")
+    seen = (lambda o: logged_updates(o) >= int(arg)) if kind == "update" else partial_save(arg)
+    assert run_and_kill(args, env, out, seen) == -9  # SIGKILL
+    if kind == "save":
+        staged = (out / "checkpoints" / ".partial-epoch_0002").is_dir()
+        assert staged != (out / "checkpoints" / "epoch_0002" / "training_state.pt").is_file()
+        resumes_from = "epoch_0001" if staged else "epoch_0002"
     assert sd.latest_checkpoint(out).name == resumes_from
     resumed = run_script(["--resume", out], env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -538,12 +573,14 @@ def test_sigkilled_run_resumes_bit_for_bit(kill_at, resumes_from, three_epoch_ru
         assert all(torch.equal(weights[name][k], expected[3][name][k]) for k in weights[name]), name
 
 
-def test_run_killed_during_its_first_save_has_no_checkpoint_to_resume(env, tmp_path):
+def test_run_killed_before_its_first_complete_save_has_no_checkpoint_to_resume(env, tmp_path):
+    """Killed mid-epoch 1; a staging folder cut short and an in-place folder without the training state
+    (as an older version wrote them) are not checkpoints: --resume says there is none, in one line."""
     out = tmp_path / "killed"
-    killed = run_script(["--preset", "smoke", "--out", out], {**env, sd.KILL_POINT_ENV: "save:1"})
-    assert killed.returncode == -9
-    (out / "checkpoints" / "epoch_0001").mkdir()  # as an older version's in-place save, cut short
-    (out / "checkpoints" / "epoch_0001" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert run_and_kill(["--preset", "smoke", "--out", out], env, out, lambda o: logged_updates(o) >= 1) == -9
+    for name in (".partial-epoch_0001", "epoch_0001"):
+        (out / "checkpoints" / name).mkdir(parents=True, exist_ok=True)
+        (out / "checkpoints" / name / "pytorch_lora_weights.safetensors").write_bytes(b"")
     assert sd.latest_checkpoint(out) is None
     resumed = run_script(["--resume", out], env)
     assert resumed.returncode == 2
