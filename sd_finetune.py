@@ -48,14 +48,10 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import json
-import logging
 import math
 import os
-import re
-import shutil
 import sys
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -65,19 +61,8 @@ import diffusers
 import peft
 import torch
 import transformers
-
-# Importing the SD pipeline touches CLIPImageProcessor, whose torchvision backend is missing here and
-# unused (we preprocess in torch): drop only that notice, so that errors stay one line.
-logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "torchvision" not in r.getMessage())
-
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft, make_image_grid
-from peft import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -87,12 +72,13 @@ import sd_metrics
 import sd_rewards
 from cli import FRACTION, NON_NEGATIVE, OPEN_UNIT, POSITIVE, UsageError, opt
 from nabla_gfn import LossConfig, StepSchedule, Trajectory
+from sd_checkpoint import RunFolder, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from sd_models import (SD15_HUB_ID, Models, add_lora, adjoint_sweep, build_flow_net, encode_prompts, load_pipeline,
+                       lora_parameters, loss_callables, parameter_groups, recorded_eps, sample_images,
+                       sample_trajectories, score_samples, tiny_weight)
 from sd_rewards import AESTHETIC_HEAD_URL, CLIP_HUB_ID, TINY, ClipEmbedder, MissingWeights, Source, quiet_library_logs
 
-
 PROG = "sd_finetune.py"
-SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 # The 45 simple animals of DDPO and the official code; eval prompts are animals not among them.
 ANIMALS = (
@@ -309,83 +295,8 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# Models: pipeline, LoRA policy, flow correction g_φ, rewards
+# Models and rewards (the models' callables live in sd_models.py)
 # ----------------------------------------------------------------------------------------------
-
-
-def tiny_weight(name: str, cache_dir: str) -> str:
-    """The local folder or file of Config field `name`'s tiny random build (tiny_models.py, built once)."""
-    import tiny_models  # only --model tiny / 'tiny' weights need the builders
-
-    return str(tiny_models.TINY_WEIGHTS[name](cache_dir))
-
-
-def load_pipeline(cfg: Config, dtype: torch.dtype) -> StableDiffusionPipeline:
-    """StableDiffusionPipeline.from_pretrained(--model), frozen, with a DDIM scheduler of its config."""
-    source = tiny_weight("model", cfg.cache_dir) if cfg.model == TINY else cfg.model
-    try:
-        with quiet_library_logs():
-            pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None,
-                                                           requires_safety_checker=False)
-    except (OSError, ValueError) as err:
-        raise MissingWeights(
-            f"cannot load the Stable Diffusion pipeline {cfg.model!r} ({type(err).__name__}): pass --model with a "
-            f"local diffusers folder or set NABLA_GFN_MODEL, or download the hub id {SD15_HUB_ID!r} while online "
-            f"(HF_HUB_OFFLINE=1 forbids it); --model tiny builds a random pipeline for smoke tests"
-        ) from None
-    # DDIM(η=1) steps are Gaussian only without sample clipping; SD never clips its latents.
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float) -> LoraConfig:
-    """LoRA on the attention projections (peft, Gaussian init: A ~ N(0, 1/r), B = 0, so the policy
-    starts exactly at the pretrained model). LoRA weights are float32 whatever the UNet's dtype."""
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
-    unet.add_adapter(config)
-    cast_training_params(unet, dtype=torch.float32)
-    return config
-
-
-def lora_parameters(unet: UNet2DConditionModel) -> List[nn.Parameter]:
-    return [p for p in unet.parameters() if p.requires_grad]
-
-
-def lora_layers(unet: UNet2DConditionModel) -> List[BaseTunerLayer]:
-    return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
-
-
-@contextmanager
-def lora_disabled(layers: Sequence[BaseTunerLayer]):
-    """The reference P_F♯: the same UNet with its adapters switched off. This is the loop of
-    `unet.disable_adapters()` / `enable_adapters()`, over LoRA layers found once: their walk over
-    all ~2000 modules of SD's UNet took ~15 ms of CPU per reference call here."""
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
-
-
-def build_flow_net(unet: UNet2DConditionModel, widths: Sequence[int]) -> UNet2DConditionModel:
-    """g_φ(x, τ, prompt): a small conditional UNet over latents, output layer zeroed (g_φ ≡ 0 at init).
-
-    Our architecture (the official one is not specified in the paper): one level per width, self- and
-    cross-attention on all but the full-resolution level, timestep embedding as in SD.
-    """
-    net = UNet2DConditionModel(
-        sample_size=unet.config.sample_size, in_channels=unet.config.in_channels,
-        out_channels=unet.config.out_channels, block_out_channels=tuple(widths), layers_per_block=1,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(widths) - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (len(widths) - 1) + ("UpBlock2D",),
-        cross_attention_dim=unet.config.cross_attention_dim, attention_head_dim=8,
-    )
-    return nabla_gfn.zero_output_layer(net, net.conv_out)
 
 
 WEIGHT_FIELDS = ("clip_model", "aesthetic_head", "hpsv2_checkpoint", "pickscore_model", "pickscore_processor",
@@ -418,23 +329,6 @@ def build_reward(cfg: Config, embedder: ClipEmbedder) -> nn.Module:
         return sd_rewards.load_reward(cfg.reward, sources, embedder, cfg.cache_dir)
 
 
-@dataclass
-class Models:
-    """Everything the loop runs. The policy P_F^θ is pipe.unet with its LoRA; P_F♯ the same, adapters off."""
-
-    pipe: StableDiffusionPipeline
-    lora: LoraConfig
-    flow: Optional[UNet2DConditionModel]  # g_φ, None for --no-flow
-    embedder: ClipEmbedder
-    reward: nn.Module
-    uncond: Tensor  # (1, L, D) embedding of the empty negative prompt
-    fast_dtype: Optional[torch.dtype] = None  # autocast dtype of sampling and the adjoint sweep (`unet_dtypes`)
-
-    @property
-    def unet(self) -> UNet2DConditionModel:
-        return self.pipe.unet
-
-
 def load_models(cfg: Config, device, dtype: torch.dtype) -> Models:
     """Pipeline (frozen, `dtype`; its UNet in float32 when `unet_dtypes` says so), LoRA (float32), g_φ
     (float32), CLIP and reward (float32)."""
@@ -455,149 +349,7 @@ def load_models(cfg: Config, device, dtype: torch.dtype) -> Models:
 
 
 # ----------------------------------------------------------------------------------------------
-# The callables nabla_gfn takes: ε̂ with guidance, reward of latents, g_φ — all routed by `traj`
-# ----------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def encode_prompts(pipe: StableDiffusionPipeline, prompts: Sequence[str]) -> Tensor:
-    """(P, L, D) text-encoder embeddings, in the text encoder's dtype."""
-    return pipe.encode_prompt(list(prompts), pipe.device, 1, False)[0]
-
-
-def unet_autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    """Autocast to `dtype` (sampling, adjoint sweep) or nothing (None: the loss's passes, `unet_dtypes`)."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def guided_eps(unet: UNet2DConditionModel, cond: Tensor, uncond: Tensor, scale: float, lora: bool = True,
-               autocast: Optional[torch.dtype] = None):
-    """EpsFn of the guided policy (lora=True) or reference (lora=False) for rows whose prompt embedding
-    is cond[traj]: one UNet call on [uncond; cond] rows, then ε̂ = ε_u + w (ε_c − ε_u), in float32.
-    The UNet runs in its weights' dtype, or under autocast to `autocast` when given."""
-    dtype, layers = unet.conv_in.weight.dtype, [] if lora else lora_layers(unet)
-
-    def eps_fn(x: Tensor, t: Tensor, traj: Tensor) -> Tensor:
-        context = torch.cat([uncond.expand(len(x), -1, -1), cond[traj]]).to(dtype)
-        with lora_disabled(layers), unet_autocast(x.device, autocast):
-            eps = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), encoder_hidden_states=context).sample
-        eps_uncond, eps_cond = eps.float().chunk(2)
-        return nabla_gfn.classifier_free_guidance(eps_uncond, eps_cond, scale)
-
-    return eps_fn
-
-
-def conditional_eps(unet: UNet2DConditionModel, cond: Tensor, autocast: Optional[torch.dtype] = None):
-    """EpsFn of the unguided reference ε_c(x, prompt) (adapters off): one UNet call on N rows, float32."""
-    dtype, layers = unet.conv_in.weight.dtype, lora_layers(unet)
-
-    def eps_fn(x: Tensor, t: Tensor, traj: Tensor) -> Tensor:
-        with lora_disabled(layers), unet_autocast(x.device, autocast):
-            return unet(x.to(dtype), t, encoder_hidden_states=cond[traj].to(dtype)).sample.float()
-
-    return eps_fn
-
-
-def decode_latents(vae: AutoencoderKL, latents: Tensor) -> Tensor:
-    """Latents (N, 4, h, w) → images (N, 3, H, W) in [-1, 1], float32 (differentiable)."""
-    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
-
-
-def latent_log_reward(vae: AutoencoderKL, reward: nn.Module, prompts: Sequence[str]):
-    """LogRewardFn: decode, then score each row with the prompt of its own trajectory, prompts[traj]."""
-
-    def log_reward(x0: Tensor, traj: Tensor) -> Tensor:
-        return reward(decode_latents(vae, x0), [prompts[i] for i in traj.tolist()])
-
-    return log_reward
-
-
-def flow_score(flow: UNet2DConditionModel, cond: Tensor):
-    """FlowFn g_φ(x, τ) conditioned on the row's prompt embedding cond[traj], float32."""
-    return lambda x, t, traj: flow(x, t, encoder_hidden_states=cond[traj].float()).sample
-
-
-def loss_callables(models: Models, cond: Tensor, prompts: Sequence[str], guidance: float):
-    """(policy_eps, reference_eps, log_reward, flow) for trajectories with embeddings cond, texts prompts."""
-    return (
-        guided_eps(models.unet, cond, models.uncond, guidance, lora=True),
-        guided_eps(models.unet, cond, models.uncond, guidance, lora=False),
-        latent_log_reward(models.pipe.vae, models.reward, prompts),
-        None if models.flow is None else flow_score(models.flow, cond),
-    )
-
-
-def adjoint_sweep(models: Models, schedule: StepSchedule, trajectory: Trajectory, cond: Tensor,
-                  prompts: Sequence[str], cfg: Config) -> Optional[Tensor]:
-    """The lean adjoint (B, T+1, *S) of this epoch's trajectories, or None when the flow target needs none.
-
-    One sweep per trajectory, before training on its transitions: `nabla_gfn.lean_adjoint` through the
-    frozen reference (adapters off, guided or unguided by --adjoint-jacobian), in chunks of
-    --sample-batch-size trajectories (memory of one step of one chunk), detached. Row b of the result
-    belongs to trajectory b, whose prompt is cond[b] / prompts[b]: the transitions find it by (traj, step).
-    """
-    if not cfg.needs_adjoint:
-        return None
-    if cfg.adjoint_jacobian == "guided":
-        reference = guided_eps(models.unet, cond, models.uncond, cfg.guidance_scale, lora=False,
-                               autocast=models.fast_dtype)
-    else:
-        reference = conditional_eps(models.unet, cond, models.fast_dtype)
-    log_reward = latent_log_reward(models.pipe.vae, models.reward, prompts)
-    rows = torch.arange(len(trajectory.states), device=trajectory.states.device)
-    chunks = [nabla_gfn.lean_adjoint(reference, schedule, Trajectory(trajectory.states[r], trajectory.eps[r]),
-                                     log_reward, cfg.beta, traj=r)[0] for r in rows.split(cfg.sample_batch_size)]
-    return torch.cat(chunks)
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling
-# ----------------------------------------------------------------------------------------------
-
-
-def latent_shape(models: Models, n: int, resolution: int) -> Tuple[int, ...]:
-    size = resolution // models.pipe.vae_scale_factor
-    return (n, models.unet.config.in_channels, size, size)
-
-
-@torch.no_grad()
-def sample_trajectories(models: Models, schedule: StepSchedule, cond: Tensor, cfg: Config,
-                        generator: torch.Generator, lora: bool = True, desc: Optional[str] = None,
-                        ) -> Trajectory:
-    """B trajectories (B = len(cond)) of the policy (or reference), in batches of --sample-batch-size."""
-    parts = []
-    chunks = torch.arange(len(cond)).split(cfg.sample_batch_size)
-    for rows in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
-        eps_fn = guided_eps(models.unet, cond[rows], models.uncond, cfg.guidance_scale, lora, models.fast_dtype)
-        x_T = torch.randn(latent_shape(models, len(rows), cfg.resolution), generator=generator,
-                          device=generator.device)
-        parts.append(nabla_gfn.sample_trajectory(eps_fn, schedule, x_T, generator))
-    return Trajectory(states=torch.cat([p.states for p in parts]), eps=torch.cat([p.eps for p in parts]))
-
-
-@torch.no_grad()
-def score_samples(models: Models, latents: Tensor, prompts: Sequence[str], batch: int) -> Tensor:
-    """r(x_0) of each final latent with its own prompt, no gradient. (B,) float32."""
-    log_reward = latent_log_reward(models.pipe.vae, models.reward, prompts)
-    rows = torch.arange(len(latents), device=latents.device)
-    return torch.cat([log_reward(latents[r], r) for r in rows.split(batch)])
-
-
-@torch.no_grad()
-def sample_images(models: Models, schedule: StepSchedule, prompts: Sequence[str], n: int, seed: int,
-                  cfg: Config, lora: bool = True) -> Tensor:
-    """n images per prompt with fixed noise (seed + prompt index): (P, n, 3, H, W) in [-1, 1]."""
-    images = []
-    for i, prompt in enumerate(prompts):
-        generator = torch.Generator(models.pipe.device).manual_seed(seed + i)
-        cond = encode_prompts(models.pipe, [prompt]).expand(n, -1, -1)
-        final = sample_trajectories(models, schedule, cond, cfg, generator, lora).final
-        images.append(torch.cat([decode_latents(models.pipe.vae, x) for x in final.split(cfg.sample_batch_size)]))
-    return torch.stack(images)
-
-
-# ----------------------------------------------------------------------------------------------
-# Optimiser, checkpoints, run folder
+# Optimiser (checkpoints and the run folder live in sd_checkpoint.py)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -635,13 +387,6 @@ def make_optimizer(models: Models, cfg: Config) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, betas=(0.9, cfg.adam_beta2))
 
 
-def parameter_groups(models: Models) -> Dict[str, List[nn.Parameter]]:
-    groups = {"policy": lora_parameters(models.unet)}
-    if models.flow is not None:
-        groups["flow"] = list(models.flow.parameters())
-    return groups
-
-
 def average_gradients(params: Sequence[nn.Parameter], accelerator: Accelerator) -> None:
     """Mean of the gradients over processes, as one flat all-reduce (we do not wrap in DDP: the loss
     runs the UNet several times and takes input gradients of some runs)."""
@@ -663,31 +408,6 @@ def optimizer_step(optimizer, models: Models, cfg: Config, accelerator: Accelera
     return {f"grad_norm_{name}": value for name, value in norms.items()}
 
 
-@torch.no_grad()
-def recorded_eps(policy_eps, transitions, batch: int) -> Tensor:
-    """ε̂_θ(x) of the sampling policy (the LoRA before this epoch's first update) in the loss's arithmetic.
-
-    Why: trajectories sampled under bf16 autocast record a bf16 ε̂_old; the trust region λ‖ε̂_θ − ε̂_old‖²
-    with ε̂_θ in float32 would then start at λ·(rounding)² instead of 0 (tiny pipeline: 0.47, twice the
-    forward term) and pull the LoRA towards rounding noise. One no-grad pass per trained transition.
-    """
-    rows = torch.arange(len(transitions), device=transitions.x.device)
-    return torch.cat([policy_eps(transitions.x[r], transitions.t[r], transitions.traj[r]) for r in rows.split(batch)])
-
-
-def rng_state(generators: Sequence[torch.Generator]) -> dict:
-    return {"generators": [g.get_state() for g in generators], "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict, generators: Sequence[torch.Generator]) -> None:
-    for g, s in zip(generators, state["generators"]):
-        g.set_state(s)
-    torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def assert_replicas_in_sync(models: Models, accelerator: Accelerator) -> None:
     """Every process must hold the same trainable weights (synchronised gradients, same init)."""
     params = [p for ps in parameter_groups(models).values() for p in ps]
@@ -697,125 +417,6 @@ def assert_replicas_in_sync(models: Models, accelerator: Accelerator) -> None:
         raise RuntimeError(f"processes hold different weights (checksums {sums.tolist()})")
 
 
-def save_checkpoint(path: Path, models: Models, optimizer, generators, epoch: int, update: int,
-                    accelerator: Accelerator) -> Path:
-    """LoRA in diffusers format (pipe.load_lora_weights(path) works), g_φ, optimiser, per-process RNG
-    states and the step. Written by the main process; every process must call it."""
-    assert_replicas_in_sync(models, accelerator)
-    rng = gather_object([rng_state(generators)])
-    if accelerator.is_main_process:
-        # Crash safety: everything goes into a hidden temporary folder, which is renamed into place only
-        # once complete; a run killed mid-save leaves only the temporary folder, which --resume ignores.
-        partial = path.parent / f".partial-{path.name}"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(models.unet))
-        StableDiffusionPipeline.save_lora_weights(partial, unet_lora_layers=lora_state,
-                                                  unet_lora_adapter_metadata=models.lora.to_dict())
-        if models.flow is not None:
-            models.flow.save_pretrained(partial / "flow")
-        torch.save({"epoch": epoch, "update": update, "optimizer": optimizer.state_dict(), "rng": rng,
-                    "num_processes": accelerator.num_processes}, partial / COMPLETE_MARKER)
-        _replace_folder(partial, path)
-    accelerator.wait_for_everyone()
-    return path
-
-
-COMPLETE_MARKER = "training_state.pt"  # written last: a checkpoint folder without it is incomplete
-
-
-def _replace_folder(source: Path, target: Path) -> None:
-    """Rename `source` to `target`; an existing `target` is moved aside first and deleted after."""
-    old = target.parent / f".old-{target.name}"
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    source.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the last `keep` complete epoch checkpoints (keep = 0: delete none)."""
-    if keep > 0:
-        for path in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(path)
-
-
-def load_lora(unet: UNet2DConditionModel, path: Path) -> None:
-    """Load a checkpoint's diffusers-format LoRA into the peft adapter of `unet` (exact copy)."""
-    state, _ = StableDiffusionPipeline.lora_state_dict(str(path))
-    unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state))
-    if getattr(result, "unexpected_keys", None):
-        raise RuntimeError(f"{path}: LoRA keys do not match the model: {result.unexpected_keys[:3]} ...")
-
-
-def load_checkpoint(path: Path, models: Models, optimizer, generators, accelerator: Accelerator) -> Tuple[int, int]:
-    """Restore what save_checkpoint wrote; returns (epochs done, updates done)."""
-    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-    if state["num_processes"] != accelerator.num_processes:
-        raise UsageError(f"--resume: the run used {state['num_processes']} processes; resume it with the same number")
-    load_lora(models.unet, path)
-    if models.flow is not None:
-        models.flow.load_state_dict(UNet2DConditionModel.from_pretrained(path / "flow").state_dict())
-    optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"][accelerator.process_index], generators)
-    return state["epoch"], state["update"]
-
-
-def complete_checkpoints(run_dir: Path) -> List[Path]:
-    """The epoch checkpoints of a run that were completely written, oldest first. Temporary folders
-    (`.partial-*`) and folders without the training state (written in place by an older version and
-    cut short) are not checkpoints."""
-    found = [p for p in (run_dir / "checkpoints").glob("epoch_*") if re.fullmatch(r"epoch_\d+", p.name)]
-    return sorted((p for p in found if (p / COMPLETE_MARKER).is_file()), key=lambda p: int(p.name[6:]))
-
-
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-class RunFolder:
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-
-    def write_json(self, name: str, obj) -> None:
-        """Write to a temporary file, then rename: a killed run leaves the old file or the new one."""
-        if self.enabled:
-            partial = self.path / f".partial-{name}"
-            partial.write_text(json.dumps(obj, indent=2) + "\n")
-            partial.replace(self.path / name)
-
-    def append(self, name: str, records: Sequence[dict]) -> None:
-        if self.enabled:
-            with open(self.path / name, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
-
-    def truncate(self, name: str, key: str, done: int) -> None:
-        """Keep the lines of a .jsonl log with record[key] <= done: drop what a killed run logged after the
-        checkpoint it resumes from (and a last line cut short by the kill)."""
-        log = self.path / name
-        if self.enabled and log.exists():
-            kept = [line for line in log.read_text().splitlines() if _jsonl_value(line, key, done + 1) <= done]
-            partial = self.path / f".partial-{name}"
-            partial.write_text("".join(line + "\n" for line in kept))
-            partial.replace(log)
-
-    def save_grid(self, name: str, images: Tensor, pipe: StableDiffusionPipeline) -> None:
-        """images (rows, cols, 3, H, W) in [-1, 1] → one PNG."""
-        if self.enabled:
-            rows, cols = images.shape[:2]
-            pil = pipe.image_processor.postprocess(images.flatten(0, 1).float().cpu(), output_type="pil")
-            (self.path / "samples").mkdir(exist_ok=True)
-            make_image_grid(pil, rows, cols).save(self.path / "samples" / name)
-
-
-def _jsonl_value(line: str, key: str, default: int) -> int:
-    try:
-        return json.loads(line)[key]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return default
 
 
 # ----------------------------------------------------------------------------------------------
@@ -960,6 +561,7 @@ def save_grid(session: Session, epoch: int) -> None:
 
 
 def checkpoint(session: Session, name: str, epoch: int) -> Path:
+    assert_replicas_in_sync(session.models, session.accelerator)
     return save_checkpoint(Path(session.cfg.out) / "checkpoints" / name, session.models, session.optimizer,
                            session.generators, epoch, session.update, session.accelerator)
 

@@ -45,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nabla_gfn  # noqa: E402
 import sd_finetune as sd  # noqa: E402
+import sd_models as sdm  # noqa: E402
+from diffusers.training_utils import cast_training_params  # noqa: E402
 import tiny_models  # noqa: E402
 from sd_rewards import quiet_library_logs  # noqa: E402
 
@@ -129,7 +131,7 @@ class Passes:
         if dtype not in copies:  # one module per dtype (fp32 and tf32 share the original): memory
             with quiet_library_logs():
                 copies[dtype] = unet.to(device) if dtype == torch.float32 else copy.deepcopy(unet).to(device, dtype)
-            sd.cast_training_params(copies[dtype], dtype=torch.float32)  # LoRA float32, as sd_finetune holds it
+            cast_training_params(copies[dtype], dtype=torch.float32)  # LoRA float32, as sd_finetune holds it
         self.unet = copies[dtype]
         self.cond, self.uncond, self.guidance = cond.to(device), uncond.to(device), guidance
 
@@ -140,7 +142,7 @@ class Passes:
                     p.copy_(q)
 
     def eps_fn(self, lora: bool):
-        return sd.guided_eps(self.unet, self.cond, self.uncond, self.guidance, lora=lora)
+        return sdm.guided_eps(self.unet, self.cond, self.uncond, self.guidance, lora=lora)
 
     def mean(self, lora: bool, x, step: int, schedule, grad: bool = False):
         """(μ(x), x with grad or None) in float32 for rows (B, 4, h, w) at step index `step`."""

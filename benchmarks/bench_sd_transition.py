@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nabla_gfn  # noqa: E402
 import sd_finetune as sd  # noqa: E402
+import sd_models as sdm  # noqa: E402
 import tiny_models  # noqa: E402
 from sd_rewards import AestheticHead, AestheticReward, ClipEmbedder, quiet_library_logs  # noqa: E402
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
@@ -113,7 +114,7 @@ def sd15_random_models(cfg: sd.Config, device: torch.device, dtype: torch.dtype)
 
 def transition_batch(models: sd.Models, schedule, step: int, n: int, resolution: int, generator):
     """n transitions at step index `step` of a synthetic chain (the values do not change the cost)."""
-    shape = sd.latent_shape(models, n, resolution)
+    shape = sdm.latent_shape(models, n, resolution)
     trajectory = nabla_gfn.Trajectory(
         states=torch.randn(n, schedule.num_steps + 1, *shape[1:], generator=generator).to(models.pipe.device),
         eps=torch.randn(n, schedule.num_steps, *shape[1:], generator=generator).to(models.pipe.device),
@@ -181,7 +182,7 @@ class Bench:
     def sampling_eps(self) -> None:
         """One sampling step's guided ε (under --precision autocast when the UNet is held in float32)."""
         with torch.no_grad():
-            sd.guided_eps(self.models.unet, self.cond, self.models.uncond, self.cfg.guidance_scale,
+            sdm.guided_eps(self.models.unet, self.cond, self.models.uncond, self.cfg.guidance_scale,
                           autocast=self.models.fast_dtype)(self.batch.x, self.batch.t, self.batch.traj)
 
     def loss(self, target: str) -> None:
@@ -203,7 +204,7 @@ class Bench:
                                       sample_batch_size=len(self.trajectory.states))
             sd.adjoint_sweep(self.models, self.schedule, self.trajectory, self.cond, self.prompts, cfg)
             return
-        reference = self.reference_eps if jacobian == "guided" else sd.conditional_eps(self.models.unet, self.cond)
+        reference = self.reference_eps if jacobian == "guided" else sdm.conditional_eps(self.models.unet, self.cond)
         nabla_gfn.lean_adjoint(lambda x, t, traj: reference(x.clone(), t, traj), self.schedule, self.trajectory,
                                self.log_reward, self.cfg.beta)
 
@@ -220,7 +221,7 @@ class Bench:
             return run
 
         unit = flops(self.eps)
-        unguided = sd.conditional_eps(self.models.unet, self.cond)
+        unguided = sdm.conditional_eps(self.models.unet, self.cond)
         parts = dict(Eg=flops(to_input(self.policy_eps)), Egr=flops(to_input(self.reference_eps)),
                      Egu=flops(to_input(unguided)),
                      Ep=flops(lambda: self.policy_eps(b.x, b.t, b.traj).sum().backward()),
@@ -299,7 +300,7 @@ def print_cost_table(title: str, rows: List[dict], transitions: Sequence[int], e
 def sd15_flops(models, benches, cfg, prompts, transitions, taesd: bool) -> None:
     """--measure flops: the parts, then the cost table composed from them (and, off meta, checked)."""
     def reward_of_latents(x0, traj):  # on meta, prompts cannot be looked up by value (traj.tolist())
-        return models.reward(sd.decode_latents(models.pipe.vae, x0), prompts[: len(x0)])
+        return models.reward(sdm.decode_latents(models.pipe.vae, x0), prompts[: len(x0)])
 
     tiny_decoder = None
     if taesd:

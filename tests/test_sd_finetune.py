@@ -23,6 +23,7 @@ import torch
 
 import nabla_gfn
 import sd_finetune as sd
+import sd_models as sdm
 
 ROOT = Path(__file__).resolve().parents[1]  # conftest.py puts it on sys.path and sets HF_HUB_OFFLINE=1
 
@@ -405,13 +406,13 @@ def test_reference_policy_is_the_pretrained_unet(cache, tmp_path):
     cond = sd.encode_prompts(models.pipe, ["cat", "dog"])
     x, t, traj = torch.randn(2, 4, 4, 4), torch.tensor([700, 100]), torch.tensor([1, 0])
     with torch.no_grad():
-        reference = sd.guided_eps(models.unet, cond, models.uncond, 5.0, lora=False)(x, t, traj)
-        policy = sd.guided_eps(models.unet, cond, models.uncond, 5.0, lora=True)(x, t, traj)
-        expected = sd.guided_eps(pretrained_unet(cache), cond, models.uncond, 5.0)(x, t, traj)
+        reference = sdm.guided_eps(models.unet, cond, models.uncond, 5.0, lora=False)(x, t, traj)
+        policy = sdm.guided_eps(models.unet, cond, models.uncond, 5.0, lora=True)(x, t, traj)
+        expected = sdm.guided_eps(pretrained_unet(cache), cond, models.uncond, 5.0)(x, t, traj)
     torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-6)
     assert (policy - reference).abs().max() > 1e-2
     with torch.no_grad():
-        again = sd.guided_eps(models.unet, cond, models.uncond, 5.0, lora=True)(x, t, traj)
+        again = sdm.guided_eps(models.unet, cond, models.uncond, 5.0, lora=True)(x, t, traj)
     torch.testing.assert_close(again, policy)
 
 
