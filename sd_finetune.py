@@ -2,9 +2,10 @@
 
 Paper: Liu et al., "Efficient Diversity-Preserving Diffusion Alignment via Gradient-Informed
 GFlowNets", ICLR 2025, arXiv:2412.07775. The math and the loss live in `nabla_gfn.py` and are used
-unchanged; this script supplies the models (diffusers + peft), the prompts, the loop, logging and
-checkpoints; the rewards live in `sd_rewards.py`, the eval metrics in `sd_metrics.py`, the tiny random
-builds of `--model tiny` in `tiny_models.py`. The defaults are the paper's aesthetic-reward run
+unchanged; this script holds the config, the loop, logging and evaluation. Beside it: `sd_models.py`
+(pipeline, LoRA, g_φ and the callables the loss takes), `sd_checkpoint.py` (crash-safe checkpoints and
+logs), `sd_rewards.py` (the rewards), `sd_metrics.py` (eval metrics), `tiny_models.py` (the tiny random
+builds of `--model tiny`), `cli.py` (flags from the Config dataclass). The defaults are the paper's aesthetic-reward run
 (β = 1e4, λ = 2e3, 50 DDIM steps, guidance 5, LoRA rank 8, 200 updates of 64 transitions);
 --preset aesthetic|hpsv2|imagereward names the paper's three runs.
 
@@ -305,7 +306,6 @@ WEIGHT_FIELDS = ("clip_model", "aesthetic_head", "hpsv2_checkpoint", "pickscore_
 REWARD_WEIGHTS = {"aesthetic": ("aesthetic_head",), "clip-score": (), "hpsv2": ("hpsv2_checkpoint",),
                   "pickscore": ("pickscore_model", "pickscore_processor"),
                   "imagereward": ("imagereward_model", "imagereward_tokenizer")}
-
 
 
 def weight_source(cfg: Config, name: str) -> Source:

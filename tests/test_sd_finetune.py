@@ -227,6 +227,7 @@ def test_bad_flag_gives_one_line_without_traceback(env):
     (["--adjoint-lambda", "0"], ["--adjoint-lambda", "(0, 1]"]),
     (["--adjoint-lambda", "1.5"], ["--adjoint-lambda", "(0, 1]"]),
     (["--adjoint-jacobian", "full"], ["--adjoint-jacobian", "guided", "unguided"]),
+    (["--guess-from", "prior"], ["--guess-from", "policy", "reference"]),
     (["--no-flow", "--flow-target", "mixed"], ["--flow-target mixed", "--no-flow", "bootstrap", "adjoint"]),
 ])
 def test_bad_flag_values_give_one_line_naming_the_flag(flags, names, capsys):
@@ -344,6 +345,20 @@ def test_transition_loss_equals_nabla_gfn_with_independent_callables(cache, tmp_
         for key in parts:
             torch.testing.assert_close(parts[key], expected_parts[key], rtol=1e-4, atol=1e-7)
     assert all(parts[k] > 0 for k in ("forward", "reverse", "trust_region")) and batch.is_terminal.any()
+
+
+def test_guess_from_reaches_the_loss(cache, tmp_path):
+    """--guess-from (default policy, the paper's) is passed to nabla_gfn's LossConfig: with a non-zero LoRA
+    the forward term differs between the policy's and the frozen reference's x̂_0."""
+    cfg = smoke_config(cache, tmp_path, "--reward", "clip-score")
+    ref = smoke_config(cache, tmp_path, "--reward", "clip-score", "--guess-from", "reference")
+    assert (cfg.loss_config().guess_from, ref.loss_config().guess_from) == ("policy", "reference")
+    models = perturbed_models(cfg)
+    batch, cond = shuffled_transitions(models, cfg, ["cat", "owl"])
+    callables = sd.loss_callables(models, cond, ["cat", "owl"], cfg.guidance_scale)
+    parts = [nabla_gfn.nabla_db_loss(batch, *callables, c.loss_config())[1] for c in (cfg, ref)]
+    assert parts[0]["forward"] != parts[1]["forward"]
+    assert parts[0]["trust_region"] == parts[1]["trust_region"]  # only the guess changed
 
 
 def test_each_trajectory_reward_gets_its_own_prompt(cache, tmp_path):
