@@ -15,8 +15,10 @@ from PIL import Image
 from torchvision import transforms as T
 from transformers import CLIPImageProcessor
 
+import cli
 import sd_finetune as sd
 import sd_rewards as sdr
+import tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -224,7 +226,7 @@ def test_imagereward_gives_the_authors_scores_on_a_tiny_model():
 
 def test_imagereward_tokenizer_is_the_authors(cache):
     """BERT WordPiece plus BLIP's [DEC] and [ENC] (vocabulary + 2), prompts padded to 35 tokens."""
-    folder = sdr.tiny_reward_assets(str(cache), "imagereward")
+    folder = tiny_models.tiny_reward_assets(str(cache), "imagereward")
     tokenizer = sdr.imagereward_tokenizer(sdr.Source(str(folder / "tokenizer"), "--t", "T"))
     base = sdr.BertTokenizer.from_pretrained(folder / "tokenizer")
     assert len(tokenizer) == len(base) + 2 and tokenizer.bos_token == "[DEC]"
@@ -254,7 +256,7 @@ def test_aesthetic_head_loads_the_real_file_with_strict_keys():
 
 
 def test_help_lists_every_reward_and_preset():
-    help_text = " ".join(sd.build_parser().format_help().split())  # what `python sd_finetune.py --help` prints
+    help_text = " ".join(cli.build_parser(sd.Config, sd.PROG).format_help().split())  # what `python sd_finetune.py --help` prints
     assert "--reward {aesthetic,hpsv2,pickscore,imagereward,clip-score}" in help_text
     assert "--preset {paper,aesthetic,hpsv2,imagereward,smoke}" in help_text
 
@@ -283,7 +285,7 @@ def test_a_checkpoint_of_another_model_gives_one_line(cache, tmp_path):
     """An HPSv2 file that does not fit ViT-H-14 / the tiny architecture stops with the file named."""
     folder = tmp_path / "hps"
     folder.mkdir()
-    (folder / "open_clip_config.json").write_text((sdr.tiny_reward_assets(str(cache), "hpsv2") / "open_clip_config.json")
+    (folder / "open_clip_config.json").write_text((tiny_models.tiny_reward_assets(str(cache), "hpsv2") / "open_clip_config.json")
                                                   .read_text())
     torch.save({"state_dict": {"logit_scale": torch.zeros(())}}, folder / sdr.HPSV2_FILE)
     with pytest.raises(sdr.MissingWeights, match="is not a HPSv2"):
