@@ -84,13 +84,13 @@ def ddim_x0_coef(alpha_bar: Tensor) -> Tensor:
 
 
 def ddim_coefficients(alpha_bar: Tensor, alpha_bar_next: Tensor, sigma: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """DDIM(η=1) with ε-prediction as affine coefficients: (mean_coef, x0_coef, x0_coef_next), (N, 2) each.
-    μ = √ᾱ' x̂_0 + √(1 − ᾱ' − σ²) ε̂ (DDIM paper eq. 12 with η = 1: the DDPM posterior mean), so with
-    x̂_0 = c x + d ε̂:  μ = √ᾱ' c x + (√ᾱ' d + √(1 − ᾱ' − σ²)) ε̂. x̂_0 at x' uses ᾱ'. Computed in float64.
-    """
+    """DDIM(η=1) with ε-prediction (DDIM paper eq. 12 with η = 1: the DDPM posterior mean) as affine
+    coefficients (mean_coef, x0_coef, x0_coef_next), (N, 2) each, computed in float64."""
     x0_coef, a_next = ddim_x0_coef(alpha_bar), alpha_bar_next.double()
+    # μ = √ᾱ' x̂_0 + √(1 − ᾱ' − σ²) ε̂ = √ᾱ' c x + (√ᾱ' d + √(1 − ᾱ' − σ²)) ε̂, with x̂_0 = c x + d ε̂
     noise_coef = (1 - a_next - sigma.double() ** 2).clamp(min=0).sqrt()
     mean_coef = torch.stack([a_next.sqrt() * x0_coef[:, 0], a_next.sqrt() * x0_coef[:, 1] + noise_coef], -1)
+    # x̂_0 at x' uses ᾱ'
     return mean_coef, x0_coef, ddim_x0_coef(alpha_bar_next)
 
 
