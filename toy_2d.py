@@ -22,7 +22,6 @@ DDIMScheduler with Stable Diffusion's scaled-linear betas: the code path of sd_f
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -41,7 +40,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import baselines as bl
+import cli
 import nabla_gfn as ng
+from cli import opt
 
 # ---------------------------------------------------------------------------------------------- config
 PRIOR_PRESETS = {
@@ -63,56 +64,68 @@ REWARD_PRESETS = {
 }
 LR_SCHEDULES = ("constant", "cosine")
 METHOD_NAMES = tuple(bl.METHODS)  # every --method comes from the one registry
+AT_LEAST_1 = (lambda v: v >= 1, "must be ≥ 1")
 
 
 @dataclass
 class ToyConfig:
-    """Every setting of a run, one --flag each (`parse_args`); written to config.json beside the outputs."""
+    """Every setting of a run, one --flag each (`parse_args`, cli.py); written to config.json beside the outputs.
+    A bad value is a one-line cli.UsageError at construction (--method is checked by `check_method`)."""
 
-    prior: str = field(default="ring8", metadata={"help": f"prior preset {sorted(PRIOR_PRESETS)} or GMM JSON"})
-    reward: str = field(default="bump", metadata={"help": f"reward preset {sorted(REWARD_PRESETS)} or JSON"})
-    dim: int = field(default=2, metadata={"help": "dimension D ≥ 2: the prior's modes in the first two coordinates, plus fixed per-mode offsets (norm 2) in the others; ε-network and g_φ widths max(hidden, 2·D)"})
-    beta: float = field(default=1.0, metadata={"help": "reward scale β: target p♯·R^β"})
-    num_steps: int = field(default=50, metadata={"help": "DDIM(η=1) sampling steps"})
+    prior: str = opt("ring8", f"prior preset {sorted(PRIOR_PRESETS)} or GMM JSON")
+    reward: str = opt("bump", f"reward preset {sorted(REWARD_PRESETS)} or JSON")
+    dim: int = opt(2, "dimension D ≥ 2: the prior's modes in the first two coordinates, plus fixed per-mode offsets "
+                   "(norm 2) in the others; ε-network and g_φ widths max(hidden, 2·D)",
+                   check=(lambda v: v >= 2, "must be an integer ≥ 2 (the modes sit in the first two coordinates)"))
+    beta: float = opt(1.0, "reward scale β: target p♯·R^β", check=cli.POSITIVE)
+    num_steps: int = opt(50, "DDIM(η=1) sampling steps", check=AT_LEAST_1)
     # pretraining of the ε-network (cached on disk, keyed by these fields and the prior)
-    pretrain_iters: int = field(default=3000, metadata={"help": "pretraining iterations"})
-    pretrain_batch: int = field(default=512, metadata={"help": "pretraining batch size"})
-    pretrain_lr: float = field(default=2e-3, metadata={"help": "pretraining learning rate"})
-    hidden: int = field(default=128, metadata={"help": "hidden width of the ε-network"})
+    pretrain_iters: int = opt(3000, "pretraining iterations")
+    pretrain_batch: int = opt(512, "pretraining batch size")
+    pretrain_lr: float = opt(2e-3, "pretraining learning rate")
+    hidden: int = opt(128, "hidden width of the ε-network")
     # finetuning
-    method: str = field(default="nabla-db", metadata={"help": "finetuning method: a baselines.METHODS name (the diagnostic exact-flow: experiments/toy_diagnostics.py)"})
-    updates: int = field(default=300, metadata={"help": "finetuning updates (one optimiser step each)"})
-    batch_size: int = field(default=128, metadata={"help": "trajectories sampled per update"})
-    fraction: float = field(default=0.1, metadata={"help": "fraction of non-terminal transitions trained on"})
-    lr: float = field(default=2e-3, metadata={"help": "policy learning rate (AdamW)"})
-    flow_lr: float = field(default=2e-3, metadata={"help": "g_φ learning rate (AdamW)"})
-    flow_hidden: int = field(default=128, metadata={"help": "hidden width of g_φ"})
-    trust_region: float = field(default=0.0, metadata={"help": "λ, weight of ‖ε̂_θ − ε̂_old‖²"})
-    reverse_weight: float = field(default=1.0, metadata={"help": "w_B, weight of the reverse term"})
-    gamma: str = field(default="sqrt_alpha_bar", metadata={"help": f"γ_τ choice {ng.GAMMA_CHOICES} (toy default √ᾱ: measured better here; nabla_gfn default ᾱ)"})
-    guess_from: str = field(default="reference", metadata={"help": f"whose x̂_0 the guess uses {ng.GUESS_CHOICES} (paper: policy; toy default reference: the policy's guess runs away on sharp rewards)"})
-    weighting: str = field(default="kl", metadata={"help": f"transition weighting {ng.WEIGHTING_CHOICES} (paper: plain)"})
-    flow_target: str = field(default="adjoint", metadata={"help": f"what trains g_φ {ng.FLOW_TARGET_CHOICES} (toy default adjoint): bootstrap = the paper's L_F g-line + L_B; adjoint = g_φ(x') fit to the lean adjoint a_{{i+1}}; mixed = L_B on (1−λ)·bootstrap + λ·a_i"})
-    adjoint_lambda: float = field(default=0.5, metadata={"help": "λ ∈ (0, 1] of --flow-target mixed"})
-    lr_schedule: str = field(default="cosine", metadata={"help": "learning rates over the updates: constant, or cosine decay to 0 (all groups)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max grad norm, per parameter group"})
+    method: str = opt("nabla-db", f"finetuning method: {', '.join(METHOD_NAMES)} (baselines.METHODS; the diagnostic "
+                      "exact-flow: experiments/toy_diagnostics.py)")
+    updates: int = opt(300, "finetuning updates (one optimiser step each)", check=AT_LEAST_1)
+    batch_size: int = opt(128, "trajectories sampled per update", check=AT_LEAST_1)
+    fraction: float = opt(0.1, "fraction of non-terminal transitions trained on", check=cli.FRACTION)
+    lr: float = opt(2e-3, "policy learning rate (AdamW)")
+    flow_lr: float = opt(2e-3, "g_φ learning rate (AdamW)")
+    flow_hidden: int = opt(128, "hidden width of g_φ")
+    trust_region: float = opt(0.0, "λ, weight of ‖ε̂_θ − ε̂_old‖²")
+    reverse_weight: float = opt(1.0, "w_B, weight of the reverse term")
+    gamma: str = opt("sqrt_alpha_bar", "γ_τ (toy default √ᾱ: measured better here; nabla_gfn default ᾱ)", choices=ng.GAMMA_CHOICES)
+    guess_from: str = opt("reference", "whose x̂_0 the guess uses (paper: policy; toy default reference: the policy's guess "
+                                "runs away on sharp rewards)", choices=ng.GUESS_CHOICES)
+    weighting: str = opt("kl", "transition weighting (paper: plain)", choices=ng.WEIGHTING_CHOICES)
+    flow_target: str = opt("adjoint", "what trains g_φ (toy default adjoint): bootstrap = the paper's L_F g-line + L_B; "
+                             "adjoint = g_φ(x') fit to the lean adjoint a_{i+1}; mixed = L_B on (1−λ)·bootstrap + λ·a_i",
+                             choices=ng.FLOW_TARGET_CHOICES)
+    adjoint_lambda: float = opt(0.5, "λ ∈ (0, 1] of --flow-target mixed", check=(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    lr_schedule: str = opt("cosine", "learning rates over the updates: constant, or cosine decay to 0 (all groups)",
+                           choices=LR_SCHEDULES)
+    grad_clip: float = opt(1.0, "max grad norm, per parameter group")
     # baselines (baselines.py); the policy lr is --lr for every method
-    draft_k: int = field(default=1, metadata={"help": "DRaFT-K: last sampling steps the reward gradient flows through (1 = DRaFT-1)"})
-    draft_kl: float = field(default=0.0, metadata={"help": "DRaFT-K: weight of the per-step KL to P_F♯ on those K steps (0 = off, as in the paper)"})
-    refl_start: float = field(default=0.75, metadata={"help": "ReFL: stop at a uniform step in [refl_start·T, T−1] (ImageReward: 30–39 of 40)"})
-    ppo_clip: float = field(default=0.1, metadata={"help": "DDPO: PPO clip range ε of the per-step ratio"})
-    ppo_epochs: int = field(default=2, metadata={"help": "DDPO: inner epochs over each sampled batch"})
-    ppo_minibatches: int = field(default=4, metadata={"help": "DDPO: minibatches per inner epoch (one optimiser step each)"})
-    ppo_adv_clip: float = field(default=5.0, metadata={"help": "DDPO: clip of the normalised advantages"})
-    rtb_logz_lr: float = field(default=0.1, metadata={"help": "RTB: learning rate of the scalar log Z"})
+    draft_k: int = opt(1, "DRaFT-K: last sampling steps the reward gradient flows through (1 = DRaFT-1)")
+    draft_kl: float = opt(0.0, "DRaFT-K: weight of the per-step KL to P_F♯ on those K steps (0 = off, as in the paper)")
+    refl_start: float = opt(0.75, "ReFL: stop at a uniform step in [refl_start·T, T−1] (ImageReward: 30–39 of 40)")
+    ppo_clip: float = opt(0.1, "DDPO: PPO clip range ε of the per-step ratio")
+    ppo_epochs: int = opt(2, "DDPO: inner epochs over each sampled batch")
+    ppo_minibatches: int = opt(4, "DDPO: minibatches per inner epoch (one optimiser step each)")
+    ppo_adv_clip: float = opt(5.0, "DDPO: clip of the normalised advantages")
+    rtb_logz_lr: float = opt(0.1, "RTB: learning rate of the scalar log Z")
     # evaluation and bookkeeping
-    eval_samples: int = field(default=4000, metadata={"help": "samples for the final metrics"})
-    eval_every: int = field(default=25, metadata={"help": "updates between metric-curve points"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    out: str = field(default="", metadata={"help": "output folder (default runs/toy_2d/<prior>_<reward>_<method>)"})
-    cache_dir: str = field(default="", metadata={"help": "pretrained-model cache (default $NABLA_GFN_CACHE or ~/.cache/nabla-gfn)"})
-    threads: int = field(default=1, metadata={"help": "torch CPU threads (tiny MLPs run fastest on one)"})
-    no_figure: bool = field(default=False, metadata={"help": "skip figure.png"})
+    eval_samples: int = opt(4000, "samples for the final metrics")
+    eval_every: int = opt(25, "updates between metric-curve points")
+    seed: int = opt(0, "random seed")
+    out: str = opt("", "output folder (default runs/toy_2d/<prior>_<reward>_<method>)")
+    cache_dir: str = opt("", "pretrained-model cache (default $NABLA_GFN_CACHE or ~/.cache/nabla-gfn)")
+    threads: int = opt(1, "torch CPU threads (tiny MLPs run fastest on one)")
+    no_figure: bool = opt(False, "skip figure.png")
+
+    def __post_init__(self):
+        cli.validate(self)
 
     @property
     def loss_config(self) -> ng.LossConfig:
@@ -608,29 +621,18 @@ def make_figure(path: Path, task: Task, samples: Dict[str, Tensor], result: dict
 # ---------------------------------------------------------------------------------------------- main
 
 
-def validate(cfg: ToyConfig, methods: Tuple[str, ...] = METHOD_NAMES):
-    checks = [
-        (cfg.method in methods, f"--method must be one of {methods}, got {cfg.method!r}"),
-        (cfg.gamma in ng.GAMMA_CHOICES, f"--gamma must be one of {ng.GAMMA_CHOICES}, got {cfg.gamma!r}"),
-        (cfg.weighting in ng.WEIGHTING_CHOICES, f"--weighting must be one of {ng.WEIGHTING_CHOICES}, got {cfg.weighting!r}"),
-        (cfg.flow_target in ng.FLOW_TARGET_CHOICES, f"--flow-target must be one of {ng.FLOW_TARGET_CHOICES}, got {cfg.flow_target!r}"),
-        (cfg.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}"),
-        (0 < cfg.adjoint_lambda <= 1, f"--adjoint-lambda must be in (0, 1], got {cfg.adjoint_lambda}"),
-        (0 <= cfg.fraction <= 1, f"--fraction must be in [0, 1], got {cfg.fraction}"),
-        (cfg.beta > 0, f"--beta must be > 0, got {cfg.beta}"),
-        (cfg.dim >= 2, f"--dim must be an integer ≥ 2 (the modes sit in the first two coordinates), got {cfg.dim}"),
-        (cfg.num_steps >= 1 and cfg.updates >= 1 and cfg.batch_size >= 1, "--num-steps, --updates, --batch-size must be ≥ 1"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise SystemExit(f"error: {message}")
+def check_method(cfg: ToyConfig, methods: Tuple[str, ...] = METHOD_NAMES) -> ToyConfig:
+    """--method must name a registry method (or one of the hooks'): raise cli.UsageError otherwise."""
+    if cfg.method not in methods:
+        raise cli.UsageError(f"--method: must be one of {', '.join(methods)} (got {cfg.method!r})")
+    return cfg
 
 
 def run(cfg: ToyConfig, log_reward: Optional[Callable[[Tensor], Tensor]] = None, quiet: bool = False,
         hooks: Optional[Hooks] = None) -> dict:
     """Pretrain (cached), finetune, evaluate, write outputs. Returns the metrics dict."""
     hooks = hooks or Hooks()
-    validate(cfg, (*METHOD_NAMES, *hooks.methods))
+    check_method(cfg, (*METHOD_NAMES, *hooks.methods))
     start = time.time()
     torch.manual_seed(cfg.seed)
     task = build_task(cfg, log_reward)
@@ -653,24 +655,12 @@ def run(cfg: ToyConfig, log_reward: Optional[Callable[[Tensor], Tensor]] = None,
     return result
 
 
-def dataclass_parser(cls, description: str, choices: Optional[Dict[str, tuple]] = None) -> argparse.ArgumentParser:
-    """One --flag per field of a config dataclass, with its default, help string and choices."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=kind, default=f.default, choices=(choices or {}).get(f.name), help=f.metadata["help"])
-    return parser
-
-
 def parse_args(argv=None, methods: Tuple[str, ...] = METHOD_NAMES) -> ToyConfig:
-    choices = {"method": methods, "gamma": ng.GAMMA_CHOICES, "weighting": ng.WEIGHTING_CHOICES,
-               "guess_from": ng.GUESS_CHOICES, "flow_target": ng.FLOW_TARGET_CHOICES, "lr_schedule": LR_SCHEDULES}
-    parser = dataclass_parser(ToyConfig, __doc__.split("\n\n")[0], choices)
-    return ToyConfig(**vars(parser.parse_args(argv)))
+    """argv → a checked ToyConfig; a bad flag exits with one line `prog: error: --flag: ...`."""
+    try:
+        return check_method(cli.parse(ToyConfig, argv, description=__doc__.split("\n\n")[0]), methods)
+    except cli.UsageError as err:
+        cli.OneLineParser().error(str(err))
 
 
 def main(argv=None, hooks: Optional[Hooks] = None):

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import cli  # noqa: E402
 import nabla_gfn as ng  # noqa: E402
 import toy_2d  # noqa: E402
 from experiments import runner  # noqa: E402
@@ -233,8 +234,7 @@ def compare(cc: CompareConfig, command: str = "python experiments/compare_toy.py
 
 
 def parse_args(argv=None) -> CompareConfig:
-    parser = toy_2d.dataclass_parser(CompareConfig, __doc__.split("\n\n")[0])
-    return CompareConfig(**vars(parser.parse_args(argv)))
+    return cli.parse(CompareConfig, argv, description=__doc__.split("\n\n")[0])
 
 
 def main(argv=None):

@@ -38,6 +38,7 @@ if str(ROOT) not in sys.path:  # the rungs live at the repository root
 
 import nabla_gfn as ng  # noqa: E402
 import toy_2d  # noqa: E402
+from experiments import toy_diagnostics  # noqa: E402
 
 DOCS = ROOT / "docs"
 
@@ -208,7 +209,7 @@ def run_toy(jobs: Dict[Hashable, toy_2d.ToyConfig], threshold: float, reuse: boo
             order: Optional[Callable] = None) -> Dict[Hashable, dict]:
     """Validate every config, pretrain each (prior, D, seed)'s model once, then every run (read_run's summaries)."""
     for cfg in jobs.values():
-        toy_2d.validate(cfg)
+        toy_diagnostics.validate(cfg)
     models = {(cfg.prior, cfg.dim, cfg.seed): cfg for cfg in jobs.values()}
     return run_pool(functools.partial(toy_run, threshold=threshold, reuse=reuse), jobs, workers, order=order,
                     warmup=toy_pretrain, warmup_items=models.values(), report=toy_report(name))
@@ -247,7 +248,7 @@ def toy_finished(cfg: toy_2d.ToyConfig) -> bool:
 def toy_run(cfg: toy_2d.ToyConfig, threshold: float, reuse: bool = False) -> dict:
     """toy_2d.run (skipped with reuse when cfg.out already holds this exact run), then its summary."""
     if not (reuse and toy_finished(cfg)):
-        toy_2d.run(cfg, quiet=True)
+        toy_diagnostics.run(cfg, quiet=True)  # toy_2d.run + oracle, flow errors, cost counters
     return read_run(cfg, threshold)
 
 

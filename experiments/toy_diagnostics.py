@@ -262,9 +262,9 @@ HOOKS = T.Hooks(methods={"exact-flow": exact_flow_update}, counters=cost_counter
 METHOD_NAMES = (*T.METHOD_NAMES, *HOOKS.methods)  # toy_2d's methods + exact-flow
 
 
-def validate(cfg: T.ToyConfig):
-    """toy_2d.validate, with --method exact-flow allowed."""
-    T.validate(cfg, METHOD_NAMES)
+def validate(cfg: T.ToyConfig) -> T.ToyConfig:
+    """toy_2d.check_method with --method exact-flow allowed (the other fields are checked by ToyConfig itself)."""
+    return T.check_method(cfg, METHOD_NAMES)
 
 
 def finetune(cfg: T.ToyConfig, task: T.Task, reference: nn.Module, schedule: ng.StepSchedule, quiet: bool = False):

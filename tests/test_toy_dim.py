@@ -181,8 +181,8 @@ def run_cli(*args):
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["--dim", "1"], "--dim must be an integer ≥ 2"),
-        (["--dim", "-4"], "--dim must be an integer ≥ 2"),
+        (["--dim", "1"], "--dim: must be an integer ≥ 2"),
+        (["--dim", "-4"], "--dim: must be an integer ≥ 2"),
         (["--dim", "eight"], "argument --dim: invalid int value"),
         (["--dim", "3", "--reward", '{"type": "linear", "w": [1, 2, 3, 4]}'], "--reward: center / w must have 1 … 3 coordinates"),
         (["--dim", "8", "--prior", '{"means": [[0, 0, 1]], "std": 1}'], "--prior: means must be K×2 (or K×8 for --dim 8)"),
