@@ -6,7 +6,8 @@
     python toy_2d.py --prior '{"means": [[-2, 0], [2, 0]], "weights": [0.5, 0.5], "std": 0.4}'
     python toy_2d.py --dim 32 --reward bump-all        # ring8 in 32 coordinates, a bump that reads all of them
     python toy_2d.py --method rtb                      # any method of baselines.METHODS
-    python experiments/toy_diagnostics.py              # + exact-flow oracle, flow errors, cost counters
+    python experiments/toy_diagnostics.py              # + exact-flow oracle, flow errors, cost counters (the
+                                                       #   README's figure: its figure.png at these defaults)
 
 A small MLP ε-network is pretrained on samples of a Gaussian-mixture prior p♯ and frozen as P_F♯; the
 policy P_F^θ starts as an exact copy and is finetuned towards p*(x_0) ∝ p♯(x_0) R(x_0)^β. For a GMM
@@ -389,6 +390,11 @@ def as_eps_fn(net: nn.Module) -> ng.EpsFn:
     return lambda x, t, traj: net(x, t)
 
 
+def sample(eps_fn: ng.EpsFn, schedule: ng.StepSchedule, n: int, gen: torch.Generator, dim: int = 2) -> ng.Trajectory:
+    """n trajectories of the shared sampler from x_T ~ N(0, I) (states, ε̂ and the final x_0)."""
+    return ng.sample_trajectory(eps_fn, schedule, torch.randn(n, dim, generator=gen), generator=gen)
+
+
 def make_flow(cfg: ToyConfig) -> TimeMLP:
     """g_φ: a TimeMLP whose output layer is zeroed, so ∇ log F̃ starts at the forward-looking guess."""
     return ng.zero_output_layer(TimeMLP(network_width(cfg.flow_hidden, cfg.dim), cfg.dim))
@@ -557,11 +563,6 @@ def metrics(task: Task, samples: Tensor, reference: Optional[Tensor] = None, see
     return {"mode_tv": tv, "nonfinite_fraction": float(1 - finite.double().mean()),
             "mean_log_reward": float(task.reward(samples).mean()), "exact_mean_log_reward": exact_reward,
             "sliced_w1": sliced_wasserstein(samples, target_samples, seed=seed)}
-
-
-def sample(eps_fn: ng.EpsFn, schedule: ng.StepSchedule, n: int, gen: torch.Generator, dim: int = 2) -> ng.Trajectory:
-    """n trajectories of the shared sampler from x_T ~ N(0, I) (states, ε̂ and the final x_0)."""
-    return ng.sample_trajectory(eps_fn, schedule, torch.randn(n, dim, generator=gen), generator=gen)
 
 
 def evaluate(cfg: ToyConfig, task: Task, reference: nn.Module, policy: nn.Module, flow, schedule,
