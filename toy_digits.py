@@ -1,12 +1,10 @@
 """∇-GFlowNet on a real image diffusion model, small enough for a laptop CPU: the 8×8 scikit-learn digits.
 
-Rung 2 of 3 (docs/digits.md: results and the measured choices; docs/findings.md: why the default differs
-from the paper). A small diffusion model is pretrained on the 1,797 8×8 digits of
-`sklearn.datasets.load_digits` (no download), with Stable Diffusion's DDIM schedule, then finetuned
-towards p*(x) ∝ p♯(x) R(x)^β: LoRA adapters (peft `add_adapter`) give P_F^θ, the same network with them
-switched off is P_F^♯, a zero-initialised MLP is g_φ. Every method's update comes from `baselines.METHODS`.
-The target has no closed form; the reference is many pretrained samples importance-weighted by R^β
-(self-normalised), and every metric compares against it.
+Rung 2 of 3; results and the measured reasons for each default in docs/digits.md, docs/findings.md.
+A small ε-MLP (a diffusers ModelMixin) is pretrained on `sklearn.datasets.load_digits` with Stable
+Diffusion's DDIM schedule, then finetuned towards p*(x) ∝ p♯(x) R(x)^β: LoRA on = P_F^θ, LoRA off =
+P_F^♯, a zero-initialised MLP = g_φ; every method's update is `baselines.METHODS`'. The reference
+(how a run is judged) is many pretrained samples importance-weighted by R^β, self-normalised.
 
     python toy_digits.py                                  # ∇-GFlowNet (adjoint flow target), class:3, β = 1
     python toy_digits.py --preset paper                   # the paper's ∇-GFlowNet: every loss setting as published
@@ -14,17 +12,12 @@ The target has no closed form; the reference is many pretrained samples importan
     python toy_digits.py --preset ink                     # tilt towards thicker strokes, no classifier
     python toy_digits.py --preset smoke --out /tmp/d      # seconds: checks that everything runs
 
-Each run writes to --out: config.json, metrics.json, figure.png, pretrained_samples.npy,
-reference_samples.npy and <method>/samples.npy + history.json. The pretrained denoiser and classifier
-are cached under --cache ($NABLA_GFN_CACHE or ~/.cache/nabla-gfn), keyed by their config.
-
-Rewards: class:K, r(x) = log p(K | clip(x)) under a temperature-calibrated MLP classifier (with β = 1
-the target is p♯(x | y = K)); ink, r(x) = Σ_pixels (clip(x, −1, 1) + 1) / 2.
-Differences from the paper in the default, each measured (docs/digits.md): g_φ trained on the lean
-adjoint (--flow-target adjoint, --flow-lr 5e-4), the guess from the frozen model's x̂_0 (--guess-from
-reference), --weighting kl, --gamma sqrt_alpha_bar, --reverse-weight 5, --subsample 0.3. `--preset
-paper` sets all of them back. Only RTB and the ∇-DB methods have p* as their optimum; the others
-maximise the reward with nothing tying the model to the prior. Each method has its own learning rate.
+Writes to --out: config.json, metrics.json, figure.png, pretrained_samples.npy, reference_samples.npy,
+<method>/samples.npy + history.json. The pretrained models are cached under --cache, keyed by config.
+Rewards: class:K, r = log p(K | clip(x)) of a temperature-calibrated classifier (β = 1: p♯(x | K));
+ink, r = Σ_pixels (clip(x, −1, 1) + 1) / 2. Default ≠ paper (each measured): --flow-target adjoint
+--flow-lr 5e-4 --guess-from reference --weighting kl --gamma sqrt_alpha_bar --reverse-weight 5
+--subsample 0.3; `--preset paper` restores the paper. Only RTB and ∇-DB have p* as optimum.
 """
 
 from __future__ import annotations
@@ -61,14 +54,10 @@ LR_FIELDS = {"nabla-db": "lr", "adjoint-matching": "am_lr", "rtb": "rtb_lr", "dd
 METHOD_NAMES = tuple(LR_FIELDS)
 IMAGE_SHAPE = (1, 8, 8)
 
-# ----------------------------------------------------------------------------------------------
-# Config and presets
-# ----------------------------------------------------------------------------------------------
-
+# ---- Config and presets ---------------------------------------------------------------------------
 
 def _f(default, help: str):
     return field(default=default, metadata={"help": help})
-
 
 @dataclass
 class Config:
@@ -129,7 +118,6 @@ class Config:
     curve_every: int = _f(20, "updates between points of the metric curves")
     curve_samples: int = _f(256, "samples per point of the metric curves")
 
-
 PRESETS: Dict[str, Dict] = {
     "default": {},
     # the loss exactly as the paper and the official code set it (docs/digits.md: why not the default)
@@ -150,7 +138,6 @@ CHOICES = {"flow_target": ng.FLOW_TARGET_CHOICES, "guess_from": ng.GUESS_CHOICES
 POSITIVE = ("lr", "flow_lr", "draft_lr", "am_lr", "rtb_lr", "rtb_logz_lr", "ddpo_lr", "refl_lr", "ppo_clip", "ppo_adv_clip")
 AT_LEAST_ONE = ("num_steps", "updates", "batch", "reference_pool", "eval_samples", "curve_every", "curve_samples",
                 "hidden", "depth", "pretrain_steps", "classifier_steps", "lora_rank", "ppo_epochs", "ppo_minibatches")
-
 
 def validate(cfg: Config) -> None:
     """Raise ValueError with a one-line message naming the flag and what it accepts."""
@@ -173,7 +160,6 @@ def validate(cfg: Config) -> None:
     if cfg.eval_samples < 2 or cfg.curve_samples < 2:
         raise ValueError("--eval-samples and --curve-samples must be ≥ 2 (diversity needs pairs)")
 
-
 def parse_reward(spec: str) -> Tuple[str, Optional[int]]:
     """'class:K' → ('class', K); 'ink' → ('ink', None)."""
     kind, _, k = spec.partition(":")
@@ -181,13 +167,11 @@ def parse_reward(spec: str) -> Tuple[str, Optional[int]]:
         return kind, (None if spec == "ink" else int(k))
     raise ValueError(f"--reward must be 'class:K' with K in 0..9, or 'ink'; got {spec!r}")
 
-
 def parse_methods(spec: str) -> List[str]:
     methods = [m.strip() for m in spec.split(",") if m.strip()]
     if not methods or set(methods) - set(METHOD_NAMES) or len(set(methods)) != len(methods):
         raise ValueError(f"--method must be a comma-separated list of distinct {', '.join(METHOD_NAMES)}; got {spec!r}")
     return methods
-
 
 def parse_args(argv: Optional[List[str]] = None) -> Config:
     """Flags → Config: the field defaults, then the named preset's values, then the flags given."""
@@ -211,25 +195,20 @@ def parse_args(argv: Optional[List[str]] = None) -> Config:
     return cfg
 
 
-# ----------------------------------------------------------------------------------------------
-# Data, denoiser, classifier, g_φ
-# ----------------------------------------------------------------------------------------------
-
+# ---- Data, denoiser, classifier, g_φ --------------------------------------------------------------
 
 def load_digits_tensor() -> Tuple[Tensor, Tensor]:
-    """The 1,797 sklearn digits as images in [−1, 1]: ((1797, 1, 8, 8) float, (1797,) long labels)."""
+    """The 1,797 sklearn digits in [−1, 1]: ((1797, 1, 8, 8) float, (1797,) long labels)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = torch.tensor(digits.data, dtype=torch.float32).reshape(-1, *IMAGE_SHAPE) / 8.0 - 1.0  # 0..16 → [−1, 1]
     return images, torch.tensor(digits.target, dtype=torch.long)
 
-
 def make_scheduler() -> DDIMScheduler:
     """DDIM with Stable Diffusion's noise schedule, so the SD rung's step constants apply unchanged."""
     return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-
 
 class ResidualBlock(nn.Module):
     """Pre-norm MLP block with the time embedding as a scale and shift (FiLM)."""
@@ -243,24 +222,18 @@ class ResidualBlock(nn.Module):
         scale, shift = self.film(temb).chunk(2, dim=-1)
         return h + self.fc2(nn.functional.silu(self.fc1(self.norm(h) * (1 + scale) + shift)))
 
-
 class DigitDenoiser(ModelMixin, ConfigMixin, PeftAdapterMixin):
-    """ε-prediction MLP on flattened 8×8 images: (N, 1, 8, 8), (N,) timesteps → (N, 1, 8, 8).
-
-    An MLP, not a `UNet2DModel` (ten times the pretraining steps per second here, and better digits;
-    docs/digits.md), but a diffusers model, so caching and LoRA (`add_adapter`) read as for the SD UNet.
-    """
+    """ε-prediction MLP: (N, 1, 8, 8), (N,) timesteps → (N, 1, 8, 8). An MLP rather than a UNet2DModel (10×
+    the pretraining steps per second here, better digits); a diffusers model, so LoRA reads as on SD's UNet."""
 
     @register_to_config
     def __init__(self, sample_size: int = 8, hidden: int = 256, depth: int = 3, time_channels: int = 64):
         super().__init__()
-        pixels = sample_size * sample_size
         self.time_proj = Timesteps(time_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(time_channels, hidden)
-        self.proj_in = nn.Linear(pixels, hidden)
+        self.proj_in = nn.Linear(sample_size * sample_size, hidden)
         self.blocks = nn.ModuleList([ResidualBlock(hidden) for _ in range(depth)])
-        self.norm_out = nn.LayerNorm(hidden)
-        self.proj_out = nn.Linear(hidden, pixels)
+        self.norm_out, self.proj_out = nn.LayerNorm(hidden), nn.Linear(hidden, sample_size * sample_size)
 
     def forward(self, sample: Tensor, timestep: Tensor) -> Tensor:
         temb = nn.functional.silu(self.time_embedding(self.time_proj(timestep).to(sample.dtype)))
@@ -269,16 +242,11 @@ class DigitDenoiser(ModelMixin, ConfigMixin, PeftAdapterMixin):
             h = block(h, temb)
         return self.proj_out(self.norm_out(h)).view_as(sample)
 
-
 LORA_TARGETS = ["proj_in", "film", "fc1", "fc2", "proj_out"]
 
-
 class DigitClassifier(nn.Module):
-    """Smooth (SiLU) MLP classifier: images (N, 1, 8, 8) → logits (N, 10); `features` (N, 64) for Fréchet.
-
-    Logits are divided by a temperature fitted on held-out digits, so p(y|x), and with it the target
-    p♯(x) p(K|x)^β, is calibrated rather than overconfident.
-    """
+    """SiLU MLP: images (N, 1, 8, 8) → logits (N, 10) divided by a temperature fitted on held-out digits,
+    so p(K|x), and with it the target, is calibrated; `features` (N, 64) for the Fréchet distance."""
 
     def __init__(self, width: int = 256, feature_dim: int = 64):
         super().__init__()
@@ -291,7 +259,6 @@ class DigitClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x)) / self.temperature
-
 
 class FlowCorrection(nn.Module):
     """g_φ(x, τ): a vector field shaped like x, zero at initialisation (nabla_gfn.zero_output_layer)."""
@@ -306,15 +273,10 @@ class FlowCorrection(nn.Module):
     def forward(self, x: Tensor, t: Tensor, traj: Tensor) -> Tensor:
         return self.net(torch.cat([x.flatten(1), self.time_proj(t).to(x.dtype)], dim=1)).view_as(x)
 
-
-# ----------------------------------------------------------------------------------------------
-# Pretraining, cached on disk by config
-# ----------------------------------------------------------------------------------------------
-
+# ---- Pretraining, cached on disk by config --------------------------------------------------------
 
 def cached(cfg: Config, kind: str, fields: Dict, build: Callable, save: Callable, load: Callable):
-    """load(folder) if this (kind, fields) is cached, else build(), save(value, folder) and publish the
-    folder atomically (a concurrent run that got there first wins)."""
+    """load(folder) if (kind, fields) is cached; else build(), save(value, tmp) and publish tmp atomically."""
     blob = json.dumps({"kind": kind, "format": 1, **fields}, sort_keys=True)
     root = Path(cfg.cache or os.environ.get("NABLA_GFN_CACHE") or Path.home() / ".cache" / "nabla-gfn")
     path = root / f"digits-{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
@@ -326,10 +288,9 @@ def cached(cfg: Config, kind: str, fields: Dict, build: Callable, save: Callable
     save(value, tmp)
     try:
         os.replace(tmp, path)
-    except OSError:
+    except OSError:  # a concurrent run got there first
         shutil.rmtree(tmp, ignore_errors=True)
     return value
-
 
 def pretrain_denoiser(cfg: Config, images: Tensor, scheduler: DDIMScheduler, progress: bool = True) -> DigitDenoiser:
     """Standard ε-prediction training (uniform timesteps, MSE), AdamW with cosine decay, EMA weights."""
@@ -350,10 +311,9 @@ def pretrain_denoiser(cfg: Config, images: Tensor, scheduler: DDIMScheduler, pro
         loss.backward()
         opt.step()
         lr_schedule.step()
-        decay = min(0.999, (1 + step) / (10 + step))  # EMA with warm-up
-        with torch.no_grad():
+        with torch.no_grad():  # EMA with warm-up
             for p_ema, p in zip(ema, model.parameters()):
-                p_ema.lerp_(p.detach(), 1 - decay)
+                p_ema.lerp_(p.detach(), 1 - min(0.999, (1 + step) / (10 + step)))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     with torch.no_grad():
@@ -361,16 +321,14 @@ def pretrain_denoiser(cfg: Config, images: Tensor, scheduler: DDIMScheduler, pro
             p.copy_(p_ema)
     return model.eval()
 
-
 def load_or_pretrain_denoiser(cfg: Config, images: Tensor, scheduler: DDIMScheduler) -> DigitDenoiser:
     fields = {k: getattr(cfg, k) for k in ("hidden", "depth", "pretrain_steps", "pretrain_batch", "pretrain_lr", "pretrain_seed")}
     return cached(cfg, "denoiser", fields, lambda: pretrain_denoiser(cfg, images, scheduler),
                   lambda model, folder: model.save_pretrained(folder), lambda folder: DigitDenoiser.from_pretrained(folder).eval())
 
-
 def train_classifier(cfg: Config, images: Tensor, labels: Tensor) -> Tuple[DigitClassifier, float]:
-    """Train on a fixed 80% split (full batch, AdamW, light noise augmentation), then temperature scaling
-    (Guo et al. 2017: the T minimising held-out NLL of softmax(logits / T)); return held-out accuracy."""
+    """Train on a fixed 80% split (full batch, AdamW, noise augmentation), then temperature scaling (Guo et al.
+    2017: the T minimising held-out NLL of softmax(logits / T)); return (classifier, held-out accuracy)."""
     gen = torch.Generator().manual_seed(cfg.pretrain_seed)
     torch.manual_seed(cfg.pretrain_seed)
     perm = torch.randperm(len(images), generator=gen)
@@ -385,8 +343,7 @@ def train_classifier(cfg: Config, images: Tensor, labels: Tensor) -> Tuple[Digit
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    clf.eval().requires_grad_(False)
-    logits = clf.head(clf.features(images[held_out]))
+    logits = clf.eval().requires_grad_(False).head(clf.features(images[held_out]))
     log_t = torch.zeros((), requires_grad=True)
     lbfgs = torch.optim.LBFGS([log_t], max_iter=100)
 
@@ -401,7 +358,6 @@ def train_classifier(cfg: Config, images: Tensor, labels: Tensor) -> Tuple[Digit
     with torch.no_grad():
         return clf, (clf(images[held_out]).argmax(1) == labels[held_out]).float().mean().item()
 
-
 def load_or_train_classifier(cfg: Config, images: Tensor, labels: Tensor) -> Tuple[DigitClassifier, float]:
     def save(value, folder: Path):
         torch.save(value[0].state_dict(), folder / "model.pt")
@@ -415,37 +371,29 @@ def load_or_train_classifier(cfg: Config, images: Tensor, labels: Tensor) -> Tup
     fields = {"steps": cfg.classifier_steps, "noise": cfg.classifier_noise, "seed": cfg.pretrain_seed}
     return cached(cfg, "classifier", fields, lambda: train_classifier(cfg, images, labels), save, load)
 
-
-# ----------------------------------------------------------------------------------------------
-# Rewards, the two policies, sampling
-# ----------------------------------------------------------------------------------------------
-
+# ---- Rewards, the two policies, sampling ----------------------------------------------------------
 
 def classifier_log_reward(classifier: DigitClassifier, k: int) -> ng.LogRewardFn:
-    """r(x) = log p(y = K | clip(x, −1, 1)), differentiable in x. Clipping to the data range stops a
-    reward maximiser from inventing out-of-range pixels that the classifier extrapolates to absurd confidence."""
+    """r(x) = log p(K | clip(x, −1, 1)), differentiable in x; the clip stops a reward maximiser from inventing
+    out-of-range pixels that the classifier extrapolates to absurd confidence."""
     return lambda x0, traj: torch.log_softmax(classifier(x0.clamp(-1, 1)), dim=1)[:, k]
-
 
 def ink_log_reward(x0: Tensor, traj: Tensor) -> Tensor:
     """r(x) = Σ_pixels (clip(x, −1, 1) + 1) / 2, the total ink in units of fully dark pixels."""
     return ((x0.clamp(-1, 1) + 1) / 2).flatten(1).sum(1)
 
-
 def make_log_reward(spec: str, classifier: DigitClassifier) -> ng.LogRewardFn:
     kind, k = parse_reward(spec)
     return classifier_log_reward(classifier, k) if kind == "class" else ink_log_reward
-
 
 @torch.no_grad()
 def score(log_reward: ng.LogRewardFn, x: Tensor) -> Tensor:
     return log_reward(x, torch.arange(len(x)))
 
-
 @contextmanager
 def adapters_disabled(model: DigitDenoiser):
-    """P_F^♯: the same network with its LoRA adapters off. Switches each peft layer directly: diffusers'
-    `disable_adapters` looks up peft's version on every call, 40 % of a ∇-DB update here."""
+    """P_F^♯: the same network, LoRA off. Switches each peft layer directly: diffusers' `disable_adapters`
+    looks up peft's version on every call, 40 % of a ∇-DB update here."""
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     for layer in layers:
         layer.enable_adapters(False)
@@ -455,18 +403,14 @@ def adapters_disabled(model: DigitDenoiser):
         for layer in layers:
             layer.enable_adapters(True)
 
-
 def policy_eps_fn(model: DigitDenoiser) -> ng.EpsFn:
     return lambda x, t, traj: model(x, t)
-
 
 def reference_eps_fn(model: DigitDenoiser) -> ng.EpsFn:
     def reference_eps(x: Tensor, t: Tensor, traj: Tensor) -> Tensor:
         with adapters_disabled(model):
             return model(x, t)
-
     return reference_eps
-
 
 def sample(eps_fn: ng.EpsFn, schedule: ng.StepSchedule, n: int, generator: torch.Generator, chunk: int = 1000) -> Tensor:
     """n clean samples x_0 (n, 1, 8, 8) from the DDIM(η=1) sampler, in chunks."""
@@ -476,52 +420,44 @@ def sample(eps_fn: ng.EpsFn, schedule: ng.StepSchedule, n: int, generator: torch
         out.append(ng.sample_trajectory(eps_fn, schedule, x_T, generator).final)
     return torch.cat(out)
 
-
-# ----------------------------------------------------------------------------------------------
-# The reference: pretrained samples importance-weighted by R^β, and the metrics against it
-# ----------------------------------------------------------------------------------------------
-
+# ---- The reference: pretrained samples importance-weighted by R^β ---------------------------------
 
 def importance_weights(log_reward: Tensor, beta: float) -> Tensor:
     """Self-normalised weights w_i ∝ R(x_i)^β = exp(β r_i) of samples x_i ~ p^♯; sum to 1. (M,) → (M,)."""
     return torch.softmax(beta * log_reward.double(), dim=0)
-
 
 def effective_sample_size(weights: Tensor) -> float:
     """Kish's ESS = (Σ w)² / Σ w²: M for uniform weights, 1 when one sample holds all the weight."""
     w = weights.double()
     return float(w.sum() ** 2 / w.pow(2).sum())
 
-
 @dataclass
 class Reference:
-    """Pretrained pool x_i ~ p^♯ with self-normalised weights targeting p* ∝ p^♯ R^β."""
+    """Pretrained pool x_i ~ p^♯ (M, 1, 8, 8), its rewards (M,), weights (M,) targeting p* ∝ p^♯ R^β, their ESS."""
 
-    samples: Tensor  # (M, 1, 8, 8)
-    log_reward: Tensor  # (M,)
-    weights: Tensor  # (M,), sum to 1
+    samples: Tensor
+    log_reward: Tensor
+    weights: Tensor
     ess: float
 
     def resample(self, n: int, generator: torch.Generator) -> Tensor:
         return self.samples[torch.multinomial(self.weights.float(), n, replacement=True, generator=generator)]
-
 
 def build_reference(pool: Tensor, log_reward: ng.LogRewardFn, beta: float) -> Reference:
     r = score(log_reward, pool)
     w = importance_weights(r, beta)
     return Reference(samples=pool, log_reward=r, weights=w, ess=effective_sample_size(w))
 
+# ---- Metrics (of weighted sets: the reference; finetuned samples have uniform weights) ------------
 
 def uniform(n: int) -> Tensor:
     return torch.full((n,), 1.0 / n, dtype=torch.float64)
-
 
 def weighted_mean_pairwise_distance(x: Tensor, w: Tensor, chunk: int = 1024) -> float:
     """E ‖x − x'‖ for two distinct draws: Σ_{i≠j} w_i w_j d_ij / Σ_{i≠j} w_i w_j."""
     flat, w = x.flatten(1).double(), w.double()
     total = sum(w[s : s + chunk] @ torch.cdist(flat[s : s + chunk], flat) @ w for s in range(0, len(flat), chunk))
     return float(total / (1 - w.pow(2).sum()))
-
 
 def expected_distinct_nearest(x: Tensor, w: Tensor, train: Tensor, n: int) -> float:
     """Expected number of distinct nearest training digits among n draws from Σ w_i δ(x_i): with p_j the
@@ -530,10 +466,8 @@ def expected_distinct_nearest(x: Tensor, w: Tensor, train: Tensor, n: int) -> fl
     p = torch.zeros(len(train), dtype=torch.float64).index_add_(0, nearest, w.double())
     return float((1 - (1 - p).pow(n)).sum())
 
-
 def distinct_nearest(x: Tensor, train: Tensor) -> int:
     return int(torch.cdist(x.flatten(1), train.flatten(1)).argmin(1).unique().numel())
-
 
 def weighted_gaussian(features: Tensor, w: Tensor) -> Tuple[np.ndarray, np.ndarray]:
     """Weighted mean and (reliability-weighted, unbiased) covariance of (M, D) features."""
@@ -542,48 +476,35 @@ def weighted_gaussian(features: Tensor, w: Tensor) -> Tuple[np.ndarray, np.ndarr
     centred = f - mu
     return mu.numpy(), ((centred * w[:, None]).T @ centred / (1 - w.pow(2).sum())).numpy()
 
-
 def frechet_distance(a: Tuple[np.ndarray, np.ndarray], b: Tuple[np.ndarray, np.ndarray]) -> float:
     """‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^½) between two Gaussians (as in FID)."""
     from scipy import linalg
 
     (mu_a, cov_a), (mu_b, cov_b) = a, b
-    covmean = linalg.sqrtm(cov_a @ cov_b)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * np.real(covmean)))
-
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * np.real(linalg.sqrtm(cov_a @ cov_b))))
 
 @torch.no_grad()
 def evaluate(x: Tensor, classifier: DigitClassifier, log_reward: ng.LogRewardFn, train: Tensor, reward_class: Optional[int],
-             reference_gaussian: Optional[Tuple[np.ndarray, np.ndarray]] = None, weights: Optional[Tensor] = None,
-             n: Optional[int] = None) -> Dict[str, float]:
-    """Metrics of samples x (weights None), or of the weighted set Σ w_i δ(x_i) (the reference).
-
-    Every metric sees the images clipped to [−1, 1], as displayed and as the rewards see them. A weighted
-    set is measured as n draws from it would be (expected distinct nearest training digits among n draws).
-    """
+             reference_gaussian: Optional[Tuple] = None, weights: Optional[Tensor] = None, n: Optional[int] = None) -> Dict:
+    """Metrics of samples x (weights None) or of the weighted set Σ w_i δ(x_i), measured as n draws from it
+    would be. Every metric sees x clipped to [−1, 1], as displayed and as the rewards see it."""
     w = uniform(len(x)) if weights is None else weights.double()
     shown = x.clamp(-1, 1)
-    metrics = {
-        "mean_reward": float(w @ score(log_reward, shown).double()),
-        "diversity_l2": weighted_mean_pairwise_distance(shown, w),
-        "distinct_nearest_digits": float(
-            distinct_nearest(shown, train) if weights is None else expected_distinct_nearest(shown, w, train, n)),
-    }
+    metrics = {"mean_reward": float(w @ score(log_reward, shown).double()),
+               "diversity_l2": weighted_mean_pairwise_distance(shown, w),
+               "distinct_nearest_digits": float(distinct_nearest(shown, train) if weights is None
+                                                else expected_distinct_nearest(shown, w, train, n))}
     if reward_class is not None:
         metrics["frac_class"] = float(w @ (classifier(shown).argmax(1) == reward_class).double())
     if reference_gaussian is not None:
         metrics["frechet_to_reference"] = frechet_distance(weighted_gaussian(classifier.features(shown), w), reference_gaussian)
     return metrics
 
-
-# ----------------------------------------------------------------------------------------------
-# Finetuning: every method from baselines.METHODS, one loop
-# ----------------------------------------------------------------------------------------------
-
+# ---- Finetuning: every method from baselines.METHODS, one loop -----------------------------------
 
 @dataclass
 class Finetuner:
-    """The trainable pieces of one finetuning run (flow: g_φ of nabla-db; log_z: RTB's log Z)."""
+    """The trainable pieces of one run: LoRA'd model, its LoRA parameters, g_φ (nabla-db), log Z (RTB)."""
 
     model: DigitDenoiser
     lora_params: List[nn.Parameter]
@@ -591,14 +512,12 @@ class Finetuner:
     optimizer: torch.optim.Optimizer
     log_z: Optional[nn.Module] = None
 
-
 def method_lr(cfg: Config, method: str) -> float:
     return getattr(cfg, LR_FIELDS[method])
 
-
 def make_finetuner(cfg: Config, pretrained: DigitDenoiser, method: str) -> Finetuner:
-    """A fresh copy of the pretrained denoiser, frozen, with LoRA at the method's learning rate (+ g_φ or log Z).
-    LoRA's Gaussian init has B = 0, so P_F^θ = P_F^♯ at the start."""
+    """A frozen copy of the pretrained denoiser with LoRA (Gaussian init, B = 0: P_F^θ = P_F^♯ at the start) at the
+    method's learning rate, + g_φ or log Z."""
     model = DigitDenoiser.from_config(pretrained.config)
     model.load_state_dict(pretrained.state_dict())
     model.requires_grad_(False)
@@ -614,10 +533,8 @@ def make_finetuner(cfg: Config, pretrained: DigitDenoiser, method: str) -> Finet
         groups.append({"params": list(log_z.parameters()), "lr": cfg.rtb_logz_lr, "weight_decay": 0.0})
     return Finetuner(model, lora_params, flow, torch.optim.AdamW(groups, betas=(0.9, 0.999)), log_z)
 
-
 def method_config(cfg: Config, method: str) -> bl.MethodConfig:
-    """This rung's fields (batch, subsample, max_grad_norm, …) → the registry's hyper-parameters, with the
-    method's fixed loss fields applied (adjoint-matching: no g_φ, no guess)."""
+    """This rung's fields → the registry's hyper-parameters, with the method's fixed loss fields applied."""
     loss = ng.LossConfig(beta=cfg.beta, trust_region=cfg.trust_region, reverse_weight=cfg.reverse_weight, gamma=cfg.gamma,
                          weighting=cfg.weighting, use_flow=cfg.use_flow, guess_from=cfg.guess_from,
                          flow_target=cfg.flow_target, adjoint_lambda=cfg.adjoint_lambda)
@@ -625,7 +542,6 @@ def method_config(cfg: Config, method: str) -> bl.MethodConfig:
         beta=cfg.beta, batch_size=cfg.batch, fraction=cfg.subsample, grad_clip=cfg.max_grad_norm,
         loss=bl.METHODS[method].loss_config(loss), draft_k=cfg.draft_k, draft_kl=cfg.draft_kl, refl_start=cfg.refl_start,
         ppo_clip=cfg.ppo_clip, ppo_epochs=cfg.ppo_epochs, ppo_minibatches=cfg.ppo_minibatches, ppo_adv_clip=cfg.ppo_adv_clip)
-
 
 def method_update(cfg: Config, method: str, ft: Finetuner, schedule: ng.StepSchedule, log_reward: ng.LogRewardFn,
                   gen: torch.Generator) -> Dict[str, float]:
@@ -636,36 +552,28 @@ def method_update(cfg: Config, method: str, ft: Finetuner, schedule: ng.StepSche
                          ft.optimizer, ft.flow, ft.log_z)
     return bl.METHODS[method].update(trainee, method_config(cfg, method), gen)
 
-
 def finetune(cfg: Config, method: str, pretrained: DigitDenoiser, schedule: ng.StepSchedule, log_reward: ng.LogRewardFn,
              curve_metrics: Callable, progress: bool = True, meter=None) -> Tuple[Finetuner, List[Dict[str, float]]]:
-    """Run cfg.updates updates of `method`; every cfg.curve_every updates, record curve_metrics(model) and
-    "seconds" (training time so far, curve evaluations excluded). `meter` (optional, e.g.
-    experiments/digits_diagnostics.CostMeter): `meter.attach(model, log_reward)` returns the reward to
-    train on, and `meter.take()`'s counts of each update go into its history point."""
+    """cfg.updates updates of `method`; every cfg.curve_every, a history point: the update's logs,
+    curve_metrics(model) and "seconds" (training time so far). An optional `meter`
+    (experiments/digits_diagnostics.CostMeter) wraps the reward; its counts go into each point."""
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     ft = make_finetuner(cfg, pretrained, method)
-    if meter is not None:
-        log_reward = meter.attach(ft.model, log_reward)
-    history = [{"update": 0, "seconds": 0.0, **curve_metrics(ft.model)}]
-    train_seconds = 0.0
+    log_reward = log_reward if meter is None else meter.attach(ft.model, log_reward)
+    history, train_seconds = [{"update": 0, "seconds": 0.0, **curve_metrics(ft.model)}], 0.0
     bar = tqdm(range(1, cfg.updates + 1), desc=f"finetune {method}", disable=not progress)
     for update in bar:
         start = time.time()
         logs = method_update(cfg, method, ft, schedule, log_reward, gen)
         train_seconds += time.time() - start
-        cost = meter.take() if meter is not None else {}
+        cost = {} if meter is None else meter.take()
         bar.set_postfix(reward=f"{logs['reward']:.3f}")
         if update % cfg.curve_every == 0 or update == cfg.updates:
             history.append({"update": update, "seconds": train_seconds, **logs, **cost, **curve_metrics(ft.model)})
     return ft, history
 
-
-# ----------------------------------------------------------------------------------------------
-# Evaluate
-# ----------------------------------------------------------------------------------------------
-
+# ---- Evaluate -------------------------------------------------------------------------------------
 
 @dataclass
 class Setup:
@@ -690,7 +598,6 @@ class Setup:
         gen = torch.Generator().manual_seed(self.cfg.seed + 1)  # the same noise at every point: curves move with the model
         return self.evaluate(sample(policy_eps_fn(model), self.schedule, self.cfg.curve_samples, gen))
 
-
 def prepare(cfg: Config) -> Setup:
     """Load (or pretrain) the denoiser and classifier; build the reference; measure it and p♯."""
     t_start = time.time()
@@ -698,52 +605,38 @@ def prepare(cfg: Config) -> Setup:
     scheduler = make_scheduler()
     pretrained = load_or_pretrain_denoiser(cfg, images, scheduler)
     classifier, accuracy = load_or_train_classifier(cfg, images, labels)
-    log_reward = make_log_reward(cfg.reward, classifier)
-    schedule = ng.ddim_schedule(scheduler, cfg.num_steps)
+    log_reward, schedule = make_log_reward(cfg.reward, classifier), ng.ddim_schedule(scheduler, cfg.num_steps)
     t_pretrained = time.time() - t_start
     gen = torch.Generator().manual_seed(cfg.seed)
-    pretrained_eps = policy_eps_fn(pretrained)
-    reference = build_reference(sample(pretrained_eps, schedule, cfg.reference_pool, gen), log_reward, cfg.beta)
-    reference_gaussian = weighted_gaussian(classifier.features(reference.samples.clamp(-1, 1)), reference.weights)
-    setup = Setup(cfg, images, classifier, pretrained, schedule, log_reward, parse_reward(cfg.reward)[1],
-                  reference, reference_gaussian, {}, {})
-    setup.metrics = {
-        "classifier_held_out_accuracy": accuracy, "reference_ess": reference.ess, "reference_pool": cfg.reference_pool,
-        "reference": setup.evaluate(reference.samples, weights=reference.weights, n=cfg.eval_samples),
-    }
-    # Fréchet's finite-sample floor: an n-sample draw from the reference itself
-    setup.samples["reference"] = reference.resample(cfg.eval_samples, gen)
+    reference = build_reference(sample(policy_eps_fn(pretrained), schedule, cfg.reference_pool, gen), log_reward, cfg.beta)
+    gaussian = weighted_gaussian(classifier.features(reference.samples.clamp(-1, 1)), reference.weights)
+    setup = Setup(cfg, images, classifier, pretrained, schedule, log_reward, parse_reward(cfg.reward)[1], reference,
+                  gaussian, {}, {})
+    setup.metrics = {"classifier_held_out_accuracy": accuracy, "reference_ess": reference.ess, "reference_pool": cfg.reference_pool,
+                     "reference": setup.evaluate(reference.samples, weights=reference.weights, n=cfg.eval_samples)}
+    setup.samples["reference"] = reference.resample(cfg.eval_samples, gen)  # its Fréchet: the finite-sample floor
     setup.metrics["reference_resample_frechet"] = setup.evaluate(setup.samples["reference"])["frechet_to_reference"]
-    setup.samples["pretrained"] = sample(pretrained_eps, schedule, cfg.eval_samples, gen)
+    setup.samples["pretrained"] = sample(policy_eps_fn(pretrained), schedule, cfg.eval_samples, gen)
     setup.metrics["pretrained"] = setup.evaluate(setup.samples["pretrained"])
     setup.metrics["pretrain_seconds"] = t_pretrained
     return setup
 
-
 def diverged(x: Tensor, pretrained: Tensor) -> bool:
-    """Samples not finite, or their RMS over 3× the pretrained samples' (DRaFT at too high a rate puts pixels at ±100)."""
+    """Samples not finite, or their RMS over 3× the pretrained samples' (DRaFT at too high a rate: pixels at ±100)."""
     return bool(not torch.isfinite(x).all() or x.pow(2).mean().sqrt() > 3 * pretrained.pow(2).mean().sqrt())
-
 
 def run_method(setup: Setup, method: str, progress: bool = True, meter=None) -> Tuple[Dict, Tensor, List[Dict]]:
     """Finetune one method; return (its final metrics, its eval samples, its history)."""
-    cfg, ref = setup.cfg, setup.metrics["reference"]
-    t_method = time.time()
-    ft, history = finetune(cfg, method, setup.pretrained, setup.schedule, setup.log_reward, setup.curve_metrics,
-                           progress, meter)
+    cfg, ref, t_method = setup.cfg, setup.metrics["reference"], time.time()
+    ft, history = finetune(cfg, method, setup.pretrained, setup.schedule, setup.log_reward, setup.curve_metrics, progress, meter)
     x = sample(policy_eps_fn(ft.model), setup.schedule, cfg.eval_samples, torch.Generator().manual_seed(cfg.seed + 2))
     result = {**setup.evaluate(x.nan_to_num(0.0)), "diverged": diverged(x, setup.samples["pretrained"])}
     result["diversity_ratio"] = result["diversity_l2"] / ref["diversity_l2"]
     result["distinct_nearest_ratio"] = result["distinct_nearest_digits"] / ref["distinct_nearest_digits"]
-    result["finetune_seconds"] = time.time() - t_method
-    result["train_seconds"] = history[-1]["seconds"]
+    result["finetune_seconds"], result["train_seconds"] = time.time() - t_method, history[-1]["seconds"]
     return result, x, history
 
-
-# ----------------------------------------------------------------------------------------------
-# Figure
-# ----------------------------------------------------------------------------------------------
-
+# ---- Figure ---------------------------------------------------------------------------------------
 
 def image_grid(x: Tensor, cols: int = 8) -> np.ndarray:
     """(n, 1, 8, 8) in [−1, 1] → one (rows·9−1, cols·9−1) image with 1-pixel gaps (NaN), ink dark."""
@@ -754,12 +647,10 @@ def image_grid(x: Tensor, cols: int = 8) -> np.ndarray:
         grid[r * 9 : r * 9 + 8, c * 9 : c * 9 + 8] = img
     return grid
 
-
 def display_name(method: str, cfg: Config) -> str:
     if method == "nabla-db":
         return f"∇-GFlowNet ({cfg.flow_target})" if cfg.use_flow else f"∇-GFlowNet (no g_φ, {cfg.flow_target})"
     return f"DRaFT-{cfg.draft_k}" if method == "draft" else bl.METHODS[method].label
-
 
 def make_figure(path: Path, grids: Dict[str, Tensor], histories: Dict[str, List[Dict]], reference: Dict, pretrained: Dict, title: str):
     """Top row: 64-sample grids. Bottom row: metric curves against the reference (dashed) and p♯ (dotted)."""
@@ -783,12 +674,10 @@ def make_figure(path: Path, grids: Dict[str, Tensor], histories: Dict[str, List[
     for ax, key in zip(axes[1], curve_keys):
         for method, hist in histories.items():
             ax.plot([h["update"] for h in hist], [h[key] for h in hist], label=method)
-        if key == "frechet_to_reference":
-            ax.set_yscale("log")
-        else:
+        if key != "frechet_to_reference":
             ax.axhline(reference[key], color="k", ls="--", lw=1, label="reference (target)")
         ax.axhline(pretrained[key], color="gray", ls=":", lw=1, label="pretrained")
-        ax.set_xlabel("update")
+        ax.set(xlabel="update", yscale="log" if key == "frechet_to_reference" else "linear")
         ax.set_title(labels[key], fontsize=10)
     axes[1, 0].legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
@@ -796,11 +685,7 @@ def make_figure(path: Path, grids: Dict[str, Tensor], histories: Dict[str, List[
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-
-# ----------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------
-
+# ---- main -----------------------------------------------------------------------------------------
 
 def run(cfg: Config, progress: bool = True) -> Dict:
     """The whole experiment; returns the metrics dict that is also written to metrics.json."""
@@ -812,12 +697,11 @@ def run(cfg: Config, progress: bool = True) -> Dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     setup = prepare(cfg)
-    metrics = dict(setup.metrics)
+    metrics, histories = dict(setup.metrics), {}
     grids = {"pretrained p♯": setup.samples["pretrained"][:64],
              f"reference p♯·R^β (ESS {setup.reference.ess:.0f})": setup.samples["reference"][:64]}
     np.save(out / "pretrained_samples.npy", setup.samples["pretrained"].numpy())
     np.save(out / "reference_samples.npy", setup.samples["reference"].numpy())
-    histories = {}
     for method in parse_methods(cfg.method):
         metrics[method], x, history = run_method(setup, method, progress)
         (out / method).mkdir(exist_ok=True)
@@ -830,7 +714,6 @@ def run(cfg: Config, progress: bool = True) -> Dict:
                 f"8×8 digits, reward {cfg.reward}, β = {cfg.beta}, {cfg.updates} updates × {cfg.batch} trajectories")
     return metrics
 
-
 def main(argv: Optional[List[str]] = None) -> None:
     cfg = parse_args(argv)
     metrics = run(cfg)
@@ -838,7 +721,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     for name in ("reference", "pretrained", *parse_methods(cfg.method)):
         print(f"{name:>10}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics[name].items() if isinstance(v, (int, float))))
     print(f"wrote {cfg.out}")
-
 
 if __name__ == "__main__":
     main()
