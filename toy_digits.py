@@ -1,10 +1,10 @@
 """∇-GFlowNet on a real image diffusion model, small enough for a laptop CPU: the 8×8 scikit-learn digits.
 
 Rung 2 of 3; results and the measured reasons for each default in docs/digits.md, docs/findings.md.
-A small ε-MLP (a diffusers ModelMixin) is pretrained on `sklearn.datasets.load_digits` with Stable
-Diffusion's DDIM schedule, then finetuned towards p*(x) ∝ p♯(x) R(x)^β: LoRA on = P_F^θ, LoRA off =
-P_F^♯, a zero-initialised MLP = g_φ; every method's update is `baselines.METHODS`'. The reference
-(how a run is judged) is many pretrained samples importance-weighted by R^β, self-normalised.
+A small ε-MLP (digits_models.py: the data, the networks and their cached pretraining) is pretrained on
+`sklearn.datasets.load_digits` with Stable Diffusion's DDIM schedule, then finetuned towards
+p*(x) ∝ p♯(x) R(x)^β: LoRA on = P_F^θ, LoRA off = P_F^♯, g_φ a zero-initialised MLP; every update is
+`baselines.METHODS`'. The reference (how a run is judged) is many pretrained samples weighted by R^β.
 
     python toy_digits.py                                  # ∇-GFlowNet (adjoint flow target), class:3, β = 1
     python toy_digits.py --preset paper                   # the paper's ∇-GFlowNet: every loss setting as published
@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
-import os
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,10 +33,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from diffusers import ConfigMixin, DDIMScheduler, ModelMixin
-from diffusers.configuration_utils import register_to_config
-from diffusers.loaders.peft import PeftAdapterMixin
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
@@ -47,12 +40,13 @@ from tqdm.auto import tqdm
 
 import baselines as bl  # every method's update and the one method registry, shared with the other rungs
 import nabla_gfn as ng
+from digits_models import (IMAGE_SHAPE, LORA_TARGETS, DigitClassifier, DigitDenoiser, FlowCorrection,  # noqa: F401
+                           distinct_nearest, expected_distinct_nearest, frechet_distance, load_digits_tensor, make_scheduler,
+                           load_or_pretrain_denoiser, load_or_train_classifier, uniform, weighted_gaussian, weighted_mean_pairwise_distance)
 
 # The methods this rung runs (all from baselines.METHODS), and the Config field of each one's policy lr.
-LR_FIELDS = {"nabla-db": "lr", "adjoint-matching": "am_lr", "rtb": "rtb_lr", "ddpo": "ddpo_lr", "refl": "refl_lr",
-             "draft": "draft_lr"}
+LR_FIELDS = {"nabla-db": "lr", "adjoint-matching": "am_lr", "rtb": "rtb_lr", "ddpo": "ddpo_lr", "refl": "refl_lr", "draft": "draft_lr"}
 METHOD_NAMES = tuple(LR_FIELDS)
-IMAGE_SHAPE = (1, 8, 8)
 
 # ---- Config and presets ---------------------------------------------------------------------------
 
@@ -136,29 +130,25 @@ PRESETS: Dict[str, Dict] = {
 CHOICES = {"flow_target": ng.FLOW_TARGET_CHOICES, "guess_from": ng.GUESS_CHOICES, "gamma": ng.GAMMA_CHOICES,
            "weighting": ng.WEIGHTING_CHOICES}
 POSITIVE = ("lr", "flow_lr", "draft_lr", "am_lr", "rtb_lr", "rtb_logz_lr", "ddpo_lr", "refl_lr", "ppo_clip", "ppo_adv_clip")
-AT_LEAST_ONE = ("num_steps", "updates", "batch", "reference_pool", "eval_samples", "curve_every", "curve_samples",
-                "hidden", "depth", "pretrain_steps", "classifier_steps", "lora_rank", "ppo_epochs", "ppo_minibatches")
+AT_LEAST_ONE = ("num_steps", "updates", "batch", "reference_pool", "curve_every", "hidden", "depth", "pretrain_steps",
+                "classifier_steps", "lora_rank", "ppo_epochs", "ppo_minibatches")
 
 def validate(cfg: Config) -> None:
     """Raise ValueError with a one-line message naming the flag and what it accepts."""
     parse_reward(cfg.reward)
     methods = parse_methods(cfg.method)
-    for name, choices in CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
-    checks = [("beta", cfg.beta >= 0, "≥ 0"), ("adjoint_lambda", 0 < cfg.adjoint_lambda <= 1, "in (0, 1]"),
-              ("subsample", 0 <= cfg.subsample <= 1, "in [0, 1]"), ("draft_kl", cfg.draft_kl >= 0, "≥ 0"),
-              ("refl_start", 0 <= cfg.refl_start <= 1, "in [0, 1]"), ("threads", cfg.threads >= 0, "≥ 0 (0 = torch's default)"),
-              ("draft_k", "draft" not in methods or 1 <= cfg.draft_k <= cfg.num_steps, f"in 1..--num-steps ({cfg.num_steps})")]
+    checks = [(name, getattr(cfg, name) in choices, f"one of {', '.join(choices)}") for name, choices in CHOICES.items()]
+    checks += [("beta", cfg.beta >= 0, "≥ 0"), ("adjoint_lambda", 0 < cfg.adjoint_lambda <= 1, "in (0, 1]"),
+               ("subsample", 0 <= cfg.subsample <= 1, "in [0, 1]"), ("draft_kl", cfg.draft_kl >= 0, "≥ 0"),
+               ("refl_start", 0 <= cfg.refl_start <= 1, "in [0, 1]"), ("threads", cfg.threads >= 0, "≥ 0 (0 = torch's default)"),
+               ("draft_k", "draft" not in methods or 1 <= cfg.draft_k <= cfg.num_steps, f"in 1..--num-steps ({cfg.num_steps})")]
     checks += [(name, getattr(cfg, name) > 0, "> 0") for name in POSITIVE]
     checks += [(name, getattr(cfg, name) >= 1, "≥ 1") for name in AT_LEAST_ONE]
+    checks += [(name, getattr(cfg, name) >= 2, "≥ 2 (diversity needs pairs)") for name in ("eval_samples", "curve_samples")]
+    checks += [("flow_target", cfg.use_flow or cfg.flow_target != "mixed", "bootstrap or adjoint with --no-use-flow (mixed needs g_φ)")]
     for name, ok, accepted in checks:
         if not ok:
-            raise ValueError(f"--{name.replace('_', '-')} must be {accepted}, got {getattr(cfg, name)}")
-    if cfg.flow_target == "mixed" and not cfg.use_flow:
-        raise ValueError("--flow-target mixed needs g_φ: drop --no-use-flow, or use --flow-target bootstrap or adjoint")
-    if cfg.eval_samples < 2 or cfg.curve_samples < 2:
-        raise ValueError("--eval-samples and --curve-samples must be ≥ 2 (diversity needs pairs)")
+            raise ValueError(f"--{name.replace('_', '-')} must be {accepted}, got {getattr(cfg, name)!r}")
 
 def parse_reward(spec: str) -> Tuple[str, Optional[int]]:
     """'class:K' → ('class', K); 'ink' → ('ink', None)."""
@@ -177,12 +167,11 @@ def parse_args(argv: Optional[List[str]] = None) -> Config:
     """Flags → Config: the field defaults, then the named preset's values, then the flags given."""
     parser = argparse.ArgumentParser(prog="toy_digits.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="default", help=f"named settings, overridden by other flags: {', '.join(PRESETS)}")
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
+    for f in dataclasses.fields(Config):  # every default is a bool, int, float or str: its type is the flag's
+        flag, kind = "--" + f.name.replace("_", "-"), type(f.default)
+        if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
         else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             parser.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default {f.default!r})")
     args = parser.parse_args(argv)
     if args.preset not in PRESETS:
@@ -193,183 +182,6 @@ def parse_args(argv: Optional[List[str]] = None) -> Config:
     except ValueError as err:
         parser.error(str(err))
     return cfg
-
-
-# ---- Data, denoiser, classifier, g_φ --------------------------------------------------------------
-
-def load_digits_tensor() -> Tuple[Tensor, Tensor]:
-    """The 1,797 sklearn digits in [−1, 1]: ((1797, 1, 8, 8) float, (1797,) long labels)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = torch.tensor(digits.data, dtype=torch.float32).reshape(-1, *IMAGE_SHAPE) / 8.0 - 1.0  # 0..16 → [−1, 1]
-    return images, torch.tensor(digits.target, dtype=torch.long)
-
-def make_scheduler() -> DDIMScheduler:
-    """DDIM with Stable Diffusion's noise schedule, so the SD rung's step constants apply unchanged."""
-    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-
-class ResidualBlock(nn.Module):
-    """Pre-norm MLP block with the time embedding as a scale and shift (FiLM)."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.norm, self.film = nn.LayerNorm(width), nn.Linear(width, 2 * width)
-        self.fc1, self.fc2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
-
-    def forward(self, h: Tensor, temb: Tensor) -> Tensor:
-        scale, shift = self.film(temb).chunk(2, dim=-1)
-        return h + self.fc2(nn.functional.silu(self.fc1(self.norm(h) * (1 + scale) + shift)))
-
-class DigitDenoiser(ModelMixin, ConfigMixin, PeftAdapterMixin):
-    """ε-prediction MLP: (N, 1, 8, 8), (N,) timesteps → (N, 1, 8, 8). An MLP rather than a UNet2DModel (10×
-    the pretraining steps per second here, better digits); a diffusers model, so LoRA reads as on SD's UNet."""
-
-    @register_to_config
-    def __init__(self, sample_size: int = 8, hidden: int = 256, depth: int = 3, time_channels: int = 64):
-        super().__init__()
-        self.time_proj = Timesteps(time_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
-        self.time_embedding = TimestepEmbedding(time_channels, hidden)
-        self.proj_in = nn.Linear(sample_size * sample_size, hidden)
-        self.blocks = nn.ModuleList([ResidualBlock(hidden) for _ in range(depth)])
-        self.norm_out, self.proj_out = nn.LayerNorm(hidden), nn.Linear(hidden, sample_size * sample_size)
-
-    def forward(self, sample: Tensor, timestep: Tensor) -> Tensor:
-        temb = nn.functional.silu(self.time_embedding(self.time_proj(timestep).to(sample.dtype)))
-        h = self.proj_in(sample.flatten(1))
-        for block in self.blocks:
-            h = block(h, temb)
-        return self.proj_out(self.norm_out(h)).view_as(sample)
-
-LORA_TARGETS = ["proj_in", "film", "fc1", "fc2", "proj_out"]
-
-class DigitClassifier(nn.Module):
-    """SiLU MLP: images (N, 1, 8, 8) → logits (N, 10) divided by a temperature fitted on held-out digits,
-    so p(K|x), and with it the target, is calibrated; `features` (N, 64) for the Fréchet distance."""
-
-    def __init__(self, width: int = 256, feature_dim: int = 64):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.SiLU(), nn.Linear(width, feature_dim), nn.SiLU())
-        self.head = nn.Linear(feature_dim, 10)
-        self.register_buffer("temperature", torch.ones(()))
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.body(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(x)) / self.temperature
-
-class FlowCorrection(nn.Module):
-    """g_φ(x, τ): a vector field shaped like x, zero at initialisation (nabla_gfn.zero_output_layer)."""
-
-    def __init__(self, hidden: int = 128, time_channels: int = 32):
-        super().__init__()
-        self.time_proj = Timesteps(time_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
-        self.net = nn.Sequential(nn.Linear(64 + time_channels, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, 64))
-        ng.zero_output_layer(self.net)
-
-    def forward(self, x: Tensor, t: Tensor, traj: Tensor) -> Tensor:
-        return self.net(torch.cat([x.flatten(1), self.time_proj(t).to(x.dtype)], dim=1)).view_as(x)
-
-# ---- Pretraining, cached on disk by config --------------------------------------------------------
-
-def cached(cfg: Config, kind: str, fields: Dict, build: Callable, save: Callable, load: Callable):
-    """load(folder) if (kind, fields) is cached; else build(), save(value, tmp) and publish tmp atomically."""
-    blob = json.dumps({"kind": kind, "format": 1, **fields}, sort_keys=True)
-    root = Path(cfg.cache or os.environ.get("NABLA_GFN_CACHE") or Path.home() / ".cache" / "nabla-gfn")
-    path = root / f"digits-{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-    if path.exists():
-        return load(path)
-    value = build()
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save(value, tmp)
-    try:
-        os.replace(tmp, path)
-    except OSError:  # a concurrent run got there first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return value
-
-def pretrain_denoiser(cfg: Config, images: Tensor, scheduler: DDIMScheduler, progress: bool = True) -> DigitDenoiser:
-    """Standard ε-prediction training (uniform timesteps, MSE), AdamW with cosine decay, EMA weights."""
-    gen = torch.Generator().manual_seed(cfg.pretrain_seed)
-    torch.manual_seed(cfg.pretrain_seed)
-    model = DigitDenoiser(hidden=cfg.hidden, depth=cfg.depth)
-    ema = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
-    lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.pretrain_steps)
-    bar = tqdm(range(cfg.pretrain_steps), desc="pretrain denoiser", disable=not progress)
-    for step in bar:
-        x0 = images[torch.randint(len(images), (cfg.pretrain_batch,), generator=gen)]
-        t = torch.randint(scheduler.config.num_train_timesteps, (cfg.pretrain_batch,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
-        loss = (model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t) - noise).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        lr_schedule.step()
-        with torch.no_grad():  # EMA with warm-up
-            for p_ema, p in zip(ema, model.parameters()):
-                p_ema.lerp_(p.detach(), 1 - min(0.999, (1 + step) / (10 + step)))
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    with torch.no_grad():
-        for p_ema, p in zip(ema, model.parameters()):
-            p.copy_(p_ema)
-    return model.eval()
-
-def load_or_pretrain_denoiser(cfg: Config, images: Tensor, scheduler: DDIMScheduler) -> DigitDenoiser:
-    fields = {k: getattr(cfg, k) for k in ("hidden", "depth", "pretrain_steps", "pretrain_batch", "pretrain_lr", "pretrain_seed")}
-    return cached(cfg, "denoiser", fields, lambda: pretrain_denoiser(cfg, images, scheduler),
-                  lambda model, folder: model.save_pretrained(folder), lambda folder: DigitDenoiser.from_pretrained(folder).eval())
-
-def train_classifier(cfg: Config, images: Tensor, labels: Tensor) -> Tuple[DigitClassifier, float]:
-    """Train on a fixed 80% split (full batch, AdamW, noise augmentation), then temperature scaling (Guo et al.
-    2017: the T minimising held-out NLL of softmax(logits / T)); return (classifier, held-out accuracy)."""
-    gen = torch.Generator().manual_seed(cfg.pretrain_seed)
-    torch.manual_seed(cfg.pretrain_seed)
-    perm = torch.randperm(len(images), generator=gen)
-    n_train = int(0.8 * len(images))
-    train, held_out = perm[:n_train], perm[n_train:]
-    clf = DigitClassifier()
-    opt = torch.optim.AdamW(clf.parameters(), lr=3e-3, weight_decay=1e-2)
-    for _ in tqdm(range(cfg.classifier_steps), desc="train classifier", leave=False):
-        # noise augmentation keeps the classifier (and its gradient, the reward) smooth off the data
-        std = cfg.classifier_noise * torch.rand((n_train, 1, 1, 1), generator=gen)
-        loss = nn.functional.cross_entropy(clf(images[train] + std * torch.randn(images[train].shape, generator=gen)), labels[train])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    logits = clf.eval().requires_grad_(False).head(clf.features(images[held_out]))
-    log_t = torch.zeros((), requires_grad=True)
-    lbfgs = torch.optim.LBFGS([log_t], max_iter=100)
-
-    def nll():
-        lbfgs.zero_grad()
-        loss = nn.functional.cross_entropy(logits / log_t.exp(), labels[held_out])
-        loss.backward()
-        return loss
-
-    lbfgs.step(nll)
-    clf.temperature.fill_(float(log_t.detach().exp()))
-    with torch.no_grad():
-        return clf, (clf(images[held_out]).argmax(1) == labels[held_out]).float().mean().item()
-
-def load_or_train_classifier(cfg: Config, images: Tensor, labels: Tensor) -> Tuple[DigitClassifier, float]:
-    def save(value, folder: Path):
-        torch.save(value[0].state_dict(), folder / "model.pt")
-        (folder / "meta.json").write_text(json.dumps({"held_out_accuracy": value[1]}))
-
-    def load(folder: Path):
-        clf = DigitClassifier()
-        clf.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
-        return clf.eval().requires_grad_(False), json.loads((folder / "meta.json").read_text())["held_out_accuracy"]
-
-    fields = {"steps": cfg.classifier_steps, "noise": cfg.classifier_noise, "seed": cfg.pretrain_seed}
-    return cached(cfg, "classifier", fields, lambda: train_classifier(cfg, images, labels), save, load)
 
 # ---- Rewards, the two policies, sampling ----------------------------------------------------------
 
@@ -448,58 +260,6 @@ def build_reference(pool: Tensor, log_reward: ng.LogRewardFn, beta: float) -> Re
     w = importance_weights(r, beta)
     return Reference(samples=pool, log_reward=r, weights=w, ess=effective_sample_size(w))
 
-# ---- Metrics (of weighted sets: the reference; finetuned samples have uniform weights) ------------
-
-def uniform(n: int) -> Tensor:
-    return torch.full((n,), 1.0 / n, dtype=torch.float64)
-
-def weighted_mean_pairwise_distance(x: Tensor, w: Tensor, chunk: int = 1024) -> float:
-    """E ‖x − x'‖ for two distinct draws: Σ_{i≠j} w_i w_j d_ij / Σ_{i≠j} w_i w_j."""
-    flat, w = x.flatten(1).double(), w.double()
-    total = sum(w[s : s + chunk] @ torch.cdist(flat[s : s + chunk], flat) @ w for s in range(0, len(flat), chunk))
-    return float(total / (1 - w.pow(2).sum()))
-
-def expected_distinct_nearest(x: Tensor, w: Tensor, train: Tensor, n: int) -> float:
-    """Expected number of distinct nearest training digits among n draws from Σ w_i δ(x_i): with p_j the
-    weight of the samples whose nearest training digit is j, Σ_j 1 − (1 − p_j)^n."""
-    nearest = torch.cdist(x.flatten(1), train.flatten(1)).argmin(1)
-    p = torch.zeros(len(train), dtype=torch.float64).index_add_(0, nearest, w.double())
-    return float((1 - (1 - p).pow(n)).sum())
-
-def distinct_nearest(x: Tensor, train: Tensor) -> int:
-    return int(torch.cdist(x.flatten(1), train.flatten(1)).argmin(1).unique().numel())
-
-def weighted_gaussian(features: Tensor, w: Tensor) -> Tuple[np.ndarray, np.ndarray]:
-    """Weighted mean and (reliability-weighted, unbiased) covariance of (M, D) features."""
-    f, w = features.double(), w.double()
-    mu = w @ f
-    centred = f - mu
-    return mu.numpy(), ((centred * w[:, None]).T @ centred / (1 - w.pow(2).sum())).numpy()
-
-def frechet_distance(a: Tuple[np.ndarray, np.ndarray], b: Tuple[np.ndarray, np.ndarray]) -> float:
-    """‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^½) between two Gaussians (as in FID)."""
-    from scipy import linalg
-
-    (mu_a, cov_a), (mu_b, cov_b) = a, b
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * np.real(linalg.sqrtm(cov_a @ cov_b))))
-
-@torch.no_grad()
-def evaluate(x: Tensor, classifier: DigitClassifier, log_reward: ng.LogRewardFn, train: Tensor, reward_class: Optional[int],
-             reference_gaussian: Optional[Tuple] = None, weights: Optional[Tensor] = None, n: Optional[int] = None) -> Dict:
-    """Metrics of samples x (weights None) or of the weighted set Σ w_i δ(x_i), measured as n draws from it
-    would be. Every metric sees x clipped to [−1, 1], as displayed and as the rewards see it."""
-    w = uniform(len(x)) if weights is None else weights.double()
-    shown = x.clamp(-1, 1)
-    metrics = {"mean_reward": float(w @ score(log_reward, shown).double()),
-               "diversity_l2": weighted_mean_pairwise_distance(shown, w),
-               "distinct_nearest_digits": float(distinct_nearest(shown, train) if weights is None
-                                                else expected_distinct_nearest(shown, w, train, n))}
-    if reward_class is not None:
-        metrics["frac_class"] = float(w @ (classifier(shown).argmax(1) == reward_class).double())
-    if reference_gaussian is not None:
-        metrics["frechet_to_reference"] = frechet_distance(weighted_gaussian(classifier.features(shown), w), reference_gaussian)
-    return metrics
-
 # ---- Finetuning: every method from baselines.METHODS, one loop -----------------------------------
 
 @dataclass
@@ -573,7 +333,24 @@ def finetune(cfg: Config, method: str, pretrained: DigitDenoiser, schedule: ng.S
             history.append({"update": update, "seconds": train_seconds, **logs, **cost, **curve_metrics(ft.model)})
     return ft, history
 
-# ---- Evaluate -------------------------------------------------------------------------------------
+# ---- Evaluate: the metrics, the setup every method shares, one method's run -----------------------
+
+@torch.no_grad()
+def evaluate(x: Tensor, classifier: DigitClassifier, log_reward: ng.LogRewardFn, train: Tensor, reward_class: Optional[int],
+             reference_gaussian: Optional[Tuple] = None, weights: Optional[Tensor] = None, n: Optional[int] = None) -> Dict:
+    """Metrics of samples x (weights None) or of the weighted set Σ w_i δ(x_i), measured as n draws from it
+    would be. Every metric sees x clipped to [−1, 1], as displayed and as the rewards see it."""
+    w = uniform(len(x)) if weights is None else weights.double()
+    shown = x.clamp(-1, 1)
+    metrics = {"mean_reward": float(w @ score(log_reward, shown).double()),
+               "diversity_l2": weighted_mean_pairwise_distance(shown, w),
+               "distinct_nearest_digits": float(distinct_nearest(shown, train) if weights is None
+                                                else expected_distinct_nearest(shown, w, train, n))}
+    if reward_class is not None:
+        metrics["frac_class"] = float(w @ (classifier(shown).argmax(1) == reward_class).double())
+    if reference_gaussian is not None:
+        metrics["frechet_to_reference"] = frechet_distance(weighted_gaussian(classifier.features(shown), w), reference_gaussian)
+    return metrics
 
 @dataclass
 class Setup:
@@ -601,8 +378,7 @@ class Setup:
 def prepare(cfg: Config) -> Setup:
     """Load (or pretrain) the denoiser and classifier; build the reference; measure it and p♯."""
     t_start = time.time()
-    images, labels = load_digits_tensor()
-    scheduler = make_scheduler()
+    (images, labels), scheduler = load_digits_tensor(), make_scheduler()
     pretrained = load_or_pretrain_denoiser(cfg, images, scheduler)
     classifier, accuracy = load_or_train_classifier(cfg, images, labels)
     log_reward, schedule = make_log_reward(cfg.reward, classifier), ng.ddim_schedule(scheduler, cfg.num_steps)
@@ -617,8 +393,7 @@ def prepare(cfg: Config) -> Setup:
     setup.samples["reference"] = reference.resample(cfg.eval_samples, gen)  # its Fréchet: the finite-sample floor
     setup.metrics["reference_resample_frechet"] = setup.evaluate(setup.samples["reference"])["frechet_to_reference"]
     setup.samples["pretrained"] = sample(policy_eps_fn(pretrained), schedule, cfg.eval_samples, gen)
-    setup.metrics["pretrained"] = setup.evaluate(setup.samples["pretrained"])
-    setup.metrics["pretrain_seconds"] = t_pretrained
+    setup.metrics.update(pretrained=setup.evaluate(setup.samples["pretrained"]), pretrain_seconds=t_pretrained)
     return setup
 
 def diverged(x: Tensor, pretrained: Tensor) -> bool:
@@ -655,10 +430,8 @@ def display_name(method: str, cfg: Config) -> str:
 def make_figure(path: Path, grids: Dict[str, Tensor], histories: Dict[str, List[Dict]], reference: Dict, pretrained: Dict, title: str):
     """Top row: 64-sample grids. Bottom row: metric curves against the reference (dashed) and p♯ (dotted)."""
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     labels = {"frac_class": "fraction classified as K", "mean_reward": "mean reward r",
               "diversity_l2": "diversity (mean pairwise L2)", "frechet_to_reference": "Fréchet to reference"}
     curve_keys = [k for k in labels if k in reference]
