@@ -2,9 +2,12 @@
 
 Paper: Liu et al., "Efficient Diversity-Preserving Diffusion Alignment via Gradient-Informed
 GFlowNets", ICLR 2025, arXiv:2412.07775. The math and the loss live in `nabla_gfn.py` and are used
-unchanged; this script supplies the models (diffusers + peft), the prompts, the loop, logging and
-checkpoints; the rewards live in `sd_rewards.py`, the eval metrics in `sd_metrics.py`. Paper settings
-(PAPER_NOTES.md §5) are the defaults; --preset aesthetic|hpsv2|imagereward names the paper's three runs.
+unchanged; this script holds the config, the loop, logging and evaluation. Beside it: `sd_models.py`
+(pipeline, LoRA, g_φ and the callables the loss takes), `sd_checkpoint.py` (crash-safe checkpoints and
+logs), `sd_rewards.py` (the rewards), `sd_metrics.py` (eval metrics), `tiny_models.py` (the tiny random
+builds of `--model tiny`), `cli.py` (flags from the Config dataclass). The defaults are the paper's aesthetic-reward run
+(β = 1e4, λ = 2e3, 50 DDIM steps, guidance 5, LoRA rank 8, 200 updates of 64 transitions);
+--preset aesthetic|hpsv2|imagereward names the paper's three runs.
 
 Run:
     python sd_finetune.py --reward aesthetic --out runs/aesthetic          # the paper's run, one GPU
@@ -14,6 +17,7 @@ Run:
     python sd_finetune.py --preset smoke --reward imagereward --eval       # any reward, tiny random builds
     python sd_finetune.py --resume runs/aesthetic --epochs 40              # continue exactly, extend
     python sd_finetune.py --resume runs/aesthetic --eval                   # evaluate the last checkpoint
+    python sd_finetune.py --guess-from reference --out runs/ref-guess      # guess x̂_0 from the frozen model
     python sd_finetune.py --flow-target adjoint --out runs/adjoint         # g_φ fitted to the lean adjoint
     python sd_finetune.py --flow-target mixed --adjoint-lambda 0.5         # L_B's target blended with it
     python sd_finetune.py --no-flow --flow-target adjoint --out runs/am    # adjoint matching (no g_φ, no guess)
@@ -26,73 +30,56 @@ One epoch: sample trajectories of the LoRA policy (each with a prompt drawn from
 list), then train on a subsample of their transitions (the terminal one plus ~10%, one per equal
 chunk of the chain) with `nabla_gfn.nabla_db_loss`, in updates of one AdamW step each.
 
-Deliberate differences from the official code (PAPER_NOTES.md §6), each also flagged where it lives:
-  * one optimiser step per update (official: two with a GradScaler);
-  * every reward call gets each row's own prompt, routed by `traj` (official: last sampling batch's);
-  * rank r samples with seed + r (official: every rank the same trajectories);
+Deliberate differences from the authors' released code, each also flagged where it lives:
+  * one optimiser step per update (theirs: two, with a GradScaler);
+  * every reward call gets each row's own prompt, routed by `traj` (theirs: the last sampling batch's);
+  * rank r samples with seed + r (theirs: every rank the same trajectories);
   * gradients are averaged across processes by one all-reduce per update instead of DDP, because
     the loss runs the UNet several times and differentiates some runs with respect to the input;
   * resume restores LoRA, g_φ, optimiser, RNG states and the step;
   * g_φ's architecture is ours (a 2-level conditional UNet, width set by --flow-channels).
-Flow targets other than the paper's (--flow-target adjoint|mixed, and adjoint matching) are not in the
-paper: they need one lean-adjoint sweep per trajectory (`adjoint_sweep`), see nabla_gfn.lean_adjoint.
-Not implemented: other samplers than DDIM(η=1), text-encoder LoRA.
+Not in the paper: --guess-from reference, --weighting other than plain, and the flow targets adjoint
+and mixed (and adjoint matching), which need one lean-adjoint sweep per trajectory (`adjoint_sweep`,
+see nabla_gfn.lean_adjoint). Not implemented: other samplers than DDIM(η=1), text-encoder LoRA.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.metadata
 import importlib.util
 import json
-import logging
 import math
 import os
-import re
-import shutil
-import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import accelerate
 import diffusers
 import peft
 import torch
 import transformers
-
-# Importing the SD pipeline touches CLIPImageProcessor, whose torchvision backend is missing here and
-# unused (we preprocess in torch): drop only that notice, so that errors stay one line.
-logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "torchvision" not in r.getMessage())
-
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft, make_image_grid
-from peft import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel
 
+import cli
 import nabla_gfn
 import sd_metrics
 import sd_rewards
+from cli import FRACTION, NON_NEGATIVE, OPEN_UNIT, POSITIVE, UsageError, opt
 from nabla_gfn import LossConfig, StepSchedule, Trajectory
-from sd_rewards import (  # noqa: F401 (re-exported: the notebooks and benchmarks use them as sd.*)
-    AESTHETIC_HEAD_URL, CLIP_HUB_ID, TINY, AestheticHead, AestheticReward, ClipEmbedder, ClipScoreReward,
-    MissingWeights, Source, build_once, build_tiny_tokenizer, quiet_library_logs, tiny_clip, tiny_clip_text_config,
-)
+from sd_checkpoint import RunFolder, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from sd_models import (SD15_HUB_ID, Models, add_lora, adjoint_sweep, build_flow_net, encode_prompts, load_pipeline,
+                       lora_parameters, loss_callables, parameter_groups, recorded_eps, sample_images,
+                       sample_trajectories, score_samples, tiny_weight)
+from sd_rewards import AESTHETIC_HEAD_URL, CLIP_HUB_ID, TINY, ClipEmbedder, MissingWeights, Source, quiet_library_logs
 
 PROG = "sd_finetune.py"
-SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 # The 45 simple animals of DDPO and the official code; eval prompts are animals not among them.
 ANIMALS = (
@@ -101,10 +88,6 @@ ANIMALS = (
     "duck goose bee pig turkey fly llama camel bat gorilla hedgehog kangaroo"
 ).split()
 EVAL_ANIMALS = "elephant giraffe panda penguin owl koala octopus crab".split()
-
-
-class UsageError(Exception):
-    """A bad flag value or missing input: reported as one line, exit status 2."""
 
 
 class NonFinite(Exception):
@@ -116,20 +99,6 @@ class NonFinite(Exception):
 # ----------------------------------------------------------------------------------------------
 
 
-def _opt(default=None, help="", choices=None, check=None, env=None):
-    """A config field: default (or $env), help string, argparse choices, (predicate, message) check."""
-    meta = dict(help=help, choices=choices, check=check, env=env)
-    if env is not None:
-        return field(default_factory=lambda: os.environ.get(env, default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-POSITIVE = (lambda v: v > 0, "must be > 0")
-NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
-FRACTION = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
-OPEN_UNIT = (lambda v: 0 < v < 1, "must be in (0, 1)")
-
-
 def _channels_ok(text: str) -> bool:
     try:
         return all(int(c) > 0 and int(c) % 32 == 0 for c in text.split(","))
@@ -139,145 +108,142 @@ def _channels_ok(text: str) -> bool:
 
 @dataclass
 class Config:
-    """Every flag of the script; the defaults are the paper's aesthetic-reward run (PAPER_NOTES §5)."""
+    """Every flag of the script; the defaults are the paper's aesthetic-reward run."""
 
     # run
-    preset: str = _opt("paper", "named settings applied before the other flags: 'paper' = 'aesthetic' = the "
-                       "defaults below (the paper's aesthetic run); 'hpsv2', 'imagereward' = its other two runs "
-                       "(reward, β, λ; see PRESETS); 'smoke' = --model tiny at 32x32, 4 steps, 1 epoch (a CPU "
-                       "smoke run of seconds; combine with any --reward)", choices=("paper", "aesthetic", "hpsv2",
-                                                                                 "imagereward", "smoke"))
-    out: str = _opt("runs/sd", "run folder: config.json, metrics.jsonl, trajectories.jsonl, samples/, "
-                    "checkpoints/, eval.json")
-    resume: str = _opt("", "continue the run in this folder from its last checkpoint (flags given now "
-                       "override its saved config, e.g. --epochs to extend it)")
-    seed: int = _opt(0, "seed of everything; process r samples with seed + r")
-    eval: bool = _opt(False, "after training, evaluate on the eval prompts (finetuned vs pretrained samples of "
-                      "the same seeds): reward mean, DreamSim diversity, per-prompt FID to the pretrained samples, "
-                      "CLIP-embedding diversity and Fréchet distance; writes eval.json (see sd_metrics.py)")
-    report_to: str = _opt("none", "also log each update's metrics to TensorBoard (under --out) or Weights & Biases "
-                          "(pip install wandb), through accelerate's trackers", choices=("none", "tensorboard", "wandb"))
+    preset: str = opt("paper", "named settings applied before the other flags: 'paper' = 'aesthetic' = the "
+                      "defaults below (the paper's aesthetic run); 'hpsv2', 'imagereward' = its other two runs "
+                      "(reward, β, λ; see PRESETS); 'smoke' = --model tiny at 32x32, 4 steps, 1 epoch (a CPU "
+                      "smoke run of seconds; combine with any --reward)", choices=("paper", "aesthetic", "hpsv2",
+                                                                                "imagereward", "smoke"))
+    out: str = opt("runs/sd", "run folder: config.json, metrics.jsonl, trajectories.jsonl, samples/, "
+                   "checkpoints/, eval.json")
+    resume: str = opt("", "continue the run in this folder from its last checkpoint (flags given now "
+                      "override its saved config, e.g. --epochs to extend it)")
+    seed: int = opt(0, "seed of everything; process r samples with seed + r")
+    eval: bool = opt(False, "after training, evaluate on the eval prompts (finetuned vs pretrained samples of "
+                     "the same seeds): reward mean, DreamSim diversity, per-prompt FID to the pretrained samples, "
+                     "CLIP-embedding diversity and Fréchet distance; writes eval.json (see sd_metrics.py)")
+    report_to: str = opt("none", "also log each update's metrics to TensorBoard (under --out) or Weights & Biases "
+                         "(pip install wandb), through accelerate's trackers", choices=("none", "tensorboard", "wandb"))
     # models
-    model: str = _opt(SD15_HUB_ID, "diffusers hub id or local folder of a Stable Diffusion pipeline "
-                      "($NABLA_GFN_MODEL overrides the default); 'tiny' builds a random tiny pipeline for "
-                      "smoke tests", env="NABLA_GFN_MODEL")
+    model: str = opt(SD15_HUB_ID, "diffusers hub id or local folder of a Stable Diffusion pipeline "
+                     "($NABLA_GFN_MODEL overrides the default); 'tiny' builds a random tiny pipeline for "
+                     "smoke tests", env="NABLA_GFN_MODEL")
     # Weights: a hub id, a local folder or file; $NABLA_GFN_... overrides each default; 'tiny' (implied by
     # --model tiny) = a tiny random build of the same architecture, or a random stand-in for the eval models.
-    clip_model: str = _opt(CLIP_HUB_ID, "CLIP ViT-L/14 of the aesthetic and clip-score rewards and the CLIP eval "
-                           "metrics: hub id or local folder ($NABLA_GFN_CLIP)", env="NABLA_GFN_CLIP")
-    aesthetic_head: str = _opt(AESTHETIC_HEAD_URL, "LAION aesthetic MLP sac+logos+ava1-l14-linearMSE.pth: URL or "
-                               "local file ($NABLA_GFN_AESTHETIC_HEAD)", env="NABLA_GFN_AESTHETIC_HEAD")
-    hpsv2_checkpoint: str = _opt(sd_rewards.HPSV2_HUB_ID, f"HPSv2.1 weights {sd_rewards.HPSV2_FILE}: hub id, "
-                                 "folder or file ($NABLA_GFN_HPSV2)", env="NABLA_GFN_HPSV2")
-    pickscore_model: str = _opt(sd_rewards.PICKSCORE_HUB_ID, "PickScore CLIPModel: hub id or folder "
-                                "($NABLA_GFN_PICKSCORE)", env="NABLA_GFN_PICKSCORE")
-    pickscore_processor: str = _opt(sd_rewards.PICKSCORE_PROCESSOR_HUB_ID, "PickScore's CLIPProcessor (tokenizer and "
-                                    "image settings): hub id or folder ($NABLA_GFN_PICKSCORE_PROCESSOR)",
-                                    env="NABLA_GFN_PICKSCORE_PROCESSOR")
-    imagereward_model: str = _opt(sd_rewards.IMAGEREWARD_HUB_ID, "ImageReward v1.0 (ImageReward.pt and "
-                                  "med_config.json): hub id or folder ($NABLA_GFN_IMAGEREWARD)", env="NABLA_GFN_IMAGEREWARD")
-    imagereward_tokenizer: str = _opt(sd_rewards.IMAGEREWARD_TOKENIZER_HUB_ID, "ImageReward's BERT tokenizer: hub "
-                                      "id or folder ($NABLA_GFN_IMAGEREWARD_TOKENIZER)", env="NABLA_GFN_IMAGEREWARD_TOKENIZER")
-    dreamsim: str = _opt("", "DreamSim's weights folder for --eval, as dreamsim(cache_dir=DIR) fills it when online; "
-                         "empty = CACHE_DIR/dreamsim ($NABLA_GFN_DREAMSIM)", env="NABLA_GFN_DREAMSIM")
-    fid_weights: str = _opt("", f"Inception weights {sd_metrics.FID_WEIGHTS_FILE} of the FID for --eval; empty = "
-                            "torch-fidelity's download into torch.hub's cache ($NABLA_GFN_FID_WEIGHTS)",
-                            env="NABLA_GFN_FID_WEIGHTS")
-    cache_dir: str = _opt(str(Path.home() / ".cache" / "nabla-gfn"), "cache for the tiny builds, the downloaded "
-                          "aesthetic head and DreamSim ($NABLA_GFN_CACHE)", env="NABLA_GFN_CACHE")
-    precision: str = _opt("auto", "dtype of the frozen UNet, VAE and text encoder (LoRA, g_φ and the reward are "
-                          "always float32): auto = bf16 on GPU, fp32 on CPU. fp16 has no loss scaling. With the "
-                          "default --residual-precision fp32 the UNet's weights are held in float32 and this dtype is "
-                          "the autocast dtype of sampling and of the lean-adjoint sweep", choices=("auto", "bf16", "fp16", "fp32"))
-    residual_precision: str = _opt("fp32", "arithmetic of the loss's UNet passes (ε̂_θ and ε̂♯, whose difference over "
-                                   "σ² is the forward residual, and their VJPs): fp32 = IEEE float32, TF32 off (the "
-                                   "default: bf16/fp16/TF32 turn the residual into rounding noise, README 'Numerics'); "
-                                   "tf32; same = the --precision dtype (the official code's all-bf16)",
-                                   choices=("fp32", "tf32", "same"))
+    clip_model: str = opt(CLIP_HUB_ID, "CLIP ViT-L/14 of the aesthetic and clip-score rewards and the CLIP eval "
+                          "metrics: hub id or local folder ($NABLA_GFN_CLIP)", env="NABLA_GFN_CLIP")
+    aesthetic_head: str = opt(AESTHETIC_HEAD_URL, "LAION aesthetic MLP sac+logos+ava1-l14-linearMSE.pth: URL or "
+                              "local file ($NABLA_GFN_AESTHETIC_HEAD)", env="NABLA_GFN_AESTHETIC_HEAD")
+    hpsv2_checkpoint: str = opt(sd_rewards.HPSV2_HUB_ID, f"HPSv2.1 weights {sd_rewards.HPSV2_FILE}: hub id, "
+                                "folder or file ($NABLA_GFN_HPSV2)", env="NABLA_GFN_HPSV2")
+    pickscore_model: str = opt(sd_rewards.PICKSCORE_HUB_ID, "PickScore CLIPModel: hub id or folder "
+                               "($NABLA_GFN_PICKSCORE)", env="NABLA_GFN_PICKSCORE")
+    pickscore_processor: str = opt(sd_rewards.PICKSCORE_PROCESSOR_HUB_ID, "PickScore's CLIPProcessor (tokenizer and "
+                                   "image settings): hub id or folder ($NABLA_GFN_PICKSCORE_PROCESSOR)",
+                                   env="NABLA_GFN_PICKSCORE_PROCESSOR")
+    imagereward_model: str = opt(sd_rewards.IMAGEREWARD_HUB_ID, "ImageReward v1.0 (ImageReward.pt and "
+                                 "med_config.json): hub id or folder ($NABLA_GFN_IMAGEREWARD)", env="NABLA_GFN_IMAGEREWARD")
+    imagereward_tokenizer: str = opt(sd_rewards.IMAGEREWARD_TOKENIZER_HUB_ID, "ImageReward's BERT tokenizer: hub "
+                                     "id or folder ($NABLA_GFN_IMAGEREWARD_TOKENIZER)", env="NABLA_GFN_IMAGEREWARD_TOKENIZER")
+    dreamsim: str = opt("", "DreamSim's weights folder for --eval, as dreamsim(cache_dir=DIR) fills it when online; "
+                        "empty = CACHE_DIR/dreamsim ($NABLA_GFN_DREAMSIM)", env="NABLA_GFN_DREAMSIM")
+    fid_weights: str = opt("", f"Inception weights {sd_metrics.FID_WEIGHTS_FILE} of the FID for --eval; empty = "
+                           "torch-fidelity's download into torch.hub's cache ($NABLA_GFN_FID_WEIGHTS)",
+                           env="NABLA_GFN_FID_WEIGHTS")
+    cache_dir: str = opt(str(Path.home() / ".cache" / "nabla-gfn"), "cache for the tiny builds, the downloaded "
+                         "aesthetic head and DreamSim ($NABLA_GFN_CACHE)", env="NABLA_GFN_CACHE")
+    precision: str = opt("auto", "dtype of the frozen UNet, VAE and text encoder (LoRA, g_φ and the reward are "
+                         "always float32): auto = bf16 on GPU, fp32 on CPU. fp16 has no loss scaling. With the "
+                         "default --residual-precision fp32 the UNet's weights are held in float32 and this dtype is "
+                         "the autocast dtype of sampling and of the lean-adjoint sweep", choices=("auto", "bf16", "fp16", "fp32"))
+    residual_precision: str = opt("fp32", "arithmetic of the loss's UNet passes (ε̂_θ and ε̂♯, whose difference over "
+                                  "σ² is the forward residual, and their VJPs): fp32 = IEEE float32, TF32 off (the "
+                                  "default: bf16/fp16/TF32 turn the residual into rounding noise, README 'Numerics'); "
+                                  "tf32; same = the --precision dtype (the official code's all-bf16)",
+                                  choices=("fp32", "tf32", "same"))
     # sampler
-    resolution: int = _opt(512, "image height and width in pixels", check=(lambda v: v > 0 and v % 8 == 0,
-                                                                          "must be a positive multiple of 8"))
-    steps: int = _opt(50, "DDIM(η=1) denoising steps T", check=POSITIVE)
-    guidance_scale: float = _opt(5.0, "classifier-free guidance w (empty negative prompt) of policy and reference",
-                                 check=NON_NEGATIVE)
+    resolution: int = opt(512, "image height and width in pixels", check=(lambda v: v > 0 and v % 8 == 0,
+                                                                        "must be a positive multiple of 8"))
+    steps: int = opt(50, "DDIM(η=1) denoising steps T", check=POSITIVE)
+    guidance_scale: float = opt(5.0, "classifier-free guidance w (empty negative prompt) of policy and reference",
+                                check=NON_NEGATIVE)
     # reward and target
-    reward: str = _opt("aesthetic", "reward r = log R (sd_rewards.py): aesthetic (LAION predictor on CLIP ViT-L/14, "
-                       "the paper's), hpsv2 (HPSv2.1), pickscore (PickScore v1), imagereward (ImageReward v1.0), "
-                       "clip-score (cosine of CLIP image and prompt embeddings)", choices=sd_rewards.REWARDS)
-    beta: float = _opt(1e4, "β, reward scale of the target p♯·R^β (1e4 is the paper's value for aesthetic)",
-                       check=(lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"))
-    trust_region: float = _opt(2e3, "λ, weight of ‖ε̂_θ − ε̂_old‖² (2e3 is the paper's value for aesthetic)",
-                               check=NON_NEGATIVE)
-    gamma: str = _opt("alpha_bar", "γ_τ damping of the forward-looking guess", choices=nabla_gfn.GAMMA_CHOICES)
-    weighting: str = _opt("plain", "per-transition weighting of the residuals, see "
-                          "nabla_gfn.transition_weight(s); plain is the paper's", choices=nabla_gfn.WEIGHTING_CHOICES)
-    reverse_weight: float = _opt(1.0, "w_B, weight of the reverse term L_B", check=NON_NEGATIVE)
-    no_flow: bool = _opt(False, "the 'no flow' variant: no g_φ, no L_B (forward loss with the guess alone; with "
-                         "--flow-target adjoint: adjoint matching, the policy's residual fitted to the lean adjoint)")
-    flow_target: str = _opt("bootstrap", "what the flow estimate is trained on (nabla_gfn.LossConfig.flow_target): "
-                            "bootstrap = the paper (g_φ by L_F's g-line and L_B); adjoint = guess + g_φ at x' fitted to "
-                            "the lean adjoint a_{i+1}, no L_B; mixed = L_B's target (1-λ)·bootstrap + λ·a_i. With "
-                            "--no-flow, adjoint = adjoint matching (Domingo-Enrich et al. 2025). adjoint and mixed "
-                            "sweep the lean adjoint once per trajectory through the frozen reference UNet",
-                            choices=nabla_gfn.FLOW_TARGET_CHOICES)
-    adjoint_lambda: float = _opt(0.5, "λ of --flow-target mixed: weight of the lean adjoint in L_B's target",
-                                 check=(lambda v: 0 < v <= 1, "must be in (0, 1]"))
-    adjoint_jacobian: str = _opt("guided", "reference whose step-mean Jacobian the lean-adjoint sweep uses: guided "
-                                 "(ε_u + w(ε_c − ε_u), exact for the guided target) or unguided (ε_c alone, one UNet "
-                                 "call on N rows: Adjoint Matching's choice)", choices=("guided", "unguided"))
+    reward: str = opt("aesthetic", "reward r = log R (sd_rewards.py): aesthetic (LAION predictor on CLIP ViT-L/14, "
+                      "the paper's), hpsv2 (HPSv2.1), pickscore (PickScore v1), imagereward (ImageReward v1.0), "
+                      "clip-score (cosine of CLIP image and prompt embeddings)", choices=sd_rewards.REWARDS)
+    beta: float = opt(1e4, "β, reward scale of the target p♯·R^β (1e4 is the paper's value for aesthetic)",
+                      check=(lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"))
+    trust_region: float = opt(2e3, "λ, weight of ‖ε̂_θ − ε̂_old‖² (2e3 is the paper's value for aesthetic)",
+                              check=NON_NEGATIVE)
+    gamma: str = opt("alpha_bar", "γ_τ damping of the forward-looking guess", choices=nabla_gfn.GAMMA_CHOICES)
+    weighting: str = opt("plain", "per-transition weighting of the residuals, see "
+                         "nabla_gfn.transition_weight(s); plain is the paper's", choices=nabla_gfn.WEIGHTING_CHOICES)
+    guess_from: str = opt("policy", "whose x̂_0 the forward-looking guess β γ_τ ∇r(x̂_0) uses: policy (ε̂_θ, the "
+                         "paper's) or reference (the frozen pretrained ε̂♯; not in the paper, the toys' better choice)",
+                         choices=nabla_gfn.GUESS_CHOICES)
+    reverse_weight: float = opt(1.0, "w_B, weight of the reverse term L_B", check=NON_NEGATIVE)
+    no_flow: bool = opt(False, "the 'no flow' variant: no g_φ, no L_B (forward loss with the guess alone; with "
+                        "--flow-target adjoint: adjoint matching, the policy's residual fitted to the lean adjoint)")
+    flow_target: str = opt("bootstrap", "what the flow estimate is trained on (nabla_gfn.LossConfig.flow_target): "
+                           "bootstrap = the paper (g_φ by L_F's g-line and L_B); adjoint = guess + g_φ at x' fitted to "
+                           "the lean adjoint a_{i+1}, no L_B; mixed = L_B's target (1-λ)·bootstrap + λ·a_i. With "
+                           "--no-flow, adjoint = adjoint matching (Domingo-Enrich et al. 2025). adjoint and mixed "
+                           "sweep the lean adjoint once per trajectory through the frozen reference UNet",
+                           choices=nabla_gfn.FLOW_TARGET_CHOICES)
+    adjoint_lambda: float = opt(0.5, "λ of --flow-target mixed: weight of the lean adjoint in L_B's target",
+                                check=(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    adjoint_jacobian: str = opt("guided", "reference whose step-mean Jacobian the lean-adjoint sweep uses: guided "
+                                "(ε_u + w(ε_c − ε_u), exact for the guided target) or unguided (ε_c alone, one UNet "
+                                "call on N rows: Adjoint Matching's choice)", choices=("guided", "unguided"))
     # policy
-    lora_rank: int = _opt(8, "LoRA rank on to_q, to_k, to_v, to_out.0 of the UNet", check=POSITIVE)
-    lora_alpha: float = _opt(8.0, "LoRA alpha (scale = alpha / rank)", check=POSITIVE)
-    lr: float = _opt(1e-3, "AdamW learning rate of the LoRA", check=POSITIVE)
-    adam_beta2: float = _opt(0.999, "AdamW β2 of both groups; the authors advise 0.95 for stability", check=OPEN_UNIT)
-    weight_decay: float = _opt(1e-4, "AdamW weight decay of the LoRA (diffusers' training default)",
-                               check=NON_NEGATIVE)
-    max_grad_norm: float = _opt(1.0, "gradient-norm clip, applied separately to the LoRA and to g_φ", check=POSITIVE)
+    lora_rank: int = opt(8, "LoRA rank on to_q, to_k, to_v, to_out.0 of the UNet", check=POSITIVE)
+    lora_alpha: float = opt(8.0, "LoRA alpha (scale = alpha / rank)", check=POSITIVE)
+    lr: float = opt(1e-3, "AdamW learning rate of the LoRA", check=POSITIVE)
+    adam_beta2: float = opt(0.999, "AdamW β2 of both groups; the authors advise 0.95 for stability", check=OPEN_UNIT)
+    weight_decay: float = opt(1e-4, "AdamW weight decay of the LoRA (diffusers' training default)",
+                              check=NON_NEGATIVE)
+    max_grad_norm: float = opt(1.0, "gradient-norm clip, applied separately to the LoRA and to g_φ", check=POSITIVE)
     # flow correction g_φ
-    flow_channels: str = _opt("128,256", "g_φ's UNet widths per level, comma-separated multiples of 32",
-                              check=(_channels_ok, "must be comma-separated positive multiples of 32"))
-    flow_lr: float = _opt(1e-3, "AdamW learning rate of g_φ", check=POSITIVE)
-    flow_weight_decay: float = _opt(1e-2, "AdamW weight decay of g_φ", check=NON_NEGATIVE)
+    flow_channels: str = opt("128,256", "g_φ's UNet widths per level, comma-separated multiples of 32",
+                             check=(_channels_ok, "must be comma-separated positive multiples of 32"))
+    flow_lr: float = opt(1e-3, "AdamW learning rate of g_φ", check=POSITIVE)
+    flow_weight_decay: float = opt(1e-2, "AdamW weight decay of g_φ", check=NON_NEGATIVE)
     # loop
-    epochs: int = _opt(34, "epochs of sample-then-train (34 × 6 updates ≈ the paper's 200 updates)",
-                       check=NON_NEGATIVE)
-    trajectories_per_epoch: int = _opt(64, "trajectories sampled per epoch, over all processes", check=POSITIVE)
-    sample_batch_size: int = _opt(8, "trajectories per sampling batch, per process", check=POSITIVE)
-    subsample_fraction: float = _opt(0.1, "fraction of non-terminal transitions trained on (the terminal one "
-                                     "always is)", check=FRACTION)
-    transitions_per_update: int = _opt(64, "transitions per optimiser step, over all processes and "
-                                       "accumulation steps", check=POSITIVE)
-    train_batch_size: int = _opt(8, "transitions per forward/backward, per process (gradient accumulation "
-                                 "= transitions_per_update / (train_batch_size · processes))", check=POSITIVE)
+    epochs: int = opt(34, "epochs of sample-then-train (34 × 6 updates ≈ the paper's 200 updates)",
+                      check=NON_NEGATIVE)
+    trajectories_per_epoch: int = opt(64, "trajectories sampled per epoch, over all processes", check=POSITIVE)
+    sample_batch_size: int = opt(8, "trajectories per sampling batch, per process", check=POSITIVE)
+    subsample_fraction: float = opt(0.1, "fraction of non-terminal transitions trained on (the terminal one "
+                                    "always is)", check=FRACTION)
+    transitions_per_update: int = opt(64, "transitions per optimiser step, over all processes and "
+                                      "accumulation steps", check=POSITIVE)
+    train_batch_size: int = opt(8, "transitions per forward/backward, per process (gradient accumulation "
+                                "= transitions_per_update / (train_batch_size · processes))", check=POSITIVE)
     # data
-    prompts: str = _opt("", "text file with one training prompt per line; empty = the 45 simple animals")
-    eval_prompts: str = _opt("", "text file of held-out prompts for sample grids and --eval; "
-                             "empty = 8 animals not in the training list")
+    prompts: str = opt("", "text file with one training prompt per line; empty = the 45 simple animals")
+    eval_prompts: str = opt("", "text file of held-out prompts for sample grids and --eval; "
+                            "empty = 8 animals not in the training list")
     # outputs
-    grid_every: int = _opt(5, "write a sample grid every this many epochs (and after the last)", check=POSITIVE)
-    grid_prompts: int = _opt(4, "eval prompts in each sample grid (rows)", check=POSITIVE)
-    grid_seeds: int = _opt(4, "fixed seeds per prompt in each sample grid (columns)", check=POSITIVE)
-    save_every: int = _opt(5, "checkpoint every this many epochs (and after the last)", check=POSITIVE)
-    keep_checkpoints: int = _opt(0, "keep only the last K epoch checkpoints (0 = keep all); older ones are deleted "
-                                 "after each complete save", check=NON_NEGATIVE)
-    eval_samples_per_prompt: int = _opt(8, "samples per eval prompt for --eval", check=(lambda v: v >= 2,
-                                                                                        "must be >= 2"))
-    eval_seed: int = _opt(1234, "seed of the fixed eval and grid noise")
+    grid_every: int = opt(5, "write a sample grid every this many epochs (and after the last)", check=POSITIVE)
+    grid_prompts: int = opt(4, "eval prompts in each sample grid (rows)", check=POSITIVE)
+    grid_seeds: int = opt(4, "fixed seeds per prompt in each sample grid (columns)", check=POSITIVE)
+    save_every: int = opt(5, "checkpoint every this many epochs (and after the last)", check=POSITIVE)
+    keep_checkpoints: int = opt(0, "keep only the last K epoch checkpoints (0 = keep all); older ones are deleted "
+                                "after each complete save", check=NON_NEGATIVE)
+    eval_samples_per_prompt: int = opt(8, "samples per eval prompt for --eval", check=(lambda v: v >= 2,
+                                                                                       "must be >= 2"))
+    eval_seed: int = opt(1234, "seed of the fixed eval and grid noise")
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            check, value = f.metadata.get("check"), getattr(self, f.name)
-            if check is not None and not check[0](value):
-                raise UsageError(f"{_flag(f.name)} {check[1]} (got {value!r})")
-            choices = f.metadata.get("choices")
-            if choices is not None and value not in choices:
-                raise UsageError(f"{_flag(f.name)} must be one of {', '.join(choices)} (got {value!r})")
+        cli.validate(self)
         if self.no_flow and self.flow_target == "mixed":
             raise UsageError("--flow-target mixed blends L_B's target and needs g_φ: drop --no-flow, or use --no-flow "
                              "with --flow-target bootstrap (guess alone) or adjoint (adjoint matching)")
         for name in ("prompts", "eval_prompts"):
             if getattr(self, name) and not Path(getattr(self, name)).is_file():
-                raise UsageError(f"{_flag(name)}: no such file {getattr(self, name)!r}")
+                raise UsageError(f"{cli.flag(name)}: no such file {getattr(self, name)!r}")
 
     @property
     def flow_widths(self) -> Tuple[int, ...]:
@@ -286,7 +252,7 @@ class Config:
     def loss_config(self) -> LossConfig:
         return LossConfig(beta=self.beta, trust_region=self.trust_region, reverse_weight=self.reverse_weight,
                           gamma=self.gamma, weighting=self.weighting, use_flow=not self.no_flow,
-                          flow_target=self.flow_target, adjoint_lambda=self.adjoint_lambda)
+                          guess_from=self.guess_from, flow_target=self.flow_target, adjoint_lambda=self.adjoint_lambda)
 
     @property
     def needs_adjoint(self) -> bool:
@@ -294,8 +260,8 @@ class Config:
         return self.flow_target != "bootstrap"
 
 
-# The paper's three runs. aesthetic: β and λ of the paper (PAPER_NOTES §5; the official code's default
-# config has 1e3 and 1e3). hpsv2: β = 1e4, λ = 1e2 from the official config/hpsv2.py; it trains on HPDv2's
+# The paper's three runs, as deltas of the defaults. aesthetic: β and λ as the paper states them (the
+# authors' released default config has 1e3 and 1e3). hpsv2: β = 1e4, λ = 1e2 from the official config/hpsv2.py; it trains on HPDv2's
 # photo + painting benchmark prompts, which this repository does not ship: pass them with --prompts FILE.
 # imagereward: the released code has no config for it and we found no published β, λ or prompt list, so
 # the aesthetic run's values are used (the authors' later VGG-Flow trains ImageReward on DrawBench).
@@ -310,180 +276,32 @@ PRESETS: Dict[str, dict] = {
 }
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but an error is one line (no usage block): `sd_finetune.py: error: ...`."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    """One flag per Config field. With suppress_defaults, parse_args returns only the flags given."""
-    parser = _OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                            argument_default=argparse.SUPPRESS if suppress_defaults else None)
-    defaults = None if suppress_defaults else Config()
-    for f in dataclasses.fields(Config):  # f.type is a string (postponed annotations)
-        kwargs = dict(help=f.metadata["help"], dest=f.name)
-        if defaults is not None:
-            kwargs["default"] = getattr(defaults, f.name)
-        if f.type == "bool":
-            parser.add_argument(_flag(f.name), action="store_true", **kwargs)
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(_flag(f.name), type=kind, choices=f.metadata["choices"], **kwargs)
-    return parser
-
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
     """Flags → Config: dataclass defaults, then the preset, then the flags given (or, with --resume,
     the run's saved config, then the flags given). --model tiny implies 'tiny' for every weight."""
-    build_parser().parse_args(argv)  # --help and type/choice errors, with defaults shown
-    given = vars(build_parser(suppress_defaults=True).parse_args(argv))
+    given = cli.given_flags(Config, argv, PROG, __doc__.split("\n\n")[0])
     if "resume" in given:
         saved = Path(given["resume"]) / "config.json"
         if not saved.is_file():
             raise UsageError(f"--resume: {given['resume']!r} holds no run (no config.json)")
         if given.get("out", given["resume"]) != given["resume"]:
             raise UsageError("--out: a resumed run writes into its own folder; drop --out or make it equal --resume")
-        values = json.loads(saved.read_text())["config"]
-        values.update(given, out=given["resume"])
+        values = {**json.loads(saved.read_text())["config"], **given, "out": given["resume"]}
     else:
-        values = dataclasses.asdict(Config())
-        values.update(PRESETS[given.get("preset", "paper")])
-        values.update(given)
+        values = cli.with_preset(Config, PRESETS, given)
         if values["model"] == TINY:
             values.update({k: TINY for k in WEIGHT_FIELDS if k not in given})
     return Config(**values)
 
 
 # ----------------------------------------------------------------------------------------------
-# Models: pipeline, LoRA policy, flow correction g_φ
+# Models and rewards (the models' callables live in sd_models.py)
 # ----------------------------------------------------------------------------------------------
 
-
-def sd_scheduler() -> DDIMScheduler:
-    """SD v1's noise schedule (scheduler_config of the hub model) as a DDIMScheduler."""
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1)
-
-
-def tiny_assets(cache_dir: str) -> Path:
-    """Build once (under cache_dir/tiny-v1) and return: a tiny random SD pipeline with SD's component
-    classes and scheduler config, a tiny random CLIP and a random aesthetic head. For smoke tests only."""
-    return build_once(Path(cache_dir) / "tiny-v1", _build_tiny_pipeline)
-
-
-def _build_tiny_pipeline(folder: Path) -> None:
-    tokenizer = build_tiny_tokenizer(folder / "vocab")
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=4,
-                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                          sample_size=32, scaling_factor=0.18215),
-        text_encoder=CLIPTextModel(tiny_clip_text_config(len(tokenizer))),
-        tokenizer=tokenizer,
-        unet=UNet2DConditionModel(sample_size=4, block_out_channels=(32, 64), layers_per_block=1,
-                                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                  attention_head_dim=4),
-        scheduler=sd_scheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder / "pipeline")
-    clip = tiny_clip(len(tokenizer))
-    clip.save_pretrained(folder / "clip")
-    tokenizer.save_pretrained(folder / "clip")
-    torch.save(AestheticHead(clip.config.projection_dim).state_dict(), folder / "aesthetic_head.pth")
-
-
-def load_pipeline(cfg: Config, dtype: torch.dtype) -> StableDiffusionPipeline:
-    """StableDiffusionPipeline.from_pretrained(--model), frozen, with a DDIM scheduler of its config."""
-    source = str(tiny_assets(cfg.cache_dir) / "pipeline") if cfg.model == TINY else cfg.model
-    try:
-        with quiet_library_logs():
-            pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None,
-                                                           requires_safety_checker=False)
-    except (OSError, ValueError) as err:
-        raise MissingWeights(
-            f"cannot load the Stable Diffusion pipeline {cfg.model!r} ({type(err).__name__}): pass --model with a "
-            f"local diffusers folder or set NABLA_GFN_MODEL, or download the hub id {SD15_HUB_ID!r} while online "
-            f"(HF_HUB_OFFLINE=1 forbids it); --model tiny builds a random pipeline for smoke tests"
-        ) from None
-    # DDIM(η=1) steps are Gaussian only without sample clipping; SD never clips its latents.
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float) -> LoraConfig:
-    """LoRA on the attention projections (peft, Gaussian init: A ~ N(0, 1/r), B = 0, so the policy
-    starts exactly at the pretrained model). LoRA weights are float32 whatever the UNet's dtype."""
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
-    unet.add_adapter(config)
-    cast_training_params(unet, dtype=torch.float32)
-    return config
-
-
-def lora_parameters(unet: UNet2DConditionModel) -> List[nn.Parameter]:
-    return [p for p in unet.parameters() if p.requires_grad]
-
-
-def lora_layers(unet: UNet2DConditionModel) -> List[BaseTunerLayer]:
-    return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
-
-
-@contextmanager
-def lora_disabled(layers: Sequence[BaseTunerLayer]):
-    """The reference P_F♯: the same UNet with its adapters switched off. This is the loop of
-    `unet.disable_adapters()` / `enable_adapters()`, over LoRA layers found once: their walk over
-    all ~2000 modules of SD's UNet took ~15 ms of CPU per reference call here."""
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
-
-
-def build_flow_net(unet: UNet2DConditionModel, widths: Sequence[int]) -> UNet2DConditionModel:
-    """g_φ(x, τ, prompt): a small conditional UNet over latents, output layer zeroed (g_φ ≡ 0 at init).
-
-    Our architecture (the official one is not specified in the paper): one level per width, self- and
-    cross-attention on all but the full-resolution level, timestep embedding as in SD.
-    """
-    net = UNet2DConditionModel(
-        sample_size=unet.config.sample_size, in_channels=unet.config.in_channels,
-        out_channels=unet.config.out_channels, block_out_channels=tuple(widths), layers_per_block=1,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(widths) - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (len(widths) - 1) + ("UpBlock2D",),
-        cross_attention_dim=unet.config.cross_attention_dim, attention_head_dim=8,
-    )
-    return nabla_gfn.zero_output_layer(net, net.conv_out)
-
-
-# ----------------------------------------------------------------------------------------------
-# Rewards and eval models (sd_rewards.py, sd_metrics.py): which weights, from where
-# ----------------------------------------------------------------------------------------------
 
 WEIGHT_FIELDS = ("clip_model", "aesthetic_head", "hpsv2_checkpoint", "pickscore_model", "pickscore_processor",
                  "imagereward_model", "imagereward_tokenizer", "dreamsim", "fid_weights")
-# 'tiny' for a reward weight = the local folder or file of its tiny build (the eval stand-ins stay 'tiny').
-TINY_WEIGHTS = {
-    "clip_model": lambda cache: tiny_assets(cache) / "clip",
-    "aesthetic_head": lambda cache: tiny_assets(cache) / "aesthetic_head.pth",
-    "hpsv2_checkpoint": lambda cache: sd_rewards.tiny_reward_assets(cache, "hpsv2"),
-    "pickscore_model": lambda cache: sd_rewards.tiny_reward_assets(cache, "pickscore"),
-    "pickscore_processor": lambda cache: sd_rewards.tiny_reward_assets(cache, "pickscore"),
-    "imagereward_model": lambda cache: sd_rewards.tiny_reward_assets(cache, "imagereward"),
-    "imagereward_tokenizer": lambda cache: sd_rewards.tiny_reward_assets(cache, "imagereward") / "tokenizer",
-}
 # The weights each reward loads (besides the CLIP every run loads for the CLIP eval metrics).
 REWARD_WEIGHTS = {"aesthetic": ("aesthetic_head",), "clip-score": (), "hpsv2": ("hpsv2_checkpoint",),
                   "pickscore": ("pickscore_model", "pickscore_processor"),
@@ -491,12 +309,13 @@ REWARD_WEIGHTS = {"aesthetic": ("aesthetic_head",), "clip-score": (), "hpsv2": (
 
 
 def weight_source(cfg: Config, name: str) -> Source:
-    """Config field `name` as a sd_rewards.Source (its value, flag and variable); 'tiny' resolved."""
+    """Config field `name` as a sd_rewards.Source (its value, flag and variable); 'tiny' resolved to its
+    tiny build (the eval stand-ins of --dreamsim / --fid-weights stay 'tiny': sd_metrics makes them)."""
     value = getattr(cfg, name)
-    if value == TINY and name in TINY_WEIGHTS:
-        value = str(TINY_WEIGHTS[name](cfg.cache_dir))
+    if value == TINY and name not in ("dreamsim", "fid_weights"):
+        value = tiny_weight(name, cfg.cache_dir)
     env = next(f.metadata["env"] for f in dataclasses.fields(Config) if f.name == name)
-    return Source(value, _flag(name), env)
+    return Source(value, cli.flag(name), env)
 
 
 def load_clip(cfg: Config, device) -> ClipEmbedder:
@@ -508,23 +327,6 @@ def build_reward(cfg: Config, embedder: ClipEmbedder) -> nn.Module:
     sources = {name: weight_source(cfg, name) for name in REWARD_WEIGHTS[cfg.reward]}
     with quiet_library_logs():
         return sd_rewards.load_reward(cfg.reward, sources, embedder, cfg.cache_dir)
-
-
-@dataclass
-class Models:
-    """Everything the loop runs. The policy P_F^θ is pipe.unet with its LoRA; P_F♯ the same, adapters off."""
-
-    pipe: StableDiffusionPipeline
-    lora: LoraConfig
-    flow: Optional[UNet2DConditionModel]  # g_φ, None for --no-flow
-    embedder: ClipEmbedder
-    reward: nn.Module
-    uncond: Tensor  # (1, L, D) embedding of the empty negative prompt
-    fast_dtype: Optional[torch.dtype] = None  # autocast dtype of sampling and the adjoint sweep (`unet_dtypes`)
-
-    @property
-    def unet(self) -> UNet2DConditionModel:
-        return self.pipe.unet
 
 
 def load_models(cfg: Config, device, dtype: torch.dtype) -> Models:
@@ -547,167 +349,7 @@ def load_models(cfg: Config, device, dtype: torch.dtype) -> Models:
 
 
 # ----------------------------------------------------------------------------------------------
-# The callables nabla_gfn takes: ε̂ with guidance, reward of latents, g_φ — all routed by `traj`
-# ----------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def encode_prompts(pipe: StableDiffusionPipeline, prompts: Sequence[str]) -> Tensor:
-    """(P, L, D) text-encoder embeddings, in the text encoder's dtype."""
-    return pipe.encode_prompt(list(prompts), pipe.device, 1, False)[0]
-
-
-def unet_autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    """Autocast to `dtype` (sampling, adjoint sweep) or nothing (None: the loss's passes, `unet_dtypes`)."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def guided_eps(unet: UNet2DConditionModel, cond: Tensor, uncond: Tensor, scale: float, lora: bool = True,
-               autocast: Optional[torch.dtype] = None):
-    """EpsFn of the guided policy (lora=True) or reference (lora=False) for rows whose prompt embedding
-    is cond[traj]: one UNet call on [uncond; cond] rows, then ε̂ = ε_u + w (ε_c − ε_u), in float32.
-    The UNet runs in its weights' dtype, or under autocast to `autocast` when given."""
-    dtype, layers = unet.conv_in.weight.dtype, [] if lora else lora_layers(unet)
-
-    def eps_fn(x: Tensor, t: Tensor, traj: Tensor) -> Tensor:
-        context = torch.cat([uncond.expand(len(x), -1, -1), cond[traj]]).to(dtype)
-        with lora_disabled(layers), unet_autocast(x.device, autocast):
-            eps = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), encoder_hidden_states=context).sample
-        eps_uncond, eps_cond = eps.float().chunk(2)
-        return nabla_gfn.classifier_free_guidance(eps_uncond, eps_cond, scale)
-
-    return eps_fn
-
-
-def conditional_eps(unet: UNet2DConditionModel, cond: Tensor, autocast: Optional[torch.dtype] = None):
-    """EpsFn of the unguided reference ε_c(x, prompt) (adapters off): one UNet call on N rows, float32."""
-    dtype, layers = unet.conv_in.weight.dtype, lora_layers(unet)
-
-    def eps_fn(x: Tensor, t: Tensor, traj: Tensor) -> Tensor:
-        with lora_disabled(layers), unet_autocast(x.device, autocast):
-            return unet(x.to(dtype), t, encoder_hidden_states=cond[traj].to(dtype)).sample.float()
-
-    return eps_fn
-
-
-def decode_latents(vae: AutoencoderKL, latents: Tensor) -> Tensor:
-    """Latents (N, 4, h, w) → images (N, 3, H, W) in [-1, 1], float32 (differentiable)."""
-    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
-
-
-def latent_log_reward(vae: AutoencoderKL, reward: nn.Module, prompts: Sequence[str]):
-    """LogRewardFn: decode, then score each row with the prompt of its own trajectory, prompts[traj]."""
-
-    def log_reward(x0: Tensor, traj: Tensor) -> Tensor:
-        return reward(decode_latents(vae, x0), [prompts[i] for i in traj.tolist()])
-
-    return log_reward
-
-
-def flow_score(flow: UNet2DConditionModel, cond: Tensor):
-    """FlowFn g_φ(x, τ) conditioned on the row's prompt embedding cond[traj], float32."""
-    return lambda x, t, traj: flow(x, t, encoder_hidden_states=cond[traj].float()).sample
-
-
-def loss_callables(models: Models, cond: Tensor, prompts: Sequence[str], guidance: float):
-    """(policy_eps, reference_eps, log_reward, flow) for trajectories with embeddings cond, texts prompts."""
-    return (
-        guided_eps(models.unet, cond, models.uncond, guidance, lora=True),
-        guided_eps(models.unet, cond, models.uncond, guidance, lora=False),
-        latent_log_reward(models.pipe.vae, models.reward, prompts),
-        None if models.flow is None else flow_score(models.flow, cond),
-    )
-
-
-def adjoint_sweep(models: Models, schedule: StepSchedule, trajectory: Trajectory, cond: Tensor,
-                  prompts: Sequence[str], cfg: Config) -> Optional[Tensor]:
-    """The lean adjoint (B, T+1, *S) of this epoch's trajectories, or None when the flow target needs none.
-
-    One sweep per trajectory, before training on its transitions: `nabla_gfn.lean_adjoint` through the
-    frozen reference (adapters off, guided or unguided by --adjoint-jacobian), in chunks of
-    --sample-batch-size trajectories (memory of one step of one chunk), detached. Row b of the result
-    belongs to trajectory b, whose prompt is cond[b] / prompts[b]: the transitions find it by (traj, step).
-    """
-    if not cfg.needs_adjoint:
-        return None
-    if cfg.adjoint_jacobian == "guided":
-        reference = guided_eps(models.unet, cond, models.uncond, cfg.guidance_scale, lora=False,
-                               autocast=models.fast_dtype)
-    else:
-        reference = conditional_eps(models.unet, cond, models.fast_dtype)
-    log_reward = latent_log_reward(models.pipe.vae, models.reward, prompts)
-    rows = torch.arange(len(trajectory.states), device=trajectory.states.device)
-    chunks = [nabla_gfn.lean_adjoint(reference, schedule, Trajectory(trajectory.states[r], trajectory.eps[r]),
-                                     log_reward, cfg.beta, traj=r)[0] for r in rows.split(cfg.sample_batch_size)]
-    return torch.cat(chunks)
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling
-# ----------------------------------------------------------------------------------------------
-
-
-def latent_shape(models: Models, n: int, resolution: int) -> Tuple[int, ...]:
-    size = resolution // models.pipe.vae_scale_factor
-    return (n, models.unet.config.in_channels, size, size)
-
-
-@torch.no_grad()
-def sample_trajectories(models: Models, schedule: StepSchedule, cond: Tensor, cfg: Config,
-                        generator: torch.Generator, lora: bool = True, desc: Optional[str] = None,
-                        ) -> Trajectory:
-    """B trajectories (B = len(cond)) of the policy (or reference), in batches of --sample-batch-size."""
-    parts = []
-    chunks = torch.arange(len(cond)).split(cfg.sample_batch_size)
-    for rows in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
-        eps_fn = guided_eps(models.unet, cond[rows], models.uncond, cfg.guidance_scale, lora, models.fast_dtype)
-        x_T = torch.randn(latent_shape(models, len(rows), cfg.resolution), generator=generator,
-                          device=generator.device)
-        parts.append(nabla_gfn.sample_trajectory(eps_fn, schedule, x_T, generator))
-    return Trajectory(states=torch.cat([p.states for p in parts]), eps=torch.cat([p.eps for p in parts]))
-
-
-@torch.no_grad()
-def score_samples(models: Models, latents: Tensor, prompts: Sequence[str], batch: int) -> Tensor:
-    """r(x_0) of each final latent with its own prompt, no gradient. (B,) float32."""
-    log_reward = latent_log_reward(models.pipe.vae, models.reward, prompts)
-    rows = torch.arange(len(latents), device=latents.device)
-    return torch.cat([log_reward(latents[r], r) for r in rows.split(batch)])
-
-
-@torch.no_grad()
-def sample_images(models: Models, schedule: StepSchedule, prompts: Sequence[str], n: int, seed: int,
-                  cfg: Config, lora: bool = True) -> Tensor:
-    """n images per prompt with fixed noise (seed + prompt index): (P, n, 3, H, W) in [-1, 1]."""
-    images = []
-    for i, prompt in enumerate(prompts):
-        generator = torch.Generator(models.pipe.device).manual_seed(seed + i)
-        cond = encode_prompts(models.pipe, [prompt]).expand(n, -1, -1)
-        final = sample_trajectories(models, schedule, cond, cfg, generator, lora).final
-        images.append(torch.cat([decode_latents(models.pipe.vae, x) for x in final.split(cfg.sample_batch_size)]))
-    return torch.stack(images)
-
-
-def sample_epoch(models: Models, schedule: StepSchedule, prompt_embeds: Tensor, train_prompts: Sequence[str],
-                 cfg: Config, plan: Plan, noise_gen: torch.Generator, index_gen: torch.Generator,
-                 accelerator: Accelerator, epoch: int) -> Tuple[Trajectory, Tensor, List[str], List[dict]]:
-    """This process's trajectories of one epoch, each with a prompt drawn from the training list.
-
-    Returns the trajectories, their prompt embeddings (B, L, D) and texts (the conditioning the loss
-    routes by `traj`), and one row per trajectory of every process (prompt, reward) for the log.
-    """
-    prompt_ids = torch.randint(len(train_prompts), (plan.trajectories,), generator=index_gen)
-    cond, prompts = prompt_embeds[prompt_ids.to(prompt_embeds.device)], [train_prompts[i] for i in prompt_ids]
-    trajectory = sample_trajectories(models, schedule, cond, cfg, noise_gen,
-                                     desc=f"sample epoch {epoch}" if accelerator.is_main_process else None)
-    rewards = score_samples(models, trajectory.final, prompts, cfg.sample_batch_size)
-    samples = gather_object([dict(epoch=epoch, rank=accelerator.process_index, trajectory=i, prompt=p, reward=float(r))
-                             for i, (p, r) in enumerate(zip(prompts, rewards))])
-    return trajectory, cond, prompts, samples
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
+# Optimiser (checkpoints and the run folder live in sd_checkpoint.py)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -745,13 +387,6 @@ def make_optimizer(models: Models, cfg: Config) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, betas=(0.9, cfg.adam_beta2))
 
 
-def parameter_groups(models: Models) -> Dict[str, List[nn.Parameter]]:
-    groups = {"policy": lora_parameters(models.unet)}
-    if models.flow is not None:
-        groups["flow"] = list(models.flow.parameters())
-    return groups
-
-
 def average_gradients(params: Sequence[nn.Parameter], accelerator: Accelerator) -> None:
     """Mean of the gradients over processes, as one flat all-reduce (we do not wrap in DDP: the loss
     runs the UNet several times and takes input gradients of some runs)."""
@@ -773,72 +408,6 @@ def optimizer_step(optimizer, models: Models, cfg: Config, accelerator: Accelera
     return {f"grad_norm_{name}": value for name, value in norms.items()}
 
 
-@torch.no_grad()
-def recorded_eps(policy_eps, transitions, batch: int) -> Tensor:
-    """ε̂_θ(x) of the sampling policy (the LoRA before this epoch's first update) in the loss's arithmetic.
-
-    Why: trajectories sampled under bf16 autocast record a bf16 ε̂_old; the trust region λ‖ε̂_θ − ε̂_old‖²
-    with ε̂_θ in float32 would then start at λ·(rounding)² instead of 0 (tiny pipeline: 0.47, twice the
-    forward term) and pull the LoRA towards rounding noise. One no-grad pass per trained transition.
-    """
-    rows = torch.arange(len(transitions), device=transitions.x.device)
-    return torch.cat([policy_eps(transitions.x[r], transitions.t[r], transitions.traj[r]) for r in rows.split(batch)])
-
-
-def train_epoch(models: Models, schedule: StepSchedule, trajectory: Trajectory, cond: Tensor,
-                prompts: Sequence[str], optimizer, cfg: Config, plan: Plan, generator: torch.Generator,
-                accelerator: Accelerator, desc: str = "train", adjoint: Optional[Tensor] = None,
-                ) -> Iterator[Dict[str, float]]:
-    """Train on this epoch's subsampled transitions; yields each update's loss parts and grad norms.
-
-    Transitions of all trajectories are shuffled together; each row keeps its trajectory index, which
-    the callables use to look up its prompt (and its step index, which finds its row of `adjoint`,
-    `adjoint_sweep`'s result). Raises NonFinite before stepping on a NaN/Inf loss.
-    """
-    steps = nabla_gfn.subsample_steps(cfg.steps, cfg.subsample_fraction, len(trajectory.states), generator)
-    transitions = nabla_gfn.gather_transitions(trajectory, schedule, steps)
-    order = torch.randperm(len(transitions), generator=generator)
-    callables = loss_callables(models, cond, prompts, cfg.guidance_scale)
-    if models.fast_dtype is not None:  # sampled under autocast: ε_old again in the loss's arithmetic
-        transitions.eps_old = recorded_eps(callables[0], transitions, cfg.train_batch_size)
-    loss_cfg = cfg.loss_config()
-    per_update = cfg.train_batch_size * plan.grad_accum
-    for u in tqdm(range(plan.updates_per_epoch), desc=desc, disable=not accelerator.is_main_process, leave=False):
-        parts_sum: Dict[str, Tensor] = {}
-        for rows in order[u * per_update : (u + 1) * per_update].split(cfg.train_batch_size):
-            loss, parts = nabla_gfn.nabla_db_loss(transitions.select(rows.to(trajectory.states.device)), *callables,
-                                                  loss_cfg, adjoint=adjoint)
-            (loss / plan.grad_accum).backward()
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v / plan.grad_accum
-        names = sorted(parts_sum)
-        averaged = accelerator.reduce(torch.stack([parts_sum[k] for k in names]), reduction="mean")
-        record = dict(zip(names, averaged.tolist()))
-        if not all(math.isfinite(v) for v in record.values()):
-            optimizer.zero_grad(set_to_none=True)
-            raise NonFinite(f"non-finite loss ({', '.join(f'{k}={v}' for k, v in record.items())})")
-        record.update(optimizer_step(optimizer, models, cfg, accelerator))
-        yield record
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------
-
-
-def rng_state(generators: Sequence[torch.Generator]) -> dict:
-    return {"generators": [g.get_state() for g in generators], "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict, generators: Sequence[torch.Generator]) -> None:
-    for g, s in zip(generators, state["generators"]):
-        g.set_state(s)
-    torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def assert_replicas_in_sync(models: Models, accelerator: Accelerator) -> None:
     """Every process must hold the same trainable weights (synchronised gradients, same init)."""
     params = [p for ps in parameter_groups(models).values() for p in ps]
@@ -848,176 +417,10 @@ def assert_replicas_in_sync(models: Models, accelerator: Accelerator) -> None:
         raise RuntimeError(f"processes hold different weights (checksums {sums.tolist()})")
 
 
-def save_checkpoint(path: Path, models: Models, optimizer, generators, epoch: int, update: int,
-                    accelerator: Accelerator) -> Path:
-    """LoRA in diffusers format (pipe.load_lora_weights(path) works), g_φ, optimiser, per-process RNG
-    states and the step. Written by the main process; every process must call it."""
-    assert_replicas_in_sync(models, accelerator)
-    rng = gather_object([rng_state(generators)])
-    if accelerator.is_main_process:
-        # Crash safety: everything goes into a hidden temporary folder, which is renamed into place only
-        # once complete; a run killed mid-save leaves only the temporary folder, which --resume ignores.
-        partial = path.parent / f".partial-{path.name}"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(models.unet))
-        StableDiffusionPipeline.save_lora_weights(partial, unet_lora_layers=lora_state,
-                                                  unet_lora_adapter_metadata=models.lora.to_dict())
-        if models.flow is not None:
-            models.flow.save_pretrained(partial / "flow")
-        _test_kill_point("save")
-        torch.save({"epoch": epoch, "update": update, "optimizer": optimizer.state_dict(), "rng": rng,
-                    "num_processes": accelerator.num_processes}, partial / COMPLETE_MARKER)
-        _replace_folder(partial, path)
-    accelerator.wait_for_everyone()
-    return path
-
-
-COMPLETE_MARKER = "training_state.pt"  # written last: a checkpoint folder without it is incomplete
-KILL_POINT_ENV = "NABLA_GFN_TEST_KILL_AT"  # tests only: "save:N" or "update:N" SIGKILLs the run there
-
-
-def _test_kill_point(point: str) -> None:
-    """Test hook of the crash-safety test: SIGKILL this process at the N-th time it reaches `point`."""
-    spec = os.environ.get(KILL_POINT_ENV, "")
-    if spec.partition(":")[0] == point:
-        _KILL_COUNTS[point] = _KILL_COUNTS.get(point, 0) + 1
-        if _KILL_COUNTS[point] == int(spec.partition(":")[2]):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-_KILL_COUNTS: Dict[str, int] = {}
-
-
-def _replace_folder(source: Path, target: Path) -> None:
-    """Rename `source` to `target`; an existing `target` is moved aside first and deleted after."""
-    old = target.parent / f".old-{target.name}"
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    source.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the last `keep` complete epoch checkpoints (keep = 0: delete none)."""
-    if keep > 0:
-        for path in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(path)
-
-
-def load_lora(unet: UNet2DConditionModel, path: Path) -> None:
-    """Load a checkpoint's diffusers-format LoRA into the peft adapter of `unet` (exact copy)."""
-    state, _ = StableDiffusionPipeline.lora_state_dict(str(path))
-    unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state))
-    if getattr(result, "unexpected_keys", None):
-        raise RuntimeError(f"{path}: LoRA keys do not match the model: {result.unexpected_keys[:3]} ...")
-
-
-def load_checkpoint(path: Path, models: Models, optimizer, generators, accelerator: Accelerator) -> Tuple[int, int]:
-    """Restore what save_checkpoint wrote; returns (epochs done, updates done)."""
-    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-    if state["num_processes"] != accelerator.num_processes:
-        raise UsageError(f"--resume: the run used {state['num_processes']} processes; resume it with the same number")
-    load_lora(models.unet, path)
-    if models.flow is not None:
-        models.flow.load_state_dict(UNet2DConditionModel.from_pretrained(path / "flow").state_dict())
-    optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"][accelerator.process_index], generators)
-    return state["epoch"], state["update"]
-
-
-def complete_checkpoints(run_dir: Path) -> List[Path]:
-    """The epoch checkpoints of a run that were completely written, oldest first. Temporary folders
-    (`.partial-*`) and folders without the training state (written in place by an older version and
-    cut short) are not checkpoints."""
-    found = [p for p in (run_dir / "checkpoints").glob("epoch_*") if re.fullmatch(r"epoch_\d+", p.name)]
-    return sorted((p for p in found if (p / COMPLETE_MARKER).is_file()), key=lambda p: int(p.name[6:]))
-
-
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(models: Models, schedule: StepSchedule, prompts: Sequence[str], cfg: Config,
-             evaluator: sd_metrics.Evaluator) -> dict:
-    """Reward and the metrics of sd_metrics, per prompt on fixed seeds, averaged over prompts (the paper's).
-
-    Finetuned (LoRA on) and pretrained (LoRA off) samples of a prompt use the same noise, so the prior
-    metrics measure only what finetuning moved.
-    """
-    n, rows, rewards = cfg.eval_samples_per_prompt, [], {"finetuned": [], "pretrained": []}
-    for i, prompt in enumerate(tqdm(prompts, desc="eval", leave=False)):
-        images = {name: sample_images(models, schedule, [prompt], n, cfg.eval_seed + i, cfg, lora)[0]
-                  for name, lora in (("finetuned", True), ("pretrained", False))}
-        for name, x in images.items():
-            rewards[name].append(models.reward(x, [prompt] * n).float())
-        rows.append({"prompt": prompt, "reward_mean": float(rewards["finetuned"][-1].mean()),
-                     "reward_mean_pretrained": float(rewards["pretrained"][-1].mean()),
-                     **evaluator.prompt_metrics(images["finetuned"], images["pretrained"])})
-    averaged = sd_metrics.average_rows(rows)
-    return {"reward_mean": averaged.pop("reward_mean"), "reward_std": float(torch.cat(rewards["finetuned"]).std()),
-            **averaged, "unavailable": evaluator.unavailable, "metric_models": evaluator.models,
-            "prompts": len(prompts), "samples_per_prompt": n, "per_prompt": rows}
-
-
-# ----------------------------------------------------------------------------------------------
-# Run folder (written by the main process only)
-# ----------------------------------------------------------------------------------------------
-
-
-class RunFolder:
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-
-    def write_json(self, name: str, obj) -> None:
-        """Write to a temporary file, then rename: a killed run leaves the old file or the new one."""
-        if self.enabled:
-            partial = self.path / f".partial-{name}"
-            partial.write_text(json.dumps(obj, indent=2) + "\n")
-            partial.replace(self.path / name)
-
-    def append(self, name: str, records: Sequence[dict]) -> None:
-        if self.enabled:
-            with open(self.path / name, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
-
-    def truncate(self, name: str, key: str, done: int) -> None:
-        """Keep the lines of a .jsonl log with record[key] <= done: drop what a killed run logged after the
-        checkpoint it resumes from (and a last line cut short by the kill)."""
-        log = self.path / name
-        if self.enabled and log.exists():
-            kept = [line for line in log.read_text().splitlines() if _jsonl_value(line, key, done + 1) <= done]
-            partial = self.path / f".partial-{name}"
-            partial.write_text("".join(line + "\n" for line in kept))
-            partial.replace(log)
-
-    def save_grid(self, name: str, images: Tensor, pipe: StableDiffusionPipeline) -> None:
-        """images (rows, cols, 3, H, W) in [-1, 1] → one PNG."""
-        if self.enabled:
-            rows, cols = images.shape[:2]
-            pil = pipe.image_processor.postprocess(images.flatten(0, 1).float().cpu(), output_type="pil")
-            (self.path / "samples").mkdir(exist_ok=True)
-            make_image_grid(pil, rows, cols).save(self.path / "samples" / name)
-
-
-def _jsonl_value(line: str, key: str, default: int) -> int:
-    try:
-        return json.loads(line)[key]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return default
-
-
-# ----------------------------------------------------------------------------------------------
-# main
+# Session: what one run holds
 # ----------------------------------------------------------------------------------------------
 
 
@@ -1113,7 +516,7 @@ def start_session(cfg: Config) -> Session:
     set_float32_matmul(cfg.residual_precision)
     if cfg.model == TINY and accelerator.is_main_process:
         print(f"--model tiny: a tiny randomly initialised pipeline for smoke tests, not a real model "
-              f"(cached in {tiny_assets(cfg.cache_dir)})")
+              f"(cached in {Path(tiny_weight('model', cfg.cache_dir)).parent})")
     # Process r draws noise, prompts, subsamples and shuffles from seed + r. On CPU one generator
     # serves both; on GPU the noise comes from a CUDA generator.
     noise_gen = torch.Generator(device).manual_seed(cfg.seed + accelerator.process_index)
@@ -1158,6 +561,7 @@ def save_grid(session: Session, epoch: int) -> None:
 
 
 def checkpoint(session: Session, name: str, epoch: int) -> Path:
+    assert_replicas_in_sync(session.models, session.accelerator)
     return save_checkpoint(Path(session.cfg.out) / "checkpoints" / name, session.models, session.optimizer,
                            session.generators, epoch, session.update, session.accelerator)
 
@@ -1169,46 +573,122 @@ def log_update(session: Session, record: dict) -> None:
         session.accelerator.log({k: v for k, v in record.items() if k not in ("update", "epoch")}, step=record["update"])
 
 
-def run_epoch(session: Session, epoch: int, started: float) -> None:
-    """Sample this epoch's trajectories, log their rewards, train on their transitions."""
-    s, cfg = session, session.cfg
-    trajectory, cond, prompts, samples = sample_epoch(s.models, s.schedule, s.prompt_embeds, s.train_prompts, cfg,
-                                                      s.plan, s.noise_gen, s.index_gen, s.accelerator, epoch)
-    s.folder.append("trajectories.jsonl", samples)
-    all_rewards = torch.tensor([r["reward"] for r in samples])
+# ----------------------------------------------------------------------------------------------
+# Training: one epoch = sample, then updates on the subsampled transitions
+# ----------------------------------------------------------------------------------------------
+
+
+def sample_epoch(s: Session, epoch: int) -> Tuple[Trajectory, Tensor, List[str], Dict[str, float]]:
+    """This process's trajectories of one epoch, each with a prompt drawn from the training list.
+
+    Returns the trajectories, their prompt embeddings (B, L, D) and texts (the conditioning the loss
+    routes by `traj`) and the reward mean/std over all processes; logs one row per trajectory.
+    """
+    prompt_ids = torch.randint(len(s.train_prompts), (s.plan.trajectories,), generator=s.index_gen)
+    cond = s.prompt_embeds[prompt_ids.to(s.prompt_embeds.device)]
+    prompts = [s.train_prompts[i] for i in prompt_ids]
+    trajectory = sample_trajectories(s.models, s.schedule, cond, s.cfg, s.noise_gen,
+                                     desc=f"sample epoch {epoch}" if s.is_main else None)
+    rewards = score_samples(s.models, trajectory.final, prompts, s.cfg.sample_batch_size)
+    rows = gather_object([dict(epoch=epoch, rank=s.accelerator.process_index, trajectory=i, prompt=p, reward=float(r))
+                          for i, (p, r) in enumerate(zip(prompts, rewards))])
+    s.folder.append("trajectories.jsonl", rows)
+    all_rewards = torch.tensor([r["reward"] for r in rows])
     if not torch.isfinite(all_rewards).all():
         raise NonFinite("non-finite reward of a sampled trajectory")
-    reward_stats = dict(reward_mean=float(all_rewards.mean()), reward_std=float(all_rewards.std(correction=0)))
-    last = time.time()  # update_seconds: training time of the update (sampling excluded, adjoint sweep included)
-    adjoint = adjoint_sweep(s.models, s.schedule, trajectory, cond, prompts, cfg)
-    for record in train_epoch(s.models, s.schedule, trajectory, cond, prompts, s.optimizer, cfg, s.plan, s.index_gen,
-                              s.accelerator, desc=f"train epoch {epoch}", adjoint=adjoint):
-        s.update += 1
-        now = time.time()
-        log_update(s, dict(update=s.update, epoch=epoch, **reward_stats, **record, update_seconds=round(now - last, 3),
-                           elapsed_seconds=round(now - started, 3)))
-        _test_kill_point("update")
-        last = now
+    return trajectory, cond, prompts, dict(reward_mean=float(all_rewards.mean()),
+                                           reward_std=float(all_rewards.std(correction=0)))
 
 
-def train(session: Session) -> None:
-    """Epochs from the one resumed at to --epochs, with grids and checkpoints; NaN/Inf saves and stops."""
-    cfg, start_epoch, started = session.cfg, session.epoch, time.time()
-    epoch = start_epoch
+def epoch_transitions(s: Session, trajectory: Trajectory, cond: Tensor, prompts: Sequence[str]):
+    """What this epoch's updates train on: (transitions, shuffled row order, loss callables, lean adjoint).
+
+    Transitions of all trajectories are shuffled together; each row keeps its trajectory index, which
+    the callables use to look up its prompt (and its step index, which finds its row of the adjoint).
+    """
+    adjoint = adjoint_sweep(s.models, s.schedule, trajectory, cond, prompts, s.cfg)
+    steps = nabla_gfn.subsample_steps(s.cfg.steps, s.cfg.subsample_fraction, len(trajectory.states), s.index_gen)
+    transitions = nabla_gfn.gather_transitions(trajectory, s.schedule, steps)
+    order = torch.randperm(len(transitions), generator=s.index_gen)
+    callables = loss_callables(s.models, cond, prompts, s.cfg.guidance_scale)
+    if s.models.fast_dtype is not None:  # sampled under autocast: ε_old again in the loss's arithmetic
+        transitions.eps_old = recorded_eps(callables[0], transitions, s.cfg.train_batch_size)
+    return transitions, order, callables, adjoint
+
+
+def update(s: Session, transitions, rows: Tensor, callables, adjoint: Optional[Tensor]) -> Dict[str, float]:
+    """ONE optimiser step on `rows` (micro-batches of --train-batch-size, gradients accumulated), the
+    loss parts averaged over processes. Raises NonFinite before stepping on a NaN/Inf loss."""
+    parts_sum: Dict[str, Tensor] = {}
+    for micro in rows.split(s.cfg.train_batch_size):
+        batch = transitions.select(micro.to(transitions.x.device))
+        loss, parts = nabla_gfn.nabla_db_loss(batch, *callables, s.cfg.loss_config(), adjoint=adjoint)
+        (loss / s.plan.grad_accum).backward()
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + v / s.plan.grad_accum
+    names = sorted(parts_sum)
+    record = dict(zip(names, s.accelerator.reduce(torch.stack([parts_sum[k] for k in names]), reduction="mean").tolist()))
+    if not all(math.isfinite(v) for v in record.values()):
+        s.optimizer.zero_grad(set_to_none=True)
+        raise NonFinite(f"non-finite loss ({', '.join(f'{k}={v}' for k, v in record.items())})")
+    return {**record, **optimizer_step(s.optimizer, s.models, s.cfg, s.accelerator)}
+
+
+def train(s: Session) -> None:
+    """Epochs from the one resumed at to --epochs, with grids, logs and checkpoints; NaN/Inf saves and stops."""
+    cfg, start_epoch, started = s.cfg, s.epoch, time.time()
+    per_update, epoch = cfg.train_batch_size * s.plan.grad_accum, start_epoch
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            save_grid(session, epoch)
-            run_epoch(session, epoch, started)
-            session.epoch = epoch + 1
-            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-                checkpoint(session, f"epoch_{epoch + 1:04d}", epoch + 1)
-                if session.is_main:
+            save_grid(s, epoch)
+            trajectory, cond, prompts, reward_stats = sample_epoch(s, epoch)
+            last = time.time()  # update_seconds: training time (sampling excluded, adjoint sweep included)
+            transitions, order, callables, adjoint = epoch_transitions(s, trajectory, cond, prompts)
+            for u in tqdm(range(s.plan.updates_per_epoch), desc=f"train epoch {epoch}", disable=not s.is_main,
+                          leave=False):
+                record = update(s, transitions, order[u * per_update: (u + 1) * per_update], callables, adjoint)
+                s.update, now = s.update + 1, time.time()
+                log_update(s, dict(update=s.update, epoch=epoch, **reward_stats, **record,
+                                   update_seconds=round(now - last, 3), elapsed_seconds=round(now - started, 3)))
+                last = now
+            s.epoch = epoch + 1
+            if s.epoch % cfg.save_every == 0 or s.epoch == cfg.epochs:
+                checkpoint(s, f"epoch_{s.epoch:04d}", s.epoch)
+                if s.is_main:
                     prune_checkpoints(Path(cfg.out), cfg.keep_checkpoints)
-        save_grid(session, max(cfg.epochs, start_epoch))
+        save_grid(s, max(cfg.epochs, start_epoch))
     except NonFinite as err:
-        saved = checkpoint(session, f"stopped_update_{session.update + 1:06d}", epoch)
-        raise NonFinite(f"{err} at update {session.update + 1} (epoch {epoch}); saved the state before it to {saved}; "
+        saved = checkpoint(s, f"stopped_update_{s.update + 1:06d}", epoch)
+        raise NonFinite(f"{err} at update {s.update + 1} (epoch {epoch}); saved the state before it to {saved}; "
                         f"try a smaller --beta or --lr, or --adam-beta2 0.95") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and main
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(models: Models, schedule: StepSchedule, prompts: Sequence[str], cfg: Config,
+             evaluator: sd_metrics.Evaluator) -> dict:
+    """Reward and the metrics of sd_metrics, per prompt on fixed seeds, averaged over prompts (the paper's).
+
+    Finetuned (LoRA on) and pretrained (LoRA off) samples of a prompt use the same noise, so the prior
+    metrics measure only what finetuning moved.
+    """
+    n, rows, rewards = cfg.eval_samples_per_prompt, [], {"finetuned": [], "pretrained": []}
+    for i, prompt in enumerate(tqdm(prompts, desc="eval", leave=False)):
+        images = {name: sample_images(models, schedule, [prompt], n, cfg.eval_seed + i, cfg, lora)[0]
+                  for name, lora in (("finetuned", True), ("pretrained", False))}
+        for name, x in images.items():
+            rewards[name].append(models.reward(x, [prompt] * n).float())
+        rows.append({"prompt": prompt, "reward_mean": float(rewards["finetuned"][-1].mean()),
+                     "reward_mean_pretrained": float(rewards["pretrained"][-1].mean()),
+                     **evaluator.prompt_metrics(images["finetuned"], images["pretrained"])})
+    averaged = sd_metrics.average_rows(rows)
+    return {"reward_mean": averaged.pop("reward_mean"), "reward_std": float(torch.cat(rewards["finetuned"]).std()),
+            **averaged, "unavailable": evaluator.unavailable, "metric_models": evaluator.models,
+            "prompts": len(prompts), "samples_per_prompt": n, "per_prompt": rows}
 
 
 def evaluate_session(session: Session) -> None:
@@ -1228,24 +708,22 @@ def evaluate_session(session: Session) -> None:
     s.accelerator.wait_for_everyone()
 
 
-def run(cfg: Config) -> None:
-    session = start_session(cfg)
-    train(session)
-    if cfg.eval:
-        evaluate_session(session)
-    session.accelerator.end_training()
-
-
 def _versions() -> Dict[str, str]:
     versions = {m.__name__: m.__version__ for m in (torch, diffusers, peft, transformers, accelerate)}
     return {**versions, **{name: importlib.metadata.version(name) for name in ("open_clip_torch", "torchmetrics", "dreamsim")}}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Parse, load (or resume), train, optionally evaluate; a bad input or NaN stops with one line."""
     diffusers.utils.logging.disable_progress_bar()  # our bars are sampling, training and eval
     transformers.utils.logging.disable_progress_bar()
     try:
-        run(parse_config(argv))
+        cfg = parse_config(argv)
+        session = start_session(cfg)
+        train(session)
+        if cfg.eval:
+            evaluate_session(session)
+        session.accelerator.end_training()
     except (UsageError, MissingWeights, NonFinite) as err:
         if int(os.environ.get("RANK", "0")) == 0:  # every process fails alike; one says why
             print(f"{PROG}: error: {err}", file=sys.stderr)

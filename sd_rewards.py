@@ -27,9 +27,9 @@ tests check it covers all 625 keys of the authors' module and that a tiny model 
 scores (tests/data/imagereward_reference.json, made by their own code).
 
 Weights come from a hub id, a local folder or a local file (`Source`: the value plus the flag and
-environment variable that set it, so that a missing weight stops with one line naming both). The
-`tiny_reward_assets` builds are tiny random models of each architecture, saved in the same formats and
-loaded by the same functions, for smoke tests (`--model tiny`).
+environment variable that set it, so that a missing weight stops with one line naming both). The tiny
+random builds of each architecture (`--model tiny`, smoke tests) live in tiny_models.py; they are saved
+in the same formats and loaded by the same functions as the real weights.
 
 Deliberate differences from the rewards' own code: all run in float32 (HPSv2's and ImageReward's
 scripts use autocast / their defaults); text features are computed once per distinct prompt and
@@ -42,8 +42,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import urllib.error
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,7 +55,7 @@ import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
 from transformers import (BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel,
-                          CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTokenizer)
+                          CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer)
 
 TINY = "tiny"
 REWARDS = ("aesthetic", "hpsv2", "pickscore", "imagereward", "clip-score")
@@ -544,125 +542,3 @@ def load_reward(name: str, sources: Mapping[str, Source], embedder: ClipEmbedder
     if name == "imagereward":
         return load_imagereward(sources["imagereward_model"], sources["imagereward_tokenizer"], device)
     raise ValueError(f"unknown reward {name!r} (one of {', '.join(REWARDS)})")
-
-
-# ----------------------------------------------------------------------------------------------
-# Tiny random builds (smoke tests): each architecture at toy size, saved in its real format
-# ----------------------------------------------------------------------------------------------
-
-
-def build_once(root: Path, build: Callable[[Path], None], seed: int = 0) -> Path:
-    """Run build(folder) once into a staging folder (seeded, global RNG untouched), then rename it to
-    root: concurrent processes never see a half-built folder."""
-    if root.is_dir():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tiny-"))
-    with torch.random.fork_rng(devices=[]), quiet_library_logs():
-        torch.manual_seed(seed)
-        build(staging)
-    try:
-        staging.rename(root)
-    except OSError:  # another process finished first; its copy is identical
-        shutil.rmtree(staging, ignore_errors=True)
-    return root
-
-
-def _byte_symbols() -> List[str]:
-    """The 256 printable stand-ins for bytes used by byte-level BPE (GPT-2/CLIP convention)."""
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
-    symbols, extra = [], 0
-    for b in range(256):
-        symbols.append(chr(b) if b in printable else chr(256 + extra))
-        extra += b not in printable
-    return symbols
-
-
-def build_tiny_tokenizer(folder: Path) -> CLIPTokenizer:
-    """A CLIP tokenizer with a byte-level vocabulary and no merges (one token per character), built
-    from vocab.json/merges.txt written here: no download. Same class and special tokens as SD's."""
-    folder.mkdir(parents=True, exist_ok=True)
-    symbols = _byte_symbols()
-    vocab = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-
-
-def tiny_clip_text_config(vocab_size: int) -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab_size - 2,
-                          eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
-
-
-def tiny_clip(vocab_size: int, image_size: int = 32) -> CLIPModel:
-    return CLIPModel(CLIPConfig(
-        text_config=tiny_clip_text_config(vocab_size).to_dict(),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=image_size, patch_size=8),
-        projection_dim=32,
-    ))
-
-
-def build_tiny_bert_tokenizer(folder: Path) -> BertTokenizer:
-    """A BERT WordPiece tokenizer over letters and digits (vocab.txt written here), like bert-base-uncased
-    before BLIP adds its two tokens; [PAD] = 0 as in ImageReward's med_config."""
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars), *".,-'"]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizer(str(folder / "vocab.txt"))
-    tokenizer.save_pretrained(folder)
-    return tokenizer
-
-
-def _build_tiny_hpsv2(folder: Path) -> None:
-    """open_clip's CLIP at toy size (the real tokenizer's 49408-token vocabulary and 77-token context)."""
-    import open_clip
-
-    arch = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=2, width=32, head_width=16, patch_size=8),
-                text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=4, layers=2))
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": arch}))
-    torch.save({"state_dict": open_clip.model.CLIP(**arch).state_dict()}, folder / HPSV2_FILE)
-
-
-def _build_tiny_pickscore(folder: Path) -> None:
-    """A tiny CLIPModel and a CLIPProcessor of the laion processor's kind (bicubic, centre crop), one folder."""
-    tokenizer = build_tiny_tokenizer(folder / "vocab")
-    tiny_clip(len(tokenizer)).save_pretrained(folder)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-
-
-TINY_IMAGEREWARD_VISION = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                               num_attention_heads=4, intermediate_size=128)
-
-
-def _build_tiny_imagereward(folder: Path) -> None:
-    """A tiny ImageRewardNet, saved in the authors' format: ImageReward.pt with *their* key names (our
-    map inverted, plus the unused entries), med_config.json, vision_config.json, tokenizer/."""
-    tokenizer = build_tiny_bert_tokenizer(folder / "tokenizer")
-    med_config = dict(vocab_size=len(tokenizer) + 2, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=40, layer_norm_eps=1e-12, hidden_act="gelu",
-                      pad_token_id=0, add_cross_attention=True, encoder_width=32, model_type="bert")
-    net = ImageRewardNet(*imagereward_configs(med_config, TINY_IMAGEREWARD_VISION))
-    with torch.no_grad():  # larger than transformers' init (std 0.02), so that the tiny score varies visibly
-        for name, p in net.named_parameters():
-            p.copy_(torch.ones_like(p) if "norm" in name.lower() and name.endswith("weight") else 0.2 * torch.randn_like(p))
-    inverse = [(ours, theirs) for theirs, ours in IMAGEREWARD_KEYS]
-    state = {rename_key(k, inverse): v for k, v in net.state_dict().items()}
-    width, text_width = TINY_IMAGEREWARD_VISION["hidden_size"], med_config["hidden_size"]
-    state.update({"blip.vision_proj.weight": torch.randn(16, width), "blip.vision_proj.bias": torch.zeros(16),
-                  "blip.text_proj.weight": torch.randn(16, text_width), "blip.text_proj.bias": torch.zeros(16),
-                  "blip.text_encoder.embeddings.position_ids": torch.arange(40)[None]})
-    torch.save(state, folder / IMAGEREWARD_FILE)
-    (folder / IMAGEREWARD_MED_CONFIG).write_text(json.dumps(med_config))
-    (folder / "vision_config.json").write_text(json.dumps(TINY_IMAGEREWARD_VISION))
-
-
-TINY_BUILDERS = {"hpsv2": _build_tiny_hpsv2, "pickscore": _build_tiny_pickscore, "imagereward": _build_tiny_imagereward}
-
-
-def tiny_reward_assets(cache_dir: str, name: str) -> Path:
-    """The folder of reward `name`'s tiny random build (made once under cache_dir/tiny-rewards-v1/)."""
-    return build_once(Path(cache_dir) / "tiny-rewards-v1" / name, TINY_BUILDERS[name])

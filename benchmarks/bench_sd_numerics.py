@@ -45,6 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nabla_gfn  # noqa: E402
 import sd_finetune as sd  # noqa: E402
+import sd_models as sdm  # noqa: E402
+from diffusers.training_utils import cast_training_params  # noqa: E402
+import tiny_models  # noqa: E402
+from sd_rewards import quiet_library_logs  # noqa: E402
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
           "fp16": torch.float16}
@@ -103,7 +107,7 @@ def build_unet(size: str, cache_dir: str, seed: int):
     if size == "sd15":
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
     else:
-        unet = UNet2DConditionModel.from_pretrained(sd.tiny_assets(cache_dir) / "pipeline", subfolder="unet")
+        unet = UNet2DConditionModel.from_pretrained(tiny_models.tiny_assets(cache_dir) / "pipeline", subfolder="unet")
     unet.requires_grad_(False)
     sd.add_lora(unet, 8, 8.0)
     return unet
@@ -125,9 +129,9 @@ class Passes:
         self.name, self.device = name, device
         dtype = DTYPES[name]
         if dtype not in copies:  # one module per dtype (fp32 and tf32 share the original): memory
-            with sd.quiet_library_logs():
+            with quiet_library_logs():
                 copies[dtype] = unet.to(device) if dtype == torch.float32 else copy.deepcopy(unet).to(device, dtype)
-            sd.cast_training_params(copies[dtype], dtype=torch.float32)  # LoRA float32, as sd_finetune holds it
+            cast_training_params(copies[dtype], dtype=torch.float32)  # LoRA float32, as sd_finetune holds it
         self.unet = copies[dtype]
         self.cond, self.uncond, self.guidance = cond.to(device), uncond.to(device), guidance
 
@@ -138,7 +142,7 @@ class Passes:
                     p.copy_(q)
 
     def eps_fn(self, lora: bool):
-        return sd.guided_eps(self.unet, self.cond, self.uncond, self.guidance, lora=lora)
+        return sdm.guided_eps(self.unet, self.cond, self.uncond, self.guidance, lora=lora)
 
     def mean(self, lora: bool, x, step: int, schedule, grad: bool = False):
         """(μ(x), x with grad or None) in float32 for rows (B, 4, h, w) at step index `step`."""
@@ -183,7 +187,7 @@ def relative_error(q: torch.Tensor, ref: torch.Tensor) -> float:
 def measure(args) -> dict:
     device = torch.device(args.device)
     unet = build_unet(args.size, args.cache_dir, args.seed)
-    schedule = nabla_gfn.ddim_schedule(sd.sd_scheduler(), 50)
+    schedule = nabla_gfn.ddim_schedule(tiny_models.sd_scheduler(), 50)
     timesteps = [int(t) for t in args.timesteps.split(",")]
     steps = [int((schedule.timesteps == t).nonzero()) for t in timesteps]
     g = torch.Generator().manual_seed(args.seed)

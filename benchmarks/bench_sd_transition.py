@@ -61,6 +61,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nabla_gfn  # noqa: E402
 import sd_finetune as sd  # noqa: E402
+import sd_models as sdm  # noqa: E402
+import tiny_models  # noqa: E402
+from sd_rewards import AestheticHead, AestheticReward, ClipEmbedder, quiet_library_logs  # noqa: E402
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel  # noqa: E402
 
@@ -80,7 +83,7 @@ def sd15_text_config() -> CLIPTextConfig:
 def sd15_random_models(cfg: sd.Config, device: torch.device, dtype: torch.dtype) -> sd.Models:
     """SD-1.5-sized pipeline and CLIP ViT-L/14 with random weights, assembled like sd.load_models.
     Modules are created directly on `device` (which may be "meta")."""
-    tokenizer = sd.build_tiny_tokenizer(Path(cfg.cache_dir) / "bench-vocab")  # ids < 514: fine for timing
+    tokenizer = tiny_models.build_tiny_tokenizer(Path(cfg.cache_dir) / "bench-vocab")  # ids < 514: fine for timing
     with torch.device(device):
         vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -93,25 +96,25 @@ def sd15_random_models(cfg: sd.Config, device: torch.device, dtype: torch.dtype)
                                image_size=224, patch_size=14, hidden_act="quick_gelu"),
             projection_dim=768,
         ))
-        head = sd.AestheticHead(768).eval().requires_grad_(False)
-    with sd.quiet_library_logs():  # diffusers warns on .to(dtype) even with nothing to keep in float32
+        head = AestheticHead(768).eval().requires_grad_(False)
+    with quiet_library_logs():  # diffusers warns on .to(dtype) even with nothing to keep in float32
         unet_dtype, fast_dtype = sd.unet_dtypes(cfg, torch.device("cuda" if device == "meta" else device))
         for module, module_dtype in ((vae, dtype), (text_encoder, dtype), (unet, unet_dtype)):
             module.requires_grad_(False).to(module_dtype)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=sd.sd_scheduler(), safety_checker=None, feature_extractor=None,
+                                   scheduler=tiny_models.sd_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    embedder = sd.ClipEmbedder(clip, tokenizer).to(device)
+    embedder = ClipEmbedder(clip, tokenizer).to(device)
     lora = sd.add_lora(unet, cfg.lora_rank, cfg.lora_alpha)
     with torch.device(device):
         flow = sd.build_flow_net(unet, cfg.flow_widths)
-    return sd.Models(pipe, lora, flow, embedder, sd.AestheticReward(embedder, head), sd.encode_prompts(pipe, [""]),
+    return sd.Models(pipe, lora, flow, embedder, AestheticReward(embedder, head), sd.encode_prompts(pipe, [""]),
                      fast_dtype)
 
 
 def transition_batch(models: sd.Models, schedule, step: int, n: int, resolution: int, generator):
     """n transitions at step index `step` of a synthetic chain (the values do not change the cost)."""
-    shape = sd.latent_shape(models, n, resolution)
+    shape = sdm.latent_shape(models, n, resolution)
     trajectory = nabla_gfn.Trajectory(
         states=torch.randn(n, schedule.num_steps + 1, *shape[1:], generator=generator).to(models.pipe.device),
         eps=torch.randn(n, schedule.num_steps, *shape[1:], generator=generator).to(models.pipe.device),
@@ -179,7 +182,7 @@ class Bench:
     def sampling_eps(self) -> None:
         """One sampling step's guided ε (under --precision autocast when the UNet is held in float32)."""
         with torch.no_grad():
-            sd.guided_eps(self.models.unet, self.cond, self.models.uncond, self.cfg.guidance_scale,
+            sdm.guided_eps(self.models.unet, self.cond, self.models.uncond, self.cfg.guidance_scale,
                           autocast=self.models.fast_dtype)(self.batch.x, self.batch.t, self.batch.traj)
 
     def loss(self, target: str) -> None:
@@ -201,7 +204,7 @@ class Bench:
                                       sample_batch_size=len(self.trajectory.states))
             sd.adjoint_sweep(self.models, self.schedule, self.trajectory, self.cond, self.prompts, cfg)
             return
-        reference = self.reference_eps if jacobian == "guided" else sd.conditional_eps(self.models.unet, self.cond)
+        reference = self.reference_eps if jacobian == "guided" else sdm.conditional_eps(self.models.unet, self.cond)
         nabla_gfn.lean_adjoint(lambda x, t, traj: reference(x.clone(), t, traj), self.schedule, self.trajectory,
                                self.log_reward, self.cfg.beta)
 
@@ -218,7 +221,7 @@ class Bench:
             return run
 
         unit = flops(self.eps)
-        unguided = sd.conditional_eps(self.models.unet, self.cond)
+        unguided = sdm.conditional_eps(self.models.unet, self.cond)
         parts = dict(Eg=flops(to_input(self.policy_eps)), Egr=flops(to_input(self.reference_eps)),
                      Egu=flops(to_input(unguided)),
                      Ep=flops(lambda: self.policy_eps(b.x, b.t, b.traj).sum().backward()),
@@ -297,7 +300,7 @@ def print_cost_table(title: str, rows: List[dict], transitions: Sequence[int], e
 def sd15_flops(models, benches, cfg, prompts, transitions, taesd: bool) -> None:
     """--measure flops: the parts, then the cost table composed from them (and, off meta, checked)."""
     def reward_of_latents(x0, traj):  # on meta, prompts cannot be looked up by value (traj.tolist())
-        return models.reward(sd.decode_latents(models.pipe.vae, x0), prompts[: len(x0)])
+        return models.reward(sdm.decode_latents(models.pipe.vae, x0), prompts[: len(x0)])
 
     tiny_decoder = None
     if taesd:
@@ -305,7 +308,7 @@ def sd15_flops(models, benches, cfg, prompts, transitions, taesd: bool) -> None:
 
         with torch.device(models.pipe.device):
             tiny_decoder = AutoencoderTiny().requires_grad_(False)
-        with sd.quiet_library_logs():
+        with quiet_library_logs():
             tiny_decoder.to(models.pipe.vae.dtype)
     parts = {kind: b.part_flops(reward_of_latents, tiny_decoder) for kind, b in benches.items()}
     unit = parts["non-terminal"].pop("unit")

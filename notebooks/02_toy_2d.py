@@ -276,7 +276,7 @@ plt.show()
 # %% [markdown]
 # One seed and a short budget, so read the table for its direction, not its digits. On `toy_2d`'s
 # full default budget (300 updates × 128 trajectories, ring8/bump, seeds 0–2; README, toy baselines
-# table, `python compare_toy.py --readme`): the default (adjoint) **0.047 ± 0.009**, below 0.1 after
+# table, `python experiments/compare_toy.py --docs`): the default (adjoint) **0.047 ± 0.009**, below 0.1 after
 # 20 updates; mixed, λ = 0.5, 0.065 ± 0.009; bootstrap with the same other settings 0.339 ± 0.107 and
 # with the paper's settings 0.569 ± 0.010, never below 0.1; adjoint matching 0.031 ± 0.012 and RTB
 # 0.025 ± 0.010, both after 20 updates; the oracle 0.046 on that evaluation. Per update the default
@@ -300,10 +300,10 @@ plt.show()
 # the reward and, with nothing tying them to the prior, drift towards its maximum. (DDPO, PPO-clip
 # on the per-step log-probability ratios, does the same; it is the costliest per update and is left
 # to the README's table: `--method ddpo`.) Same budget for all: the updates above, one seed.
-# (`python compare_toy.py --readme` runs toy_2d's default budget on 3 seeds for the README's table.)
+# (`python experiments/compare_toy.py --docs` runs toy_2d's default budget on 3 seeds for docs/results/compare_toy.md.)
 
 # %%
-import compare_toy
+from experiments import compare_toy, runner
 
 labels = {key: variant["label"] for key, variant in compare_toy.variants(cfg).items()}
 labels.setdefault("adjoint-matching", f"Adjoint Matching ({cfg.weighting})")
@@ -322,7 +322,7 @@ summary = {}
 print(f"{'':>32} {'mode TV':>8} {'mean r':>7} {'mode entropy':>13} {'train s':>8}")
 for name, (x, secs) in rows.items():
     m = toy_2d.metrics(task, x)
-    entropy = compare_toy.mode_entropy(toy_2d.mode_weights(x, task.target.means)) + 0.0  # + 0.0: no "-0.00"
+    entropy = runner.mode_entropy(toy_2d.mode_weights(x, task.target.means)) + 0.0  # + 0.0: no "-0.00"
     summary[name] = (m["mean_log_reward"], entropy, m["mode_tv"])
     print(f"{name:>32} {m['mode_tv']:8.3f} {m['mean_log_reward']:7.2f} {entropy:13.2f} {secs:>8}")
 

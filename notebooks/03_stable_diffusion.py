@@ -47,6 +47,7 @@ import accelerate
 import diffusers
 import nabla_gfn as ng
 import sd_finetune as sd
+import sd_models as sdm
 
 torch.set_num_threads(1)                        # the tiny models run fastest on one thread
 import transformers
@@ -71,11 +72,11 @@ for f in dataclasses.fields(cfg):
 
 # %%
 device = torch.device("cpu")
-torch.manual_seed(cfg.seed)                       # the LoRA's Gaussian init and g_φ's, as in sd.run
+torch.manual_seed(cfg.seed)                       # the LoRA's Gaussian init and g_φ's, as in sd.start_session
 models = sd.load_models(cfg, device, sd.weight_dtype(cfg.precision, device))
 count = lambda params: sum(p.numel() for p in params)
 print(f"UNet {count(models.unet.parameters()):,} parameters, of which LoRA {count(sd.lora_parameters(models.unet)):,} trainable "
-      f"in {len(sd.lora_layers(models.unet))} adapted layers")
+      f"in {len(sdm.lora_layers(models.unet))} adapted layers")
 print(f"g_φ  {count(models.flow.parameters()):,} parameters; its output layer is zero: {bool((models.flow.conv_out.weight == 0).all())}")
 print(f"VAE  {count(models.pipe.vae.parameters()):,}, text encoder {count(models.pipe.text_encoder.parameters()):,}, "
       f"reward {type(models.reward).__name__} on CLIP {count(models.embedder.parameters()):,}")
@@ -86,8 +87,8 @@ print("σ_τ:        ", [round(s, 3) for s in schedule.sigma.tolist()])
 # %% [markdown]
 # ## 2 · $P_F^\theta$ is the UNet with its LoRA; $P_F^\sharp$ is the same UNet with the adapters off
 #
-# No second copy of the UNet: `sd.guided_eps(..., lora=False)` runs it inside
-# `sd.lora_disabled`, which switches the adapters off and back on. Both apply classifier-free
+# No second copy of the UNet: `sdm.guided_eps(..., lora=False)` runs it inside
+# `sdm.lora_disabled`, which switches the adapters off and back on. Both apply classifier-free
 # guidance, $\hat\epsilon = \epsilon_u + w(\epsilon_c - \epsilon_u)$, with the empty negative
 # prompt. `sd.loss_callables` returns the four callables `nabla_gfn` takes — policy ε, reference
 # ε, log-reward of latents, $g_\phi$ — each routed by the row's trajectory index `traj`, so every
@@ -99,7 +100,7 @@ cond = sd.encode_prompts(models.pipe, prompts)              # (4, 77, 32) text e
 policy_eps, reference_eps, log_reward, flow = sd.loss_callables(models, cond, prompts, cfg.guidance_scale)
 
 gen = torch.Generator().manual_seed(cfg.seed)
-x = torch.randn(sd.latent_shape(models, len(prompts), cfg.resolution), generator=gen)
+x = torch.randn(sdm.latent_shape(models, len(prompts), cfg.resolution), generator=gen)
 t, traj = schedule.timesteps[3].expand(len(prompts)), torch.arange(len(prompts))
 with torch.no_grad():
     gap = (policy_eps(x, t, traj) - reference_eps(x, t, traj)).abs().max()
@@ -120,7 +121,7 @@ print(f"states {tuple(trajectory.states.shape)} (trajectories, T+1, latent), ε�
 with torch.no_grad():
     states = trajectory.states[0]                                       # (T+1, 4, h, w)
     x0_hat = ng.x0_prediction(states[:-1], trajectory.eps[0], schedule.alpha_bar)
-    rows = [sd.decode_latents(models.pipe.vae, states), sd.decode_latents(models.pipe.vae, torch.cat([x0_hat, states[-1:]]))]
+    rows = [sdm.decode_latents(models.pipe.vae, states), sdm.decode_latents(models.pipe.vae, torch.cat([x0_hat, states[-1:]]))]
 fig, axes = plt.subplots(2, cfg.steps + 1, figsize=(1.2 * (cfg.steps + 1), 2.8))
 for r, (images, name) in enumerate(zip(rows, ("x_τ", "x̂₀(x_τ)"))):
     for k, ax in enumerate(axes[r]):
@@ -134,7 +135,7 @@ plt.show()
 # %% [markdown]
 # ## 4 · The reward gradient through the VAE and the reward model
 #
-# The loss needs $\nabla r$ with respect to the *latent*: `sd.latent_log_reward` decodes with the
+# The loss needs $\nabla r$ with respect to the *latent*: `sdm.latent_log_reward` decodes with the
 # VAE, then CLIP-embeds (resize, normalise — plain torch, differentiable) and applies the
 # aesthetic MLP. `ng.reward_gradient` builds that graph, takes the gradient and frees it at
 # once. The reward and its gradient run in float32 (the authors found bf16 gives large errors).
@@ -165,7 +166,7 @@ print(f"step {i}: forward-looking guess β·γ·∇r(x̂_0), β = {cfg.beta:g}, 
 # %% [markdown]
 # ## 5 · One ∇-DB update
 #
-# The training step of `sd.train_epoch`, written out once: subsample the transitions (the
+# The training step of `sd.train` (`sd.update`), written out once: subsample the transitions (the
 # terminal one of each trajectory plus ~10% of the others), evaluate `ng.nabla_db_loss` with the
 # four callables, backpropagate, then `sd.optimizer_step` (gradients averaged over processes,
 # norms clipped separately for the LoRA and for $g_\phi$, **one** AdamW step — the official code
@@ -242,7 +243,7 @@ print(f"pipe({prompts[0]!r}) → {image.size} image (noise: random tiny weights)
 # %% [markdown]
 # ## 7 · The real run
 #
-# The loop above, repeated: `sd.run` samples 64 trajectories per epoch (prompts drawn from 45
+# The loop above, repeated: `sd.train` samples 64 trajectories per epoch (prompts drawn from 45
 # simple animals), trains on their subsampled transitions in updates of 64, checkpoints, writes
 # sample grids and metrics. Defaults are the paper's aesthetic-reward run (SD v1.5, 50 DDIM(η=1)
 # steps, guidance 5, 512², LoRA rank 8, β = 1e4, λ = 2e3, ~200 updates); the frozen weights run

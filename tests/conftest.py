@@ -27,8 +27,8 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def tiny_sd_cache(tmp_path_factory):
     """A private cache holding the tiny SD pipeline, CLIP and aesthetic head, built once per session."""
-    import sd_finetune
+    import tiny_models
 
     folder = tmp_path_factory.mktemp("sd-cache")
-    sd_finetune.tiny_assets(str(folder))
+    tiny_models.tiny_assets(str(folder))
     return folder

@@ -24,8 +24,10 @@ from torch.distributions import Normal
 import nabla_gfn
 from nabla_gfn import (
     LossConfig,
+    StepSchedule,
     Transitions,
     adjoint_rows,
+    affine,
     clip_grad_norms,
     ddim_schedule,
     forward_looking_score,
@@ -35,7 +37,6 @@ from nabla_gfn import (
     gaussian_log_prob,
     lean_adjoint,
     nabla_db_loss,
-    reverse_target,
     sample_trajectory,
     step_mean,
     subsample_steps,
@@ -237,7 +238,42 @@ def test_step_mean_and_sigma_reproduce_ddim_eta1_step(scheduler, num_steps):
         expected = scheduler.step(eps, t, x, eta=1.0, variance_noise=z).prev_sample
         coefs = [getattr(schedule, f)[i].expand(5) for f in ("alpha_bar", "alpha_bar_next", "sigma")]
         got = step_mean(x, eps, *coefs) + schedule.sigma[i] * z
+        # float32 x, ε, z through diffusers' float32 scalars vs float64 coefficients: a few eps32 of |x| + |ε| ≈ 1e-6.
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"step {i} (t={int(t)})")
+
+
+@pytest.mark.parametrize("num_steps", [1, 7, 50, 333])
+def test_schedule_describes_the_ddim_eta1_step_as_affine_in_state_and_output(scheduler, num_steps):
+    """μ = a x + b ε̂ and x̂_0 = c x + d ε̂ with the schedule's per-step coefficients reproduce diffusers'
+    own step (prev_sample, pred_original_sample); x̂_0 at x' uses the next step's coefficients (after
+    the last step: ᾱ' = final_alpha_cumprod); a schedule or batch built without coefficients gets
+    the same DDIM ones, and gathered rows carry their step's."""
+    schedule = ddim_schedule(scheduler, num_steps)
+    for field in ("mean_coef", "x0_coef", "x0_coef_next"):
+        assert getattr(schedule, field).shape == (num_steps, 2) and getattr(schedule, field).dtype == F64
+    generator = torch.Generator().manual_seed(num_steps)
+    for i, t in enumerate(scheduler.timesteps):
+        x, eps = torch.randn(2, 5, *IMAGE_SHAPE, generator=generator, dtype=F64)
+        out = scheduler.step(eps, t, x, eta=1.0, variance_noise=torch.zeros_like(x))
+        mean_coef, x0_coef = schedule.mean_coef[i].expand(5, 2), schedule.x0_coef[i].expand(5, 2)
+        torch.testing.assert_close(affine(mean_coef, x, eps), out.prev_sample, rtol=RTOL_DIFFUSERS, atol=1e-6)
+        torch.testing.assert_close(affine(x0_coef, x, eps), out.pred_original_sample, rtol=RTOL_DIFFUSERS, atol=1e-6)
+    torch.testing.assert_close(schedule.x0_coef_next[:-1], schedule.x0_coef[1:], rtol=1e-12, atol=0)
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=F64)
+    expected_last = torch.stack([1 / final.sqrt(), -(1 - final).sqrt() / final.sqrt()])
+    torch.testing.assert_close(schedule.x0_coef_next[-1], expected_last.to(F64), rtol=1e-6, atol=0)
+    plain = StepSchedule(schedule.timesteps, schedule.next_timesteps, schedule.alpha_bar, schedule.alpha_bar_next,
+                         schedule.sigma)
+    sliced = StepSchedule(*(getattr(schedule, f)[: max(1, num_steps // 2)] for f in schedule.__dataclass_fields__))
+    for field in ("mean_coef", "x0_coef", "x0_coef_next"):
+        assert torch.equal(getattr(plain, field), getattr(schedule, field))
+        assert torch.equal(getattr(sliced, field), getattr(schedule, field)[: max(1, num_steps // 2)])
+    trajectory = sample_trajectory(TinyNet(IMAGE_SHAPE, seed=1), schedule, torch.randn(3, *IMAGE_SHAPE, dtype=F64))
+    batch = gather_transitions(trajectory, schedule, subsample_steps(num_steps, 0.5, 3, generator=generator))
+    for field in ("mean_coef", "x0_coef", "x0_coef_next"):
+        assert torch.equal(getattr(batch, field), getattr(schedule, field)[batch.step])
+    rebuilt = Transitions(*(getattr(batch, f) for f in list(Transitions.__dataclass_fields__)[:-3]))
+    assert all(torch.equal(getattr(rebuilt, f), getattr(batch, f)) for f in ("mean_coef", "x0_coef", "x0_coef_next"))
 
 
 @pytest.mark.parametrize(
@@ -297,6 +333,7 @@ def test_sample_trajectory_reproduces_scheduler_loop(scheduler, schedule):
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
         x = scheduler.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
         torch.testing.assert_close(trajectory.eps[:, i], eps)
+        # diffusers' float32 scalars (≈ eps32 relative each; see RTOL_DIFFUSERS) compounded over NUM_STEPS steps.
         torch.testing.assert_close(trajectory.states[:, i + 1], x, rtol=1e-5, atol=1e-5)
     assert len(calls) == NUM_STEPS
     assert torch.equal(trajectory.final, trajectory.states[:, -1])
@@ -373,6 +410,7 @@ def test_forward_looking_score_is_autograd_of_reward_at_x0_hat(scheduler, schedu
     torch.testing.assert_close(score, expected, rtol=RTOL_DIFFUSERS, atol=1e-8)
     with torch.no_grad():
         expected_r = smooth_reward(diffusers_step(scheduler, policy, x, t, traj)[1], traj)
+    # float32 rewards of x̂_0 from float64 vs diffusers' float32-scalar coefficients: a few eps32 of r's terms.
     torch.testing.assert_close(r_hat.double(), expected_r.double(), rtol=1e-5, atol=1e-6)
     assert not score.requires_grad and not r_hat.requires_grad
     assert all(p.grad is None for p in policy.parameters()), "the guess must not leave parameter gradients"
@@ -490,7 +528,10 @@ def test_terminal_rows_use_exact_reward_gradient(schedule, weighting, flow_is_ze
     expected_terminal = mean_sq(flow(x0, torch.zeros(B, dtype=torch.long), torch.arange(B))).mean()
     torch.testing.assert_close(parts["forward"], expected_forward)
     torch.testing.assert_close(parts["terminal"], expected_terminal.detach())
-    torch.testing.assert_close(parts["reward_next"].double(), smooth_reward(x0, None).double().mean())
+    r = smooth_reward(x0, None)  # float32, as reward models give; the loss averages it in float32, the oracle in float64:
+    # rounding ≤ B·eps32·mean|r| (a sum's error bound; relative to mean|r| since the mean may cancel).
+    torch.testing.assert_close(parts["reward_next"].double(), r.double().mean(), rtol=0,
+                               atol=B * torch.finfo(torch.float32).eps * float(r.abs().mean()))
 
 
 def test_gradients_reach_only_what_each_term_trains(schedule):
@@ -914,29 +955,32 @@ def test_adjoint_matching_loss_is_zero_when_the_policy_shift_is_sigma2_times_the
     assert wrong > 1e-3 * at_reference
 
 
-def _policy_pass(batch, policy):
-    x = batch.x.detach().requires_grad_(True)
-    eps = policy(x, batch.t, batch.traj)
-    return x, eps, step_mean(x, eps, batch.alpha_bar, batch.alpha_bar_next, batch.sigma)
-
-
-def test_mixed_reverse_target_is_bootstrap_at_small_lambda_and_the_adjoint_at_lambda_one(scheduler, schedule):
-    """L_B = w_φ ‖v + g_φ(x)‖². "mixed" with λ → 0 gives the bootstrapped v; with λ = 1 it fits
-    guess(x) + g_φ(x) to a_i alone: v = guess(x) − a_i (guess by an independent oracle)."""
+def test_flow_targets_fit_their_stated_targets_and_mixed_interpolates(scheduler, schedule):
+    """Each flow target's (fit(x'), v(x)) with L_B = w_φ ‖v + g_φ(x)‖². "bootstrap" and "mixed" fit g_φ(x')
+    to θ's detached residual, "adjoint" to a_{i+1} with no L_B. "mixed" with λ → 0 gives the
+    bootstrapped v; with λ = 1 it fits guess(x) + g_φ(x) to a_i alone: v = guess(x) − a_i (guess and
+    adjoint rows by independent oracles)."""
     policy, reference = TinyNet(seed=1), TinyNet(seed=2)
     batch, adjoint = sample_batch_with_adjoint(policy, reference, smooth_reward, schedule, 1.5)
-    a_here = oracle_adjoint_rows(scheduler, adjoint, batch, 0)
+    a_here, a_next = (oracle_adjoint_rows(scheduler, adjoint, batch, k) for k in (0, 1))
     common = dict(beta=1.5, gamma="sqrt_alpha_bar")
-    v_boot, mean_boot = reverse_target(batch, *_policy_pass(batch, policy), reference, smooth_reward, LossConfig(**common))
-    v_tiny, _ = reverse_target(batch, *_policy_pass(batch, policy), reference, smooth_reward,
-                               LossConfig(**common, flow_target="mixed", adjoint_lambda=1e-12), a_here)
-    v_one, mean_one = reverse_target(batch, *_policy_pass(batch, policy), reference, smooth_reward,
-                                     LossConfig(**common, flow_target="mixed", adjoint_lambda=1.0), a_here)
+    models = {"policy": policy, "reference": reference}
+
+    def targets(**kw):  # (θ's residual δ, (fit(x'), v(x))) from the loss's own pass at x
+        return nabla_gfn._residuals_at_x(batch, models, smooth_reward, LossConfig(**common, **kw), True, adjoint)[1:]
+
+    residual, (fit_boot, v_boot) = targets()
+    _, (fit_tiny, v_tiny) = targets(flow_target="mixed", adjoint_lambda=1e-12)
+    _, (fit_one, v_one) = targets(flow_target="mixed", adjoint_lambda=1.0)
+    _, (fit_adjoint, v_adjoint) = targets(flow_target="adjoint")
     torch.testing.assert_close(v_tiny, v_boot, rtol=1e-9, atol=1e-9)
     guess = oracle_guess(scheduler, policy, smooth_reward, batch.x, batch.t, batch.traj, 1.5, "sqrt_alpha_bar")
-    torch.testing.assert_close(v_one, guess - a_here, rtol=RTOL_DIFFUSERS, atol=1e-8)
-    torch.testing.assert_close(mean_one, mean_boot)
+    # v = guess − a cancels; the oracle's error (RTOL_DIFFUSERS) is relative to guess, so compare v + a (a is shared).
+    torch.testing.assert_close(v_one + a_here, guess, rtol=RTOL_DIFFUSERS, atol=1e-8)
     assert not v_one.requires_grad and (v_boot - v_one).abs().max() > 1e-3
+    for fit in (fit_boot, fit_tiny, fit_one):
+        assert torch.equal(fit, residual.detach()) and not fit.requires_grad
+    assert v_adjoint is None and torch.equal(fit_adjoint, a_next)
 
 
 @pytest.mark.parametrize(
@@ -966,6 +1010,65 @@ def test_flow_target_losses_match_independent_oracle(scheduler, schedule, use_fl
         torch.testing.assert_close(g, e, rtol=RTOL_DIFFUSERS, atol=1e-7)
     if flow_target == "adjoint":
         assert parts["reverse"] == 0 and all(not x.requires_grad for x, _ in rec_policy.calls), "no L_B, no graph to x"
+
+
+class X0Model:
+    """The ε-model `eps_fn` re-expressed as a model that predicts x̂_0 = (x − √(1−ᾱ) ε̂)/√ᾱ itself."""
+
+    def __init__(self, eps_fn, scheduler):
+        self.eps_fn, self.alphas_cumprod = eps_fn, scheduler.alphas_cumprod.to(F64)
+
+    def __call__(self, x, t, traj):
+        a = rows(self.alphas_cumprod[t], x)
+        return (x - (1 - a).sqrt() * self.eps_fn(x, t, traj)) / a.sqrt()
+
+
+def x0_parametrised(schedule):
+    """The same sampler for an x̂_0-model, as a new StepSchedule constructor would build it: out = x̂_0 =
+    c x + d ε̂ gives ε̂ = (out − c x)/d, so μ = a x + b ε̂ = (a − b c/d) x + (b/d) out, x̂_0 = 0 x + 1 out."""
+    (a, b), (c, d) = schedule.mean_coef.unbind(-1), schedule.x0_coef.unbind(-1)
+    identity = torch.tensor([0.0, 1.0], dtype=F64).expand(schedule.num_steps, 2)
+    return StepSchedule(schedule.timesteps, schedule.next_timesteps, schedule.alpha_bar, schedule.alpha_bar_next,
+                        schedule.sigma, torch.stack([a - b * c / d, b / d], -1), identity, identity)
+
+
+@pytest.mark.parametrize(
+    "use_flow, flow_target, guess_from, weighting",
+    [(True, "bootstrap", "policy", "plain"), (True, "bootstrap", "reference", "kl"), (True, "mixed", "policy", "kl-shift"),
+     (True, "adjoint", "reference", "kl"), (False, "bootstrap", "policy", "plain"), (False, "adjoint", "policy", "kl")],
+)
+def test_sampler_adjoint_and_loss_do_not_depend_on_the_output_parametrisation(
+    scheduler, schedule, use_flow, flow_target, guess_from, weighting
+):
+    """Only μ and x̂_0 enter the algorithm: the ε-models with the DDIM schedule and the same models
+    re-expressed as x̂_0-predictors with the coefficients of `x0_parametrised` give the same
+    trajectories, lean adjoint, loss parts and gradients (trust region off: it compares raw outputs).
+    A code path that read the output as ε̂ (e.g. x̂_0 from ᾱ alone) would fail this by O(1)."""
+    B, beta = 4, 1.5
+    policy, reference, flow, sampler = (TinyNet(num_traj=B, seed=s) for s in (1, 2, 3, 0))
+    reward = CentreReward(torch.randn(B, 2, dtype=F64))
+    cfg = LossConfig(beta=beta, reverse_weight=0.7, gamma="sqrt_alpha_bar", weighting=weighting, use_flow=use_flow,
+                     guess_from=guess_from, flow_target=flow_target, adjoint_lambda=0.3)
+    steps = subsample_steps(NUM_STEPS, 0.5, B, generator=torch.Generator().manual_seed(1))
+    x_T = torch.randn(B, 2, dtype=F64)
+    results = []
+    for as_x0 in (False, True):
+        wrap = (lambda m: X0Model(m, scheduler)) if as_x0 else (lambda m: m)
+        sched = x0_parametrised(schedule) if as_x0 else schedule
+        trajectory = sample_trajectory(wrap(sampler), sched, x_T, generator=torch.Generator().manual_seed(2))
+        adjoint, _ = lean_adjoint(wrap(reference), sched, trajectory, reward, beta)
+        batch = gather_transitions(trajectory, sched, steps)
+        loss, parts = nabla_db_loss(batch, wrap(policy), wrap(reference), reward, flow, cfg, adjoint=adjoint)
+        params = list(policy.parameters()) + (list(flow.parameters()) if use_flow else [])
+        results.append((trajectory.states, adjoint, parts, torch.autograd.grad(loss, params)))
+    (states, adjoint, parts, grads_eps), (states_x0, adjoint_x0, parts_x0, grads_x0) = results
+    torch.testing.assert_close(states_x0, states, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(adjoint_x0, adjoint, rtol=1e-7, atol=1e-9)
+    assert parts.keys() == parts_x0.keys() and parts["loss"] > 0
+    for name in parts:
+        torch.testing.assert_close(parts_x0[name], parts[name], rtol=1e-7, atol=1e-12, msg=name)
+    for got, expected in zip(grads_x0, grads_eps):
+        torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-10)
 
 
 @pytest.mark.parametrize("wrong_offset", [0, 2])

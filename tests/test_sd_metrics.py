@@ -51,6 +51,7 @@ def test_torchmetrics_fid_matches_scipy_on_known_gaussians():
     metric.update(a, real=True)
     metric.update(b, real=False)
     fid = float(metric.compute())
+    # float64 on both sides, full-rank 6-D covariances, FID ≈ 31 ≫ its cancelling traces' rounding: agree to ~1e-15.
     assert fid == pytest.approx(scipy_frechet(a.numpy(), b.numpy()), rel=1e-6)
     assert fid == pytest.approx(exact, rel=0.03)  # sampling error of 20000 samples
     assert sdm.frechet_distance(a, b) == pytest.approx(fid, rel=1e-6)
@@ -59,7 +60,7 @@ def test_torchmetrics_fid_matches_scipy_on_known_gaussians():
 def test_frechet_distance_matches_scipy_and_is_zero_on_itself():
     a, b, _ = known_gaussians(200)
     assert sdm.frechet_distance(a, b) == pytest.approx(scipy_frechet(a.numpy(), b.numpy()), rel=1e-6)
-    assert sdm.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert sdm.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)  # float64: tr C ≈ 20, rounding ~1e-13
 
 
 def test_prompt_fid_uses_torchmetrics_with_the_stand_in_features():
@@ -67,8 +68,10 @@ def test_prompt_fid_uses_torchmetrics_with_the_stand_in_features():
     generator = torch.Generator().manual_seed(0)
     x, y = (torch.rand(6, 3, 32, 32, generator=generator) * 2 - 1 for _ in range(2))
     features = lambda images: metric.inception(sdm.to_unit_range(images)).double().numpy()
+    # float64 on the same float32 features; 6 samples in 16-D leave ~11 zero eigenvalues whose rounding (~eps64·‖C‖²,
+    # ‖C‖ ≈ 4e-3) enters through √: ~1e-10 each, ~1e-7 relative to FID ≈ 0.01.
     assert sdm.fid(metric, x, y) == pytest.approx(scipy_frechet(features(x), features(y)), rel=1e-4, abs=1e-7)
-    assert sdm.fid(metric, x, x) == pytest.approx(0.0, abs=1e-5)  # reset between prompts: only this pair counts
+    assert sdm.fid(metric, x, x) == pytest.approx(0.0, abs=1e-5)  # √-rounding as above, ~1e-9; reset between prompts: only this pair counts
 
 
 def test_mean_pairwise_distance_of_unit_vectors():
@@ -85,9 +88,12 @@ def test_dreamsim_diversity_is_the_mean_pairwise_dreamsim_distance():
     unit = F.interpolate((images + 1) / 2, size=(224, 224), mode="bicubic", antialias=True).clamp(0, 1)
     embeds = distance.embedder.embed(unit)
     pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    embeds = embeds.double()  # 1 − cos ≈ 0.006 cancels ~2.5 of float32's ~7 digits: the oracle is float64
     expected = sum(float(1 - F.cosine_similarity(embeds[i : i + 1], embeds[j : j + 1])) for i, j in pairs) / len(pairs)
-    assert distance.diversity(images) == pytest.approx(expected, rel=1e-5)
-    assert distance.diversity(images[:1].expand(3, -1, -1, -1)) == pytest.approx(0.0, abs=1e-6)
+    # Same float32 embeddings, float64 sums in another order: error ≲ κ·eps64 with κ = Σ|terms|/|result| ≈ 2/0.006.
+    assert distance.diversity(images) == pytest.approx(expected, rel=1e-10)
+    # Equal rows: 0 up to float64 rounding (a float32 difference δ between rows would enter as δ²/2 ≲ 1e-13).
+    assert distance.diversity(images[:1].expand(3, -1, -1, -1)) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_a_metric_that_cannot_load_is_unavailable_and_the_others_still_run(tmp_path):
@@ -102,6 +108,7 @@ def test_a_metric_that_cannot_load_is_unavailable_and_the_others_still_run(tmp_p
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     row = evaluator.prompt_metrics(images, images.flip(0))
     assert row["dreamsim_diversity"] is None and row["prior_fid"] is None
+    # The same two embeddings in the other order, float64 Fréchet: √ of the rank-1 covariance's rounding, ~1e-8 ≪ 1e-6.
     assert row["clip_diversity"] > 0 and row["clip_prior_frechet"] == pytest.approx(0.0, abs=1e-6)
 
 

@@ -1,8 +1,9 @@
 """Every method on the 8×8-digits rung, 3 seeds × both rewards, on one budget: a markdown table and a figure.
 
-    python benchmarks/compare_digits.py --sweep        # 1. each method's learning rate: 3 values, seed 0, class:3
-    python benchmarks/compare_digits.py                # 2. every method × seeds 0, 1, 2 × {class:3 (β 1), ink (β 0.5)}
-    python benchmarks/compare_digits.py --table-only   # rebuild table.md and figure.png from the results on disk
+    python experiments/compare_digits.py --sweep              # 1. each method's learning rate: 3 values, seed 0, class:3
+    python experiments/compare_digits.py --docs               # 2. every method × seeds 0, 1, 2 × {class:3 (β 1), ink (β 0.5)}:
+                                                              #    docs/results/compare_digits.md, docs/figures/compare_digits.png
+    python experiments/compare_digits.py --table-only --docs  # rebuild the table and figure from the results on disk
 
 Rows: ∇-GFlowNet (guess + g_φ) with each flow target — adjoint (toy_digits' default), mixed (λ 0.5),
 bootstrap (the paper's way of training g_φ; everything else as the default) — and adjoint matching,
@@ -26,29 +27,29 @@ reward half of the way from p♯ to the reference), network VJPs and reward grad
 (counted by `toy_digits.CostMeter`), and how many seeds diverged (`toy_digits.diverged`).
 
 Runs are resumable: each (row, reward, seed) result is a JSON file under --out, and a finished one is
-skipped, so an interrupted run can be continued and the table rebuilt from whatever finished.
+skipped, so an interrupted run can be continued and the table rebuilt from whatever finished. The
+learning rates of the committed table are docs/results/compare_digits_sweep.json (the sweep's
+sweep.json; copy it into --out to skip the sweep).
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import dataclasses
 import json
-import multiprocessing
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np  # noqa: E402
 
 import toy_digits as td  # noqa: E402
-from compare_toy import mean_std  # noqa: E402  (sample std over seeds, as every table here)
+from experiments import runner  # noqa: E402
+from experiments.runner import mean_std  # noqa: E402  (sample std over seeds, as every table here)
 
 # (row, toy_digits method, Config overrides); the first row is toy_digits' default
 ROWS: List[Tuple[str, str, Dict]] = [
@@ -63,10 +64,6 @@ ROWS: List[Tuple[str, str, Dict]] = [
 ]
 REWARDS: List[Tuple[str, float]] = [("class:3", 1.0), ("ink", 0.5)]
 SWEEP_FACTORS = (1 / 3, 1.0, 3.0)
-
-
-def slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
 
 
 def row_config(row: str, reward: str, beta: float, seed: int, args, lr: Optional[float]) -> td.Config:
@@ -95,9 +92,6 @@ def setup_for(cfg: td.Config) -> "td.Setup":
 
 
 def run_job(job: Dict) -> str:
-    import torch
-
-    torch.set_num_threads(1)
     cfg = td.Config(**job["config"])
     setup = setup_for(cfg)
     start = time.time()
@@ -118,15 +112,12 @@ def run_job(job: Dict) -> str:
 def run_jobs(jobs: List[Dict], workers: int) -> None:
     todo = [j for j in jobs if not Path(j["path"]).exists()]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already on disk; running {len(todo)} on {workers} workers", flush=True)
-    # the ∇-DB rows are the slowest: start them first so the workers finish together
     # class:3 before ink, seed by seed, so that a partial run has every method; within a seed the ∇-DB
     # rows (the slowest) first, so the workers finish together
     rewards = [r for r, _ in REWARDS]
-    todo.sort(key=lambda j: (rewards.index(j["config"]["reward"]), j["config"]["seed"],
-                             j["config"]["method"] not in ("nabla-db", "adjoint-matching")))
-    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for done in cf.as_completed([pool.submit(run_job, j) for j in todo]):
-            print(done.result(), flush=True)
+    runner.run_pool(run_job, dict(enumerate(todo)), workers, report=lambda _, line: print(line, flush=True),
+                    order=lambda i: (rewards.index(todo[i]["config"]["reward"]), todo[i]["config"]["seed"],
+                                     todo[i]["config"]["method"] not in ("nabla-db", "adjoint-matching")))
 
 
 def sweep_jobs(args) -> List[Dict]:
@@ -135,7 +126,7 @@ def sweep_jobs(args) -> List[Dict]:
         default = td.method_lr(td.Config(**overrides), method)
         for factor in SWEEP_FACTORS:
             cfg = row_config(row, *REWARDS[0], 0, args, default * factor)
-            path = Path(args.out) / "sweep" / slug(row) / f"lr{default * factor:.2e}.json"
+            path = Path(args.out) / "sweep" / runner.slug(row) / f"lr{default * factor:.2e}.json"
             jobs.append({"row": row, "config": dataclasses.asdict(cfg), "path": str(path)})
     return jobs
 
@@ -144,7 +135,7 @@ def chosen_rates(args) -> Dict[str, float]:
     """The sweep's winner per row: lowest final Fréchet to the reference among non-diverged runs."""
     chosen = {}
     for row, _, _ in ROWS:
-        records = [json.loads(p.read_text()) for p in (Path(args.out) / "sweep" / slug(row)).glob("lr*.json")]
+        records = [json.loads(p.read_text()) for p in (Path(args.out) / "sweep" / runner.slug(row)).glob("lr*.json")]
         records = [r for r in records if not r["result"]["diverged"]]
         if records:
             best = min(records, key=lambda r: r["result"]["frechet_to_reference"])
@@ -159,7 +150,7 @@ def comparison_jobs(args, rates: Dict[str, float]) -> List[Dict]:
             for seed in args.seeds:
                 # the first row is toy_digits' default as it stands (the sweep found 1e-3, 3e-3 and 9e-3 alike)
                 cfg = row_config(row, reward, beta, seed, args, None if row == ROWS[0][0] else rates.get(row))
-                path = Path(args.out) / "runs" / slug(reward) / slug(row) / f"seed{seed}.json"
+                path = Path(args.out) / "runs" / runner.slug(reward) / runner.slug(row) / f"seed{seed}.json"
                 jobs.append({"row": row, "config": dataclasses.asdict(cfg), "path": str(path)})
     return jobs
 
@@ -182,7 +173,7 @@ def to_bar(records: List[Dict], key: str, fmt: str) -> str:
 def load_records(args, reward: str) -> Dict[str, List[Dict]]:
     records = {}
     for row, _, _ in ROWS:
-        paths = sorted((Path(args.out) / "runs" / slug(reward) / slug(row)).glob("seed*.json"))
+        paths = sorted((Path(args.out) / "runs" / runner.slug(reward) / runner.slug(row)).glob("seed*.json"))
         if paths:
             records[row] = [json.loads(p.read_text()) for p in paths]
     return records
@@ -194,7 +185,7 @@ def reward_table(reward: str, records: Dict[str, List[Dict]]) -> List[str]:
     head = ["method", "lr", "seeds"] + (["frac K"] if has_frac else []) + [
         "mean r", "diversity ÷ ref", "distinct nearest", "Fréchet", "updates to bar", "train s to bar",
         "VJPs / update", "∇r / update", "diverged"]
-    lines = [f"**{reward}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     by_seed = {r["config"]["seed"]: r for rs in records.values() for r in rs}  # one reference per seed
     for name in ("reference", "pretrained"):
         pick = [r[name] for r in by_seed.values()]
@@ -204,7 +195,7 @@ def reward_table(reward: str, records: Dict[str, List[Dict]]) -> List[str]:
         cells += [mean_std([m["mean_reward"] for m in pick], ".2f"), mean_std(ratio, ".2f"),
                   mean_std([m["distinct_nearest_digits"] for m in pick], ".0f"),
                   mean_std([m["frechet_to_reference"] for m in pick], ".1f"), "", "", "", "", ""]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
     for row, rs in records.items():
         res = [r["result"] for r in rs]
         lr = td.method_lr(td.Config(**rs[0]["config"]), rs[0]["config"]["method"])
@@ -217,11 +208,11 @@ def reward_table(reward: str, records: Dict[str, List[Dict]]) -> List[str]:
                   f"{np.mean([m['network_vjps_per_update'] for m in res]):.0f}",
                   f"{np.mean([m['reward_grads_per_update'] for m in res]):.0f}",
                   f"{sum(bool(m['diverged']) for m in res)}/{len(res)}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines + [""]
+        rows.append(cells)
+    return [f"**{reward}**", "", runner.markdown_table(head, rows)]
 
 
-def write_table(args, rates: Dict[str, float], seconds: Optional[float]) -> None:
+def write_table(args, rates: Dict[str, float], seconds: Optional[float], command: str) -> None:
     lines = [f"Digits comparison: {args.updates} updates × 32 trajectories, 25 steps, LoRA rank 8; "
              f"means ± std over seeds. Learning rates: "
              + ("from the sweep (sweep.json)" if rates else "toy_digits' defaults (no sweep.json)") + ".", ""]
@@ -229,20 +220,30 @@ def write_table(args, rates: Dict[str, float], seconds: Optional[float]) -> None
         records = load_records(args, reward)
         if records:
             lines += reward_table(reward, records)
+    timing = ""
     if seconds is not None:
+        timing = f"wall {seconds / 60:.1f} min on {args.workers} workers"
         lines.append(f"Wall time of this invocation: {seconds / 60:.1f} min on {args.workers} workers; load at the end: "
                      f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (1/5/15 min).")
-    (Path(args.out) / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    write_figure(args)
+    table = "\n".join(lines) + "\n"
+    runner.write_outputs("compare_digits", __doc__.split("\n")[0], Path(args.out), table, lambda path: write_figure(args, path),
+                         command, args.docs, timing=timing)
+    print(table)
 
 
-def write_figure(args) -> None:
-    import matplotlib
+def sweep_table(args, rates: Dict[str, float]) -> str:
+    """Each row's swept rates (frac / Fréchet / diversity ÷ ref, seed 0, class:3) and the rate kept."""
+    rows = []
+    for row, _, _ in ROWS:
+        records = [json.loads(p.read_text()) for p in sorted((Path(args.out) / "sweep" / runner.slug(row)).glob("lr*.json"))]
+        cells = [f"{td.method_lr(td.Config(**r['config']), r['config']['method']):.0e}: {r['result']['frac_class']:.2f} / "
+                 f"{r['result']['frechet_to_reference']:.1f} / {r['result']['diversity_ratio']:.2f}" for r in records]
+        rows.append([row, "; ".join(cells), f"{rates[row]:.0e}" if row in rates else "—"])
+    return runner.markdown_table(["method", "lr: frac / Fréchet / diversity ÷ ref", "chosen"], rows)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def write_figure(args, path: Path) -> None:
+    plt = runner.pyplot()
     fig, axes = plt.subplots(len(REWARDS), 2, figsize=(12, 4.2 * len(REWARDS)), squeeze=False)
     for (reward, _), (ax_curve, ax_scatter) in zip(REWARDS, axes):
         records = load_records(args, reward)
@@ -266,9 +267,7 @@ def write_figure(args) -> None:
         ax_curve.set(xlabel="update", ylabel=key, title=f"{reward}: {key} (mean over seeds)")
         ax_scatter.set(xlabel=key, ylabel="Fréchet to reference", yscale="log", title=f"{reward}: final, each seed")
         ax_curve.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(Path(args.out) / "figure.png", dpi=100)
-    plt.close(fig)
+    runner.save_figure(fig, path, dpi=100)
 
 
 def cache_models(args) -> None:
@@ -282,8 +281,10 @@ def cache_models(args) -> None:
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", action="store_true", help="run the learning-rate sweep (seed 0, class:3) instead")
-    parser.add_argument("--table-only", action="store_true", help="only rebuild table.md and figure.png")
-    parser.add_argument("--out", default="runs/compare-digits", help="output folder (results, sweep.json, table.md, figure.png)")
+    parser.add_argument("--table-only", action="store_true", help="only rebuild table.md and compare_digits.png")
+    parser.add_argument("--docs", action="store_true", help="also write docs/results/compare_digits.md (--sweep: "
+                        "compare_digits_sweep.{md,json}) and docs/figures/compare_digits.png")
+    parser.add_argument("--out", default="runs/compare-digits", help="output folder (results, sweep.json, table.md, compare_digits.png)")
     parser.add_argument("--cache", default="", help="toy_digits --cache ('' = $NABLA_GFN_CACHE or ~/.cache/nabla-gfn)")
     parser.add_argument("--updates", type=int, default=td.Config.updates, help="finetuning updates per run")
     parser.add_argument("--curve-every", type=int, default=td.Config.curve_every, help="updates between curve points (the 'to bar' resolution)")
@@ -300,13 +301,18 @@ def main(argv: Optional[List[str]] = None) -> None:
         run_jobs(sweep_jobs(args), args.workers)
         rates = chosen_rates(args)
         (Path(args.out) / "sweep.json").write_text(json.dumps(rates, indent=1))
-        print(json.dumps(rates, indent=1), f"\nsweep: {(time.time() - start) / 60:.1f} min")
+        table = sweep_table(args, rates)
+        print(table, f"\nsweep: {(time.time() - start) / 60:.1f} min")
+        if args.docs:
+            (runner.DOCS / "results" / "compare_digits_sweep.json").write_text(json.dumps(rates, indent=1))
+            runner.write_docs_page("compare_digits_sweep", "compare_digits", "Digits: each method's learning rate (seed 0, class:3)", table,
+                                   runner.command_line("compare_digits", argv), f"{(time.time() - start) / 60:.1f} min")
         return
     sweep = Path(args.out) / "sweep.json"
     rates = json.loads(sweep.read_text()) if sweep.exists() else {}
     if not args.table_only:
         run_jobs(comparison_jobs(args, rates), args.workers)
-    write_table(args, rates, None if args.table_only else time.time() - start)
+    write_table(args, rates, None if args.table_only else time.time() - start, runner.command_line("compare_digits", argv))
 
 
 if __name__ == "__main__":
