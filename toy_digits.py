@@ -22,12 +22,11 @@ ink, r = Σ_pixels (clip(x, −1, 1) + 1) / 2. Default ≠ paper (each measured)
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -39,7 +38,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import baselines as bl  # every method's update and the one method registry, shared with the other rungs
+import cli
 import nabla_gfn as ng
+from cli import FRACTION, NON_NEGATIVE, POSITIVE, UsageError, opt
 from digits_models import (IMAGE_SHAPE, LORA_TARGETS, DigitClassifier, DigitDenoiser, FlowCorrection,  # noqa: F401
                            distinct_nearest, expected_distinct_nearest, frechet_distance, load_digits_tensor, make_scheduler,
                            load_or_pretrain_denoiser, load_or_train_classifier, uniform, weighted_gaussian, weighted_mean_pairwise_distance)
@@ -50,67 +51,77 @@ METHOD_NAMES = tuple(LR_FIELDS)
 
 # ---- Config and presets ---------------------------------------------------------------------------
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
+AT_LEAST_ONE: cli.Check = (lambda v: v >= 1, "must be >= 1")
+PAIRS: cli.Check = (lambda v: v >= 2, "must be >= 2 (diversity needs pairs)")
+HALF_OPEN_UNIT: cli.Check = (lambda v: 0 < v <= 1, "must be in (0, 1]")
 
 @dataclass
 class Config:
     """Everything a run depends on. Each field is a command-line flag (`--name-with-dashes`)."""
 
+    preset: str = opt("default", "named settings, applied before the other flags: default, paper, bootstrap, ink, smoke")
     # run
-    out: str = _f("runs/digits", "output folder")
-    cache: str = _f("", "cache folder for the pretrained models ('' = $NABLA_GFN_CACHE or ~/.cache/nabla-gfn)")
-    seed: int = _f(0, "seed of finetuning, sampling and evaluation")
-    threads: int = _f(1, "torch CPU threads, 0 = torch's default (small matrices: on 2 shared cores, 2 threads ran 3-4x slower than 1)")
+    out: str = opt("runs/digits", "output folder")
+    cache: str = opt("", "cache folder for the pretrained models ('' = $NABLA_GFN_CACHE or ~/.cache/nabla-gfn)")
+    seed: int = opt(0, "seed of finetuning, sampling and evaluation")
+    threads: int = opt(1, "torch CPU threads, 0 = torch's default (small matrices: on 2 shared cores, 2 threads ran "
+                          "3-4x slower than 1)", check=NON_NEGATIVE)
     # target
-    reward: str = _f("class:3", "reward: 'class:K' (log p(K|x) under the classifier, K in 0..9) or 'ink'")
-    beta: float = _f(1.0, "β, reward scale of the target p♯(x)·R(x)^β")
-    method: str = _f("nabla-db", "comma-separated methods to run on the same budget: " + ", ".join(METHOD_NAMES))
+    reward: str = opt("class:3", "reward: 'class:K' (log p(K|x) under the classifier, K in 0..9) or 'ink'")
+    beta: float = opt(1.0, "β, reward scale of the target p♯(x)·R(x)^β", check=NON_NEGATIVE)
+    method: str = opt("nabla-db", "comma-separated methods to run on the same budget: " + ", ".join(METHOD_NAMES))
     # diffusion model (pretraining; cached by these fields)
-    hidden: int = _f(256, "denoiser MLP width")
-    depth: int = _f(3, "denoiser MLP residual blocks")
-    pretrain_steps: int = _f(2500, "denoiser pretraining steps")
-    pretrain_batch: int = _f(256, "denoiser pretraining batch size")
-    pretrain_lr: float = _f(2e-3, "denoiser pretraining peak learning rate (cosine decay)")
-    pretrain_seed: int = _f(0, "seed of pretraining (kept apart from --seed so the cache is reused)")
-    classifier_steps: int = _f(1500, "classifier training steps (full batch)")
-    classifier_noise: float = _f(0.1, "classifier augmentation: Gaussian pixel noise, std drawn uniformly up to this")
-    num_steps: int = _f(25, "DDIM(η=1) sampling steps")
+    hidden: int = opt(256, "denoiser MLP width", check=AT_LEAST_ONE)
+    depth: int = opt(3, "denoiser MLP residual blocks", check=AT_LEAST_ONE)
+    pretrain_steps: int = opt(2500, "denoiser pretraining steps", check=AT_LEAST_ONE)
+    pretrain_batch: int = opt(256, "denoiser pretraining batch size")
+    pretrain_lr: float = opt(2e-3, "denoiser pretraining peak learning rate (cosine decay)")
+    pretrain_seed: int = opt(0, "seed of pretraining (kept apart from --seed so the cache is reused)")
+    classifier_steps: int = opt(1500, "classifier training steps (full batch)", check=AT_LEAST_ONE)
+    classifier_noise: float = opt(0.1, "classifier augmentation: Gaussian pixel noise, std drawn uniformly up to this")
+    num_steps: int = opt(25, "DDIM(η=1) sampling steps", check=AT_LEAST_ONE)
     # finetuning
-    updates: int = _f(200, "finetuning updates (one batch of fresh trajectories each)")
-    batch: int = _f(32, "trajectories sampled per update")
-    subsample: float = _f(0.3, "fraction of non-terminal transitions trained on per trajectory (+ the terminal one; paper preset 0.1)")
-    lora_rank: int = _f(8, "LoRA rank (alpha = rank)")
-    lr: float = _f(3e-3, "nabla-db: policy (LoRA) learning rate")
-    flow_lr: float = _f(5e-4, "g_φ learning rate (paper preset: 1e-3; with the adjoint target 1e-3 swings more)")
-    flow_hidden: int = _f(128, "g_φ MLP width")
-    trust_region: float = _f(0.0, "λ, weight of ‖ε̂_θ − ε̂_old‖²")
-    reverse_weight: float = _f(5.0, "w_B, weight of the reverse ∇-DB term (paper: 1)")
-    gamma: str = _f("sqrt_alpha_bar", "γ_τ of the forward-looking guess: alpha_bar (official default) or sqrt_alpha_bar")
-    weighting: str = _f("kl", "timestep weighting of the loss: plain (paper) or kl (σ²)")
-    use_flow: bool = _f(True, "learn g_φ (False = the 'no flow' variant)")
-    flow_target: str = _f("adjoint", "what trains g_φ: bootstrap (the paper: L_F's g-line + L_B), adjoint (guess + g_φ at x′ on the lean adjoint a_{i+1}), mixed (L_B's target (1−λ)·bootstrap + λ·a_i)")
-    adjoint_lambda: float = _f(0.5, "λ ∈ (0, 1] of --flow-target mixed")
-    guess_from: str = _f("reference", "whose x̂_0 the forward-looking guess uses: policy (paper, official code) or reference")
-    max_grad_norm: float = _f(1.0, "gradient-norm clip, applied to the policy and g_φ separately")
-    draft_k: int = _f(1, "DRaFT-K: sampling steps the reward is backpropagated through")
-    draft_lr: float = _f(3e-4, "DRaFT-K learning rate (its own: at --lr it leaves the data range within a few updates)")
-    draft_kl: float = _f(0.0, "DRaFT-K: weight of the per-step KL to P_F♯ on those K steps (0 = off, as in the paper)")
-    am_lr: float = _f(3e-3, "adjoint-matching learning rate")
-    rtb_lr: float = _f(3e-4, "RTB policy learning rate")
-    rtb_logz_lr: float = _f(1e-1, "RTB: learning rate of log Z")
-    ddpo_lr: float = _f(3e-4, "DDPO learning rate")
-    ppo_clip: float = _f(1e-4, "DDPO: PPO clip range of the per-step ratio (DDPO's default 1e-4)")
-    ppo_epochs: int = _f(1, "DDPO: inner epochs over each sampled batch (DDPO's default 1)")
-    ppo_minibatches: int = _f(4, "DDPO: minibatches per inner epoch, one optimiser step each")
-    ppo_adv_clip: float = _f(5.0, "DDPO: clip of the batch-normalised advantages (DDPO's default 5)")
-    refl_lr: float = _f(3e-4, "ReFL learning rate")
-    refl_start: float = _f(0.75, "ReFL: stop at a uniform step in [refl_start·T, T−1] (ImageReward: 30–39 of 40)")
+    updates: int = opt(200, "finetuning updates (one batch of fresh trajectories each)", check=AT_LEAST_ONE)
+    batch: int = opt(32, "trajectories sampled per update", check=AT_LEAST_ONE)
+    subsample: float = opt(0.3, "fraction of non-terminal transitions trained on per trajectory (+ the terminal one; "
+                                "paper preset 0.1)", check=FRACTION)
+    lora_rank: int = opt(8, "LoRA rank (alpha = rank)", check=AT_LEAST_ONE)
+    lr: float = opt(3e-3, "nabla-db: policy (LoRA) learning rate", check=POSITIVE)
+    flow_lr: float = opt(5e-4, "g_φ learning rate (paper preset: 1e-3; with the adjoint target 1e-3 swings more)", check=POSITIVE)
+    flow_hidden: int = opt(128, "g_φ MLP width")
+    trust_region: float = opt(0.0, "λ, weight of ‖ε̂_θ − ε̂_old‖²")
+    reverse_weight: float = opt(5.0, "w_B, weight of the reverse ∇-DB term (paper: 1)")
+    gamma: str = opt("sqrt_alpha_bar", "γ_τ of the forward-looking guess: alpha_bar (official default) or sqrt_alpha_bar",
+                     choices=ng.GAMMA_CHOICES)
+    weighting: str = opt("kl", "timestep weighting of the loss: plain (paper) or kl (σ²)", choices=ng.WEIGHTING_CHOICES)
+    use_flow: bool = opt(True, "learn g_φ (--no-use-flow = the 'no flow' variant)")
+    flow_target: str = opt("adjoint", "what trains g_φ: bootstrap (the paper: L_F's g-line + L_B), adjoint (guess + g_φ at x′ "
+                           "on the lean adjoint a_{i+1}), mixed (L_B's target (1−λ)·bootstrap + λ·a_i)", choices=ng.FLOW_TARGET_CHOICES)
+    adjoint_lambda: float = opt(0.5, "λ ∈ (0, 1] of --flow-target mixed", check=HALF_OPEN_UNIT)
+    guess_from: str = opt("reference", "whose x̂_0 the forward-looking guess uses: policy (paper, official code) or reference",
+                          choices=ng.GUESS_CHOICES)
+    max_grad_norm: float = opt(1.0, "gradient-norm clip, applied to the policy and g_φ separately")
+    draft_k: int = opt(1, "DRaFT-K: sampling steps the reward is backpropagated through (1..--num-steps)")
+    draft_lr: float = opt(3e-4, "DRaFT-K learning rate (its own: at --lr it leaves the data range within a few updates)", check=POSITIVE)
+    draft_kl: float = opt(0.0, "DRaFT-K: weight of the per-step KL to P_F♯ on those K steps (0 = off, as in the paper)", check=NON_NEGATIVE)
+    am_lr: float = opt(3e-3, "adjoint-matching learning rate", check=POSITIVE)
+    rtb_lr: float = opt(3e-4, "RTB policy learning rate", check=POSITIVE)
+    rtb_logz_lr: float = opt(1e-1, "RTB: learning rate of log Z", check=POSITIVE)
+    ddpo_lr: float = opt(3e-4, "DDPO learning rate", check=POSITIVE)
+    ppo_clip: float = opt(1e-4, "DDPO: PPO clip range of the per-step ratio (DDPO's default 1e-4)", check=POSITIVE)
+    ppo_epochs: int = opt(1, "DDPO: inner epochs over each sampled batch (DDPO's default 1)", check=AT_LEAST_ONE)
+    ppo_minibatches: int = opt(4, "DDPO: minibatches per inner epoch, one optimiser step each", check=AT_LEAST_ONE)
+    ppo_adv_clip: float = opt(5.0, "DDPO: clip of the batch-normalised advantages (DDPO's default 5)", check=POSITIVE)
+    refl_lr: float = opt(3e-4, "ReFL learning rate", check=POSITIVE)
+    refl_start: float = opt(0.75, "ReFL: stop at a uniform step in [refl_start·T, T−1] (ImageReward: 30–39 of 40)", check=FRACTION)
     # evaluation
-    reference_pool: int = _f(4000, "pretrained samples importance-reweighted into the reference")
-    eval_samples: int = _f(500, "samples per model for the final metrics")
-    curve_every: int = _f(20, "updates between points of the metric curves")
-    curve_samples: int = _f(256, "samples per point of the metric curves")
+    reference_pool: int = opt(4000, "pretrained samples importance-reweighted into the reference", check=AT_LEAST_ONE)
+    eval_samples: int = opt(500, "samples per model for the final metrics", check=PAIRS)
+    curve_every: int = opt(20, "updates between points of the metric curves", check=AT_LEAST_ONE)
+    curve_samples: int = opt(256, "samples per point of the metric curves", check=PAIRS)
+
+    def __post_init__(self):
+        validate(self)
 
 PRESETS: Dict[str, Dict] = {
     "default": {},
@@ -127,61 +138,33 @@ PRESETS: Dict[str, Dict] = {
               "out": "runs/digits-smoke"},
 }
 
-CHOICES = {"flow_target": ng.FLOW_TARGET_CHOICES, "guess_from": ng.GUESS_CHOICES, "gamma": ng.GAMMA_CHOICES,
-           "weighting": ng.WEIGHTING_CHOICES}
-POSITIVE = ("lr", "flow_lr", "draft_lr", "am_lr", "rtb_lr", "rtb_logz_lr", "ddpo_lr", "refl_lr", "ppo_clip", "ppo_adv_clip")
-AT_LEAST_ONE = ("num_steps", "updates", "batch", "reference_pool", "curve_every", "hidden", "depth", "pretrain_steps",
-                "classifier_steps", "lora_rank", "ppo_epochs", "ppo_minibatches")
-
-def validate(cfg: Config) -> None:
-    """Raise ValueError with a one-line message naming the flag and what it accepts."""
+def validate(cfg: Config) -> Config:
+    """Each field's choices and check (cli.validate), then what spans fields; a bad value raises
+    cli.UsageError ('--flag: what it accepts (got …)'), which parse_args prints as one line."""
+    cli.validate(cfg)
     parse_reward(cfg.reward)
-    methods = parse_methods(cfg.method)
-    checks = [(name, getattr(cfg, name) in choices, f"one of {', '.join(choices)}") for name, choices in CHOICES.items()]
-    checks += [("beta", cfg.beta >= 0, "≥ 0"), ("adjoint_lambda", 0 < cfg.adjoint_lambda <= 1, "in (0, 1]"),
-               ("subsample", 0 <= cfg.subsample <= 1, "in [0, 1]"), ("draft_kl", cfg.draft_kl >= 0, "≥ 0"),
-               ("refl_start", 0 <= cfg.refl_start <= 1, "in [0, 1]"), ("threads", cfg.threads >= 0, "≥ 0 (0 = torch's default)"),
-               ("draft_k", "draft" not in methods or 1 <= cfg.draft_k <= cfg.num_steps, f"in 1..--num-steps ({cfg.num_steps})")]
-    checks += [(name, getattr(cfg, name) > 0, "> 0") for name in POSITIVE]
-    checks += [(name, getattr(cfg, name) >= 1, "≥ 1") for name in AT_LEAST_ONE]
-    checks += [(name, getattr(cfg, name) >= 2, "≥ 2 (diversity needs pairs)") for name in ("eval_samples", "curve_samples")]
-    checks += [("flow_target", cfg.use_flow or cfg.flow_target != "mixed", "bootstrap or adjoint with --no-use-flow (mixed needs g_φ)")]
-    for name, ok, accepted in checks:
-        if not ok:
-            raise ValueError(f"--{name.replace('_', '-')} must be {accepted}, got {getattr(cfg, name)!r}")
+    if "draft" in parse_methods(cfg.method) and not 1 <= cfg.draft_k <= cfg.num_steps:
+        raise UsageError(f"--draft-k: must be in 1..--num-steps ({cfg.num_steps}) (got {cfg.draft_k})")
+    if cfg.flow_target == "mixed" and not cfg.use_flow:
+        raise UsageError("--flow-target: mixed needs g_φ; drop --no-use-flow, or use bootstrap or adjoint")
+    return cfg
 
 def parse_reward(spec: str) -> Tuple[str, Optional[int]]:
     """'class:K' → ('class', K); 'ink' → ('ink', None)."""
     kind, _, k = spec.partition(":")
     if spec == "ink" or (kind == "class" and k.isdigit() and 0 <= int(k) <= 9):
         return kind, (None if spec == "ink" else int(k))
-    raise ValueError(f"--reward must be 'class:K' with K in 0..9, or 'ink'; got {spec!r}")
+    raise UsageError(f"--reward: must be 'class:K' with K in 0..9, or 'ink' (got {spec!r})")
 
 def parse_methods(spec: str) -> List[str]:
     methods = [m.strip() for m in spec.split(",") if m.strip()]
     if not methods or set(methods) - set(METHOD_NAMES) or len(set(methods)) != len(methods):
-        raise ValueError(f"--method must be a comma-separated list of distinct {', '.join(METHOD_NAMES)}; got {spec!r}")
+        raise UsageError(f"--method: must be a comma-separated list of distinct {', '.join(METHOD_NAMES)} (got {spec!r})")
     return methods
 
 def parse_args(argv: Optional[List[str]] = None) -> Config:
-    """Flags → Config: the field defaults, then the named preset's values, then the flags given."""
-    parser = argparse.ArgumentParser(prog="toy_digits.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="default", help=f"named settings, overridden by other flags: {', '.join(PRESETS)}")
-    for f in dataclasses.fields(Config):  # every default is a bool, int, float or str: its type is the flag's
-        flag, kind = "--" + f.name.replace("_", "-"), type(f.default)
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default {f.default!r})")
-    args = parser.parse_args(argv)
-    if args.preset not in PRESETS:
-        parser.error(f"--preset must be one of {', '.join(PRESETS)}; got {args.preset!r}")
-    cfg = Config(**{**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if k != "preset" and v is not None}})
-    try:
-        validate(cfg)
-    except ValueError as err:
-        parser.error(str(err))
-    return cfg
+    """Flags → Config (cli.parse): the field defaults, then the named preset's values, then the flags given."""
+    return cli.parse(Config, argv, prog="toy_digits.py", presets=PRESETS, description=__doc__.split("\n\n")[0])
 
 # ---- Rewards, the two policies, sampling ----------------------------------------------------------
 

@@ -313,3 +313,14 @@ def test_presets_paper_and_bootstrap_restore_the_papers_flow():
         "bootstrap", "policy", "plain", "alpha_bar", 1.0)
     default = td.parse_args([])
     assert (default.flow_target, default.guess_from, default.flow_lr, default.method) == ("adjoint", "reference", 5e-4, "nabla-db")
+
+
+def test_config_validates_on_construction_and_flags_override_the_preset():
+    # the same checks as the flags (cli.validate + the cross-field ones) hold for a Config built in code
+    for fields, flag in (({"method": "draft", "draft_k": 0}, "--draft-k"), ({"beta": -1.0}, "--beta"),
+                         ({"flow_target": "mixed", "use_flow": False}, "--flow-target"), ({"gamma": "one"}, "--gamma")):
+        with pytest.raises(ValueError, match=flag):
+            td.Config(**fields)
+    smoke = td.parse_args(["--preset", "smoke", "--updates", "3"])
+    assert (smoke.preset, smoke.updates, smoke.batch, smoke.hidden) == ("smoke", 3, 4, 64)
+    assert td.parse_args([]) == td.Config()
