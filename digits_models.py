@@ -1,6 +1,7 @@
 """The digits rung's models: the data, the ε-network, the classifier behind the class reward, g_φ, their
-pretraining (cached on disk by config), and the weighted sample statistics its metrics are made of. `toy_digits.py` is the script that uses them (as nanoGPT's train.py
-uses model.py); every function here takes toy_digits' Config and reads only its pretraining fields.
+pretraining (cached on disk by config), and the weighted sample statistics its metrics are made of.
+`toy_digits.py` is the script that uses them (as nanoGPT's train.py uses model.py); the pretraining
+functions take toy_digits' Config and read only its pretraining fields.
 """
 
 from __future__ import annotations

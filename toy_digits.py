@@ -3,8 +3,10 @@
 Rung 2 of 3; results and the measured reasons for each default in docs/digits.md, docs/findings.md.
 A small ε-MLP (digits_models.py: the data, the networks and their cached pretraining) is pretrained on
 `sklearn.datasets.load_digits` with Stable Diffusion's DDIM schedule, then finetuned towards
-p*(x) ∝ p♯(x) R(x)^β: LoRA on = P_F^θ, LoRA off = P_F^♯, g_φ a zero-initialised MLP; every update is
-`baselines.METHODS`'. The reference (how a run is judged) is many pretrained samples weighted by R^β.
+p*(x) ∝ p♯(x) R(x)^β: LoRA on = P_F^θ, LoRA off = P_F^♯, g_φ a zero-initialised MLP; each method's update
+comes from `baselines.METHODS`. The reference (how a run is judged) is many pretrained samples weighted
+by R^β. experiments/compare_digits.py runs every method × seeds × rewards (update costs counted by
+experiments/digits_diagnostics.py).
 
     python toy_digits.py                                  # ∇-GFlowNet (adjoint flow target), class:3, β = 1
     python toy_digits.py --preset paper                   # the paper's ∇-GFlowNet: every loss setting as published
