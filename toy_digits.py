@@ -1,181 +1,133 @@
-"""∇-GFlowNet on real image diffusion, small enough for a laptop CPU: the 8×8 scikit-learn digits.
+"""∇-GFlowNet on a real image diffusion model, small enough for a laptop CPU: the 8×8 scikit-learn digits.
 
-The middle rung between the 2D toy and Stable Diffusion. A small diffusion model is pretrained on
-the 1,797 8×8 handwritten digits that ship with scikit-learn (`sklearn.datasets.load_digits`, no
-download), with the DDIM scheduler configured as in Stable Diffusion. It is then finetuned towards
-the reward-tilted target p*(x) ∝ p^♯(x) R(x)^β with the residual ∇-DB loss of `nabla_gfn.py`,
-used unchanged: LoRA adapters (peft `LoraConfig` + `add_adapter`) give P_F^θ, the same network with
-the adapters disabled is P_F^♯, and a zero-initialised MLP is the flow correction g_φ.
-
-Because the model is small, the target can be estimated directly: many pretrained samples,
-importance-reweighted by R^β (self-normalised), are the reference every metric compares against.
+Rung 2 of 3; results and the measured reasons for each default in docs/digits.md, docs/findings.md.
+A small ε-MLP (digits_models.py: the data, the networks and their cached pretraining) is pretrained on
+`sklearn.datasets.load_digits` with Stable Diffusion's DDIM schedule, then finetuned towards
+p*(x) ∝ p♯(x) R(x)^β: LoRA on = P_F^θ, LoRA off = P_F^♯, g_φ a zero-initialised MLP; each method's update
+comes from `baselines.METHODS`. The reference (how a run is judged) is many pretrained samples weighted
+by R^β. experiments/compare_digits.py runs every method × seeds × rewards (update costs counted by
+experiments/digits_diagnostics.py).
 
     python toy_digits.py                                  # ∇-GFlowNet (adjoint flow target), class:3, β = 1
     python toy_digits.py --preset paper                   # the paper's ∇-GFlowNet: every loss setting as published
     python toy_digits.py --method nabla-db,adjoint-matching,rtb,ddpo,refl,draft   # every method, one budget
     python toy_digits.py --preset ink                     # tilt towards thicker strokes, no classifier
     python toy_digits.py --preset smoke --out /tmp/d      # seconds: checks that everything runs
-    python benchmarks/compare_digits.py                   # every method × 3 seeds × both rewards: table + figure
 
-Each run writes to --out: config.json, metrics.json, figure.png, pretrained_samples.npy,
-reference_samples.npy and <method>/samples.npy (+ <method>/history.json). The pretrained denoiser
-and the classifier are cached on disk, keyed by their config, under --cache (default
-$NABLA_GFN_CACHE or ~/.cache/nabla-gfn), so only the first run pays for pretraining.
-
-Rewards
-    class:K   r(x) = log p(y = K | x) under the digit classifier. With β = 1 the target is
-              p^♯(x) p(K|x) ∝ p^♯(x | y = K): the pretrained model's own K's, with their variety.
-    ink       r(x) = total ink, Σ_pixels (clip(x, −1, 1) + 1) / 2: thicker strokes, no classifier.
-
-Methods (all on the same LoRA, trajectories per update and update budget; each its own learning rate)
-    nabla-db          residual ∇-DB, forward-looking guess + g_φ (nabla_gfn.nabla_db_loss). --flow-target:
-                      adjoint (default: g_φ at x′ regressed on the lean adjoint a_{i+1}), bootstrap
-                      (the paper: L_F's g-line + L_B) or mixed (L_B's target (1−λ)·bootstrap + λ·a_i,
-                      λ = --adjoint-lambda). --guess-from: whose x̂_0 the guess uses.
-    adjoint-matching  no g_φ, no guess: (μ_θ − μ^♯)/σ² regressed on a_{i+1} (Domingo-Enrich et al. 2025).
-    rtb               relative trajectory balance with a learned log Z (Venkatraman et al. 2024).
-    ddpo              PPO-clip on per-step log-probability ratios, batch-normalised advantages (Black et al.).
-    refl              ascend r(x̂_0(x_i)) at a random late step i (Xu et al., ImageReward).
-    draft             DRaFT-K: backpropagate r(x_0) through the last K sampling steps (Clark et al.).
-Every update is baselines.py's (one registry for every rung); only RTB and the ∇-DB methods
-have p* as their optimum, the others maximise the reward with no term tying the model to the prior.
-
-The default, and the paper one flag away. The default is ∇-GFlowNet with the guess + g_φ kept, and
-three changes from the paper measured here (PAPER_NOTES §7, README digits section): g_φ trained on
-the lean adjoint (--flow-target adjoint, g_φ lr 5e-4: at 1e-3 it swings), the guess from the
-reference model's x̂_0 (--guess-from reference), and the loss weighting of the previous default
-(--weighting kl --gamma sqrt_alpha_bar --reverse-weight 5). `--preset paper` sets all of them back
-(--flow-target bootstrap --guess-from policy --weighting plain --gamma alpha_bar --reverse-weight 1
---flow-lr 1e-3); `--preset bootstrap` is the previous default (the paper's flow and guess, this
-rung's weighting).
-
-Choices made here, each measured (1 core, reward class:3, β = 1; "frac" = fraction of samples the
-classifier calls a 3, reference 0.92, pretrained 0.17):
-  * Denoiser: an MLP, not a diffusers `UNet2DModel`. In 40 s of pretraining a 32/64-channel UNet2DModel
-    ran 116 steps and needed 12 s to draw 1,000 samples; the MLP ran 1,311 steps and drew them in
-    1 s, with better digits (a logistic-regression classifier's mean max probability 0.74 vs 0.56;
-    real digits 0.88). The MLP is a diffusers `ModelMixin` with `PeftAdapterMixin`, so LoRA is attached
-    with the same `add_adapter` call as on the SD UNet.
-  * Classifier: logits divided by a temperature fitted on held-out digits, so p(K|x) is calibrated.
-  * Weighting "kl", not "plain": with SD's schedule the plain weight c²/σ⁴ of the last two steps is
-    10³–10⁴ times that of the early, mode-choosing steps; with the bootstrapped target, in tuning,
-    plain moved frac 0.17 → 0.18 in 150 updates, kl to 0.43; γ = √ᾱ, not ᾱ: 0.53 vs 0.43 after 150
-    updates; w_B = 5, not 1: 0.64 vs 0.56 after 300 (w_B only matters for bootstrap and mixed).
-  * The bootstrapped g_φ with the guess from the finetuned model's x̂_0 (as the official code does)
-    plateaued at frac 0.62–0.70 after 500 updates: once the policy has learned some of the tilt, x̂_0
-    already looks like a K, the guess shrinks and g_φ has to learn the rest along a TD(0) chain.
-  * Each baseline has its own learning rate (benchmarks/compare_digits.py --sweep): DRaFT-K at
-    ∇-GFlowNet's 3e-3 leaves the data range within a few updates (pixels at ±100).
+Writes to --out: config.json, metrics.json, figure.png, pretrained_samples.npy, reference_samples.npy,
+<method>/samples.npy + history.json. The pretrained models are cached under --cache, keyed by config.
+Rewards: class:K, r = log p(K | clip(x)) of a temperature-calibrated classifier (β = 1: p♯(x | K));
+ink, r = Σ_pixels (clip(x, −1, 1) + 1) / 2. Default ≠ paper (each measured): --flow-target adjoint
+--flow-lr 5e-4 --guess-from reference --weighting kl --gamma sqrt_alpha_bar --reverse-weight 5
+--subsample 0.3; `--preset paper` restores the paper. Only RTB and ∇-DB have p* as optimum.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import hashlib
 import json
-import os
-import shutil
 import time
-import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from diffusers import ConfigMixin, DDIMScheduler, ModelMixin
-from diffusers.configuration_utils import register_to_config
-from diffusers.loaders.peft import PeftAdapterMixin
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import baselines as bl  # every method's update and the one method registry, shared with the other rungs
+import cli
 import nabla_gfn as ng
+from cli import FRACTION, NON_NEGATIVE, POSITIVE, UsageError, opt
+from digits_models import (IMAGE_SHAPE, LORA_TARGETS, DigitClassifier, DigitDenoiser, FlowCorrection,  # noqa: F401
+                           distinct_nearest, expected_distinct_nearest, frechet_distance, load_digits_tensor, make_scheduler,
+                           load_or_pretrain_denoiser, load_or_train_classifier, uniform, weighted_gaussian, weighted_mean_pairwise_distance)
 
 # The methods this rung runs (all from baselines.METHODS), and the Config field of each one's policy lr.
-LR_FIELDS = {"nabla-db": "lr", "adjoint-matching": "am_lr", "rtb": "rtb_lr", "ddpo": "ddpo_lr", "refl": "refl_lr",
-             "draft": "draft_lr"}
+LR_FIELDS = {"nabla-db": "lr", "adjoint-matching": "am_lr", "rtb": "rtb_lr", "ddpo": "ddpo_lr", "refl": "refl_lr", "draft": "draft_lr"}
 METHOD_NAMES = tuple(LR_FIELDS)
 
-IMAGE_SHAPE = (1, 8, 8)
+# ---- Config and presets ---------------------------------------------------------------------------
 
-# ----------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------
-
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
+AT_LEAST_ONE: cli.Check = (lambda v: v >= 1, "must be >= 1")
+PAIRS: cli.Check = (lambda v: v >= 2, "must be >= 2 (diversity needs pairs)")
+HALF_OPEN_UNIT: cli.Check = (lambda v: 0 < v <= 1, "must be in (0, 1]")
 
 @dataclass
 class Config:
     """Everything a run depends on. Each field is a command-line flag (`--name-with-dashes`)."""
 
+    preset: str = opt("default", "named settings, applied before the other flags: default, paper, bootstrap, ink, smoke")
     # run
-    out: str = _f("runs/digits", "output folder")
-    cache: str = _f("", "cache folder for the pretrained models ('' = $NABLA_GFN_CACHE or ~/.cache/nabla-gfn)")
-    seed: int = _f(0, "seed of finetuning, sampling and evaluation")
-    threads: int = _f(1, "torch CPU threads, 0 = torch's default (small matrices: on 2 shared cores, 2 threads ran 3-4x slower than 1)")
+    out: str = opt("runs/digits", "output folder")
+    cache: str = opt("", "cache folder for the pretrained models ('' = $NABLA_GFN_CACHE or ~/.cache/nabla-gfn)")
+    seed: int = opt(0, "seed of finetuning, sampling and evaluation")
+    threads: int = opt(1, "torch CPU threads, 0 = torch's default (small matrices: on 2 shared cores, 2 threads ran "
+                          "3-4x slower than 1)", check=NON_NEGATIVE)
     # target
-    reward: str = _f("class:3", "reward: 'class:K' (log p(K|x) under the classifier, K in 0..9) or 'ink'")
-    beta: float = _f(1.0, "β, reward scale of the target p♯(x)·R(x)^β")
-    method: str = _f("nabla-db", "comma-separated methods to run on the same budget: " + ", ".join(METHOD_NAMES))
+    reward: str = opt("class:3", "reward: 'class:K' (log p(K|x) under the classifier, K in 0..9) or 'ink'")
+    beta: float = opt(1.0, "β, reward scale of the target p♯(x)·R(x)^β", check=NON_NEGATIVE)
+    method: str = opt("nabla-db", "comma-separated methods to run on the same budget: " + ", ".join(METHOD_NAMES))
     # diffusion model (pretraining; cached by these fields)
-    hidden: int = _f(256, "denoiser MLP width")
-    depth: int = _f(3, "denoiser MLP residual blocks")
-    pretrain_steps: int = _f(2500, "denoiser pretraining steps")
-    pretrain_batch: int = _f(256, "denoiser pretraining batch size")
-    pretrain_lr: float = _f(2e-3, "denoiser pretraining peak learning rate (cosine decay)")
-    pretrain_seed: int = _f(0, "seed of pretraining (kept apart from --seed so the cache is reused)")
-    classifier_steps: int = _f(1500, "classifier training steps (full batch)")
-    classifier_noise: float = _f(0.1, "classifier augmentation: Gaussian pixel noise, std drawn uniformly up to this")
-    num_steps: int = _f(25, "DDIM(η=1) sampling steps")
+    hidden: int = opt(256, "denoiser MLP width", check=AT_LEAST_ONE)
+    depth: int = opt(3, "denoiser MLP residual blocks", check=AT_LEAST_ONE)
+    pretrain_steps: int = opt(2500, "denoiser pretraining steps", check=AT_LEAST_ONE)
+    pretrain_batch: int = opt(256, "denoiser pretraining batch size")
+    pretrain_lr: float = opt(2e-3, "denoiser pretraining peak learning rate (cosine decay)")
+    pretrain_seed: int = opt(0, "seed of pretraining (kept apart from --seed so the cache is reused)")
+    classifier_steps: int = opt(1500, "classifier training steps (full batch)", check=AT_LEAST_ONE)
+    classifier_noise: float = opt(0.1, "classifier augmentation: Gaussian pixel noise, std drawn uniformly up to this")
+    num_steps: int = opt(25, "DDIM(η=1) sampling steps", check=AT_LEAST_ONE)
     # finetuning
-    updates: int = _f(200, "finetuning updates (one batch of fresh trajectories each)")
-    batch: int = _f(32, "trajectories sampled per update")
-    subsample: float = _f(0.3, "fraction of non-terminal transitions trained on per trajectory (+ the terminal one; paper preset 0.1)")
-    lora_rank: int = _f(8, "LoRA rank (alpha = rank)")
-    lr: float = _f(3e-3, "nabla-db: policy (LoRA) learning rate")
-    flow_lr: float = _f(5e-4, "g_φ learning rate (paper preset: 1e-3; with the adjoint target 1e-3 swings more)")
-    flow_hidden: int = _f(128, "g_φ MLP width")
-    trust_region: float = _f(0.0, "λ, weight of ‖ε̂_θ − ε̂_old‖²")
-    reverse_weight: float = _f(5.0, "w_B, weight of the reverse ∇-DB term (paper: 1)")
-    gamma: str = _f("sqrt_alpha_bar", "γ_τ of the forward-looking guess: alpha_bar (official default) or sqrt_alpha_bar")
-    weighting: str = _f("kl", "timestep weighting of the loss: plain (paper) or kl (σ²)")
-    use_flow: bool = _f(True, "learn g_φ (False = the 'no flow' variant)")
-    flow_target: str = _f("adjoint", "what trains g_φ: bootstrap (the paper: L_F's g-line + L_B), adjoint (guess + g_φ at x′ on the lean adjoint a_{i+1}), mixed (L_B's target (1−λ)·bootstrap + λ·a_i)")
-    adjoint_lambda: float = _f(0.5, "λ ∈ (0, 1] of --flow-target mixed")
-    guess_from: str = _f("reference", "whose x̂_0 the forward-looking guess uses: policy (paper, official code) or reference")
-    max_grad_norm: float = _f(1.0, "gradient-norm clip, applied to the policy and g_φ separately")
-    draft_k: int = _f(1, "DRaFT-K: sampling steps the reward is backpropagated through")
-    draft_lr: float = _f(3e-4, "DRaFT-K learning rate (its own: at --lr it leaves the data range within a few updates)")
-    draft_kl: float = _f(0.0, "DRaFT-K: weight of the per-step KL to P_F♯ on those K steps (0 = off, as in the paper)")
-    am_lr: float = _f(3e-3, "adjoint-matching learning rate")
-    rtb_lr: float = _f(3e-4, "RTB policy learning rate")
-    rtb_logz_lr: float = _f(1e-1, "RTB: learning rate of log Z")
-    ddpo_lr: float = _f(3e-4, "DDPO learning rate")
-    ppo_clip: float = _f(1e-4, "DDPO: PPO clip range of the per-step ratio (DDPO's default 1e-4)")
-    ppo_epochs: int = _f(1, "DDPO: inner epochs over each sampled batch (DDPO's default 1)")
-    ppo_minibatches: int = _f(4, "DDPO: minibatches per inner epoch, one optimiser step each")
-    ppo_adv_clip: float = _f(5.0, "DDPO: clip of the batch-normalised advantages (DDPO's default 5)")
-    refl_lr: float = _f(3e-4, "ReFL learning rate")
-    refl_start: float = _f(0.75, "ReFL: stop at a uniform step in [refl_start·T, T−1] (ImageReward: 30–39 of 40)")
+    updates: int = opt(200, "finetuning updates (one batch of fresh trajectories each)", check=AT_LEAST_ONE)
+    batch: int = opt(32, "trajectories sampled per update", check=AT_LEAST_ONE)
+    subsample: float = opt(0.3, "fraction of non-terminal transitions trained on per trajectory (+ the terminal one; "
+                                "paper preset 0.1)", check=FRACTION)
+    lora_rank: int = opt(8, "LoRA rank (alpha = rank)", check=AT_LEAST_ONE)
+    lr: float = opt(3e-3, "nabla-db: policy (LoRA) learning rate", check=POSITIVE)
+    flow_lr: float = opt(5e-4, "g_φ learning rate (paper preset: 1e-3; with the adjoint target 1e-3 swings more)", check=POSITIVE)
+    flow_hidden: int = opt(128, "g_φ MLP width")
+    trust_region: float = opt(0.0, "λ, weight of ‖ε̂_θ − ε̂_old‖²")
+    reverse_weight: float = opt(5.0, "w_B, weight of the reverse ∇-DB term (paper: 1)")
+    gamma: str = opt("sqrt_alpha_bar", "γ_τ of the forward-looking guess: alpha_bar (official default) or sqrt_alpha_bar",
+                     choices=ng.GAMMA_CHOICES)
+    weighting: str = opt("kl", "timestep weighting of the loss: plain (paper) or kl (σ²)", choices=ng.WEIGHTING_CHOICES)
+    use_flow: bool = opt(True, "learn g_φ (--no-use-flow = the 'no flow' variant)")
+    flow_target: str = opt("adjoint", "what trains g_φ: bootstrap (the paper: L_F's g-line + L_B), adjoint (guess + g_φ at x′ "
+                           "on the lean adjoint a_{i+1}), mixed (L_B's target (1−λ)·bootstrap + λ·a_i)", choices=ng.FLOW_TARGET_CHOICES)
+    adjoint_lambda: float = opt(0.5, "λ ∈ (0, 1] of --flow-target mixed", check=HALF_OPEN_UNIT)
+    guess_from: str = opt("reference", "whose x̂_0 the forward-looking guess uses: policy (paper, official code) or reference",
+                          choices=ng.GUESS_CHOICES)
+    max_grad_norm: float = opt(1.0, "gradient-norm clip, applied to the policy and g_φ separately")
+    draft_k: int = opt(1, "DRaFT-K: sampling steps the reward is backpropagated through (1..--num-steps)")
+    draft_lr: float = opt(3e-4, "DRaFT-K learning rate (its own: at --lr it leaves the data range within a few updates)", check=POSITIVE)
+    draft_kl: float = opt(0.0, "DRaFT-K: weight of the per-step KL to P_F♯ on those K steps (0 = off, as in the paper)", check=NON_NEGATIVE)
+    am_lr: float = opt(3e-3, "adjoint-matching learning rate", check=POSITIVE)
+    rtb_lr: float = opt(3e-4, "RTB policy learning rate", check=POSITIVE)
+    rtb_logz_lr: float = opt(1e-1, "RTB: learning rate of log Z", check=POSITIVE)
+    ddpo_lr: float = opt(3e-4, "DDPO learning rate", check=POSITIVE)
+    ppo_clip: float = opt(1e-4, "DDPO: PPO clip range of the per-step ratio (DDPO's default 1e-4)", check=POSITIVE)
+    ppo_epochs: int = opt(1, "DDPO: inner epochs over each sampled batch (DDPO's default 1)", check=AT_LEAST_ONE)
+    ppo_minibatches: int = opt(4, "DDPO: minibatches per inner epoch, one optimiser step each", check=AT_LEAST_ONE)
+    ppo_adv_clip: float = opt(5.0, "DDPO: clip of the batch-normalised advantages (DDPO's default 5)", check=POSITIVE)
+    refl_lr: float = opt(3e-4, "ReFL learning rate", check=POSITIVE)
+    refl_start: float = opt(0.75, "ReFL: stop at a uniform step in [refl_start·T, T−1] (ImageReward: 30–39 of 40)", check=FRACTION)
     # evaluation
-    reference_pool: int = _f(4000, "pretrained samples importance-reweighted into the reference")
-    eval_samples: int = _f(500, "samples per model for the final metrics")
-    curve_every: int = _f(20, "updates between points of the metric curves")
-    curve_samples: int = _f(256, "samples per point of the metric curves")
+    reference_pool: int = opt(4000, "pretrained samples importance-reweighted into the reference", check=AT_LEAST_ONE)
+    eval_samples: int = opt(500, "samples per model for the final metrics", check=PAIRS)
+    curve_every: int = opt(20, "updates between points of the metric curves", check=AT_LEAST_ONE)
+    curve_samples: int = opt(256, "samples per point of the metric curves", check=PAIRS)
 
+    def __post_init__(self):
+        validate(self)
 
 PRESETS: Dict[str, Dict] = {
     "default": {},
-    # the loss exactly as the paper and the official code set it (see the docstring for why not the default)
+    # the loss exactly as the paper and the official code set it (docs/digits.md: why not the default)
     "paper": {"weighting": "plain", "gamma": "alpha_bar", "reverse_weight": 1.0, "flow_target": "bootstrap",
               "guess_from": "policy", "flow_lr": 1e-3, "subsample": 0.1, "out": "runs/digits-paper"},
     # the previous default: the paper's bootstrapped g_φ and guess, with kl weighting, γ = √ᾱ, w_B = 5
@@ -183,341 +135,62 @@ PRESETS: Dict[str, Dict] = {
                   "out": "runs/digits-bootstrap"},
     "ink": {"reward": "ink", "beta": 0.5, "out": "runs/digits-ink"},
     # seconds, for tests and a first check: tiny pretraining, a handful of updates
-    "smoke": {
-        "pretrain_steps": 30, "classifier_steps": 30, "hidden": 64, "depth": 1, "num_steps": 5,
-        "updates": 2, "batch": 4, "reference_pool": 64, "eval_samples": 16, "curve_every": 1,
-        "curve_samples": 8, "out": "runs/digits-smoke",
-    },
+    "smoke": {"pretrain_steps": 30, "classifier_steps": 30, "hidden": 64, "depth": 1, "num_steps": 5, "updates": 2,
+              "batch": 4, "reference_pool": 64, "eval_samples": 16, "curve_every": 1, "curve_samples": 8,
+              "out": "runs/digits-smoke"},
 }
 
-
-def validate(cfg: Config) -> None:
-    """Raise ValueError with a one-line message naming the flag and what it accepts."""
+def validate(cfg: Config) -> Config:
+    """Each field's choices and check (cli.validate), then what spans fields; a bad value raises
+    cli.UsageError ('--flag: what it accepts (got …)'), which parse_args prints as one line."""
+    cli.validate(cfg)
     parse_reward(cfg.reward)
-    methods = parse_methods(cfg.method)
-    if cfg.beta < 0:
-        raise ValueError(f"--beta must be ≥ 0, got {cfg.beta}")
-    for name, choices in (("flow_target", ng.FLOW_TARGET_CHOICES), ("guess_from", ng.GUESS_CHOICES)):
-        if getattr(cfg, name) not in choices:
-            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
-    if not 0.0 < cfg.adjoint_lambda <= 1.0:
-        raise ValueError(f"--adjoint-lambda must be in (0, 1], got {cfg.adjoint_lambda}")
+    if "draft" in parse_methods(cfg.method) and not 1 <= cfg.draft_k <= cfg.num_steps:
+        raise UsageError(f"--draft-k: must be in 1..--num-steps ({cfg.num_steps}) (got {cfg.draft_k})")
     if cfg.flow_target == "mixed" and not cfg.use_flow:
-        raise ValueError("--flow-target mixed needs g_φ: drop --no-use-flow, or use --flow-target bootstrap or adjoint")
-    if cfg.gamma not in ng.GAMMA_CHOICES:
-        raise ValueError(f"--gamma must be one of {', '.join(ng.GAMMA_CHOICES)}, got {cfg.gamma!r}")
-    if cfg.weighting not in ng.WEIGHTING_CHOICES:
-        raise ValueError(f"--weighting must be one of {', '.join(ng.WEIGHTING_CHOICES)}, got {cfg.weighting!r}")
-    if not 0.0 <= cfg.subsample <= 1.0:
-        raise ValueError(f"--subsample must be in [0, 1], got {cfg.subsample}")
-    if "draft" in methods and not 1 <= cfg.draft_k <= cfg.num_steps:
-        raise ValueError(f"--draft-k must be in 1..--num-steps ({cfg.num_steps}), got {cfg.draft_k}")
-    if cfg.draft_kl < 0:
-        raise ValueError(f"--draft-kl must be ≥ 0, got {cfg.draft_kl}")
-    if not 0.0 <= cfg.refl_start <= 1.0:
-        raise ValueError(f"--refl-start must be in [0, 1], got {cfg.refl_start}")
-    for name in ("lr", "flow_lr", "draft_lr", "am_lr", "rtb_lr", "rtb_logz_lr", "ddpo_lr", "refl_lr", "ppo_clip", "ppo_adv_clip"):
-        if not getattr(cfg, name) > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
-    if cfg.threads < 0:
-        raise ValueError(f"--threads must be ≥ 0 (0 = torch's default), got {cfg.threads}")
-    for name in ("num_steps", "updates", "batch", "reference_pool", "eval_samples", "curve_every",
-                 "curve_samples", "hidden", "depth", "pretrain_steps", "classifier_steps", "lora_rank",
-                 "ppo_epochs", "ppo_minibatches"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(cfg, name)}")
-    if cfg.eval_samples < 2 or cfg.curve_samples < 2:
-        raise ValueError("--eval-samples and --curve-samples must be ≥ 2 (diversity needs pairs)")
-
+        raise UsageError("--flow-target: mixed needs g_φ; drop --no-use-flow, or use bootstrap or adjoint")
+    return cfg
 
 def parse_reward(spec: str) -> Tuple[str, Optional[int]]:
     """'class:K' → ('class', K); 'ink' → ('ink', None)."""
-    if spec == "ink":
-        return "ink", None
     kind, _, k = spec.partition(":")
-    if kind == "class" and k.isdigit() and 0 <= int(k) <= 9:
-        return "class", int(k)
-    raise ValueError(f"--reward must be 'class:K' with K in 0..9, or 'ink'; got {spec!r}")
-
+    if spec == "ink" or (kind == "class" and k.isdigit() and 0 <= int(k) <= 9):
+        return kind, (None if spec == "ink" else int(k))
+    raise UsageError(f"--reward: must be 'class:K' with K in 0..9, or 'ink' (got {spec!r})")
 
 def parse_methods(spec: str) -> List[str]:
     methods = [m.strip() for m in spec.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHOD_NAMES]
-    if not methods or bad or len(set(methods)) != len(methods):
-        raise ValueError(f"--method must be a comma-separated list of distinct {', '.join(METHOD_NAMES)}; got {spec!r}")
+    if not methods or set(methods) - set(METHOD_NAMES) or len(set(methods)) != len(methods):
+        raise UsageError(f"--method: must be a comma-separated list of distinct {', '.join(METHOD_NAMES)} (got {spec!r})")
     return methods
 
+def parse_args(argv: Optional[List[str]] = None) -> Config:
+    """Flags → Config (cli.parse): the field defaults, then the named preset's values, then the flags given."""
+    return cli.parse(Config, argv, prog="toy_digits.py", presets=PRESETS, description=__doc__.split("\n\n")[0])
 
-# ----------------------------------------------------------------------------------------------
-# Data, networks and the scheduler
-# ----------------------------------------------------------------------------------------------
-
-
-def load_digits_tensor() -> Tuple[Tensor, Tensor]:
-    """The 1,797 sklearn digits as images in [−1, 1]: ((1797, 1, 8, 8) float, (1797,) long labels)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = torch.tensor(digits.data, dtype=torch.float32).reshape(-1, *IMAGE_SHAPE) / 8.0 - 1.0  # 0..16 → [−1, 1]
-    return images, torch.tensor(digits.target, dtype=torch.long)
-
-
-def make_scheduler() -> DDIMScheduler:
-    """DDIM with Stable Diffusion's noise schedule, so the SD rung's step constants apply unchanged."""
-    return DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-    )
-
-
-class ResidualBlock(nn.Module):
-    """Pre-norm MLP block with the time embedding as a scale and shift (FiLM)."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.film = nn.Linear(width, 2 * width)
-        self.fc1 = nn.Linear(width, 2 * width)
-        self.fc2 = nn.Linear(2 * width, width)
-
-    def forward(self, h: Tensor, temb: Tensor) -> Tensor:
-        scale, shift = self.film(temb).chunk(2, dim=-1)
-        return h + self.fc2(nn.functional.silu(self.fc1(self.norm(h) * (1 + scale) + shift)))
-
-
-class DigitDenoiser(ModelMixin, ConfigMixin, PeftAdapterMixin):
-    """ε-prediction MLP on flattened 8×8 images: (N, 1, 8, 8), (N,) timesteps → (N, 1, 8, 8).
-
-    A diffusers model (save_pretrained / from_pretrained, add_adapter / disable_adapters) so that
-    caching and LoRA read exactly as for the SD UNet.
-    """
-
-    @register_to_config
-    def __init__(self, sample_size: int = 8, hidden: int = 256, depth: int = 3, time_channels: int = 64):
-        super().__init__()
-        pixels = sample_size * sample_size
-        self.time_proj = Timesteps(time_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
-        self.time_embedding = TimestepEmbedding(time_channels, hidden)
-        self.proj_in = nn.Linear(pixels, hidden)
-        self.blocks = nn.ModuleList([ResidualBlock(hidden) for _ in range(depth)])
-        self.norm_out = nn.LayerNorm(hidden)
-        self.proj_out = nn.Linear(hidden, pixels)
-
-    def forward(self, sample: Tensor, timestep: Tensor) -> Tensor:
-        temb = nn.functional.silu(self.time_embedding(self.time_proj(timestep).to(sample.dtype)))
-        h = self.proj_in(sample.flatten(1))
-        for block in self.blocks:
-            h = block(h, temb)
-        return self.proj_out(self.norm_out(h)).view_as(sample)
-
-
-LORA_TARGETS = ["proj_in", "film", "fc1", "fc2", "proj_out"]
-
-
-class DigitClassifier(nn.Module):
-    """Smooth (SiLU) MLP classifier: images (N, 1, 8, 8) → logits (N, 10); `features` (N, 64) for Fréchet.
-
-    Logits are divided by a temperature fitted on held-out digits (temperature scaling), so that
-    p(y|x), and with it the target p♯(x) p(K|x)^β, is calibrated rather than overconfident.
-    """
-
-    def __init__(self, width: int = 256, feature_dim: int = 64):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.SiLU(), nn.Linear(width, feature_dim), nn.SiLU())
-        self.head = nn.Linear(feature_dim, 10)
-        self.register_buffer("temperature", torch.ones(()))
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.body(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(x)) / self.temperature
-
-
-class FlowCorrection(nn.Module):
-    """g_φ(x, τ): a vector field shaped like x, zero at initialisation (nabla_gfn.zero_output_layer)."""
-
-    def __init__(self, hidden: int = 128, time_channels: int = 32):
-        super().__init__()
-        self.time_proj = Timesteps(time_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
-        self.net = nn.Sequential(
-            nn.Linear(64 + time_channels, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 64)
-        )
-        ng.zero_output_layer(self.net)
-
-    def forward(self, x: Tensor, t: Tensor, traj: Tensor) -> Tensor:
-        h = torch.cat([x.flatten(1), self.time_proj(t).to(x.dtype)], dim=1)
-        return self.net(h).view_as(x)
-
-
-# ----------------------------------------------------------------------------------------------
-# Pretraining, cached on disk by config
-# ----------------------------------------------------------------------------------------------
-
-
-def cache_root(cfg: Config) -> Path:
-    return Path(cfg.cache or os.environ.get("NABLA_GFN_CACHE") or Path.home() / ".cache" / "nabla-gfn")
-
-
-def _cache_key(kind: str, fields: Dict) -> str:
-    blob = json.dumps({"kind": kind, "format": 1, **fields}, sort_keys=True)
-    return f"digits-{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-
-
-def denoiser_fields(cfg: Config) -> Dict:
-    return {k: getattr(cfg, k) for k in ("hidden", "depth", "pretrain_steps", "pretrain_batch", "pretrain_lr", "pretrain_seed")}
-
-
-def pretrain_denoiser(cfg: Config, images: Tensor, scheduler: DDIMScheduler, progress: bool = True) -> DigitDenoiser:
-    """Standard ε-prediction training (uniform timesteps, MSE), AdamW with cosine decay, EMA weights."""
-    gen = torch.Generator().manual_seed(cfg.pretrain_seed)
-    torch.manual_seed(cfg.pretrain_seed)
-    model = DigitDenoiser(hidden=cfg.hidden, depth=cfg.depth)
-    ema = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
-    lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.pretrain_steps)
-    alphas_cumprod = scheduler.alphas_cumprod
-    bar = tqdm(range(cfg.pretrain_steps), desc="pretrain denoiser", disable=not progress)
-    for step in bar:
-        x0 = images[torch.randint(len(images), (cfg.pretrain_batch,), generator=gen)]
-        t = torch.randint(scheduler.config.num_train_timesteps, (cfg.pretrain_batch,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        loss = (model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t) - noise).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        lr_schedule.step()
-        decay = min(0.999, (1 + step) / (10 + step))  # EMA with warm-up
-        with torch.no_grad():
-            for p_ema, p in zip(ema, model.parameters()):
-                p_ema.lerp_(p.detach(), 1 - decay)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    with torch.no_grad():
-        for p_ema, p in zip(ema, model.parameters()):
-            p.copy_(p_ema)
-    return model.eval()
-
-
-def load_or_pretrain_denoiser(cfg: Config, images: Tensor, scheduler: DDIMScheduler) -> DigitDenoiser:
-    path = cache_root(cfg) / _cache_key("denoiser", denoiser_fields(cfg))
-    if (path / "config.json").exists():
-        return DigitDenoiser.from_pretrained(path).eval()
-    model = pretrain_denoiser(cfg, images, scheduler)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    _publish(tmp, path)
-    return model
-
-
-def train_classifier(cfg: Config, images: Tensor, labels: Tensor) -> Tuple[DigitClassifier, float]:
-    """Train on a fixed 80% split (full batch, AdamW, light noise augmentation); return held-out accuracy."""
-    gen = torch.Generator().manual_seed(cfg.pretrain_seed)
-    torch.manual_seed(cfg.pretrain_seed)
-    perm = torch.randperm(len(images), generator=gen)
-    n_train = int(0.8 * len(images))
-    train, held_out = perm[:n_train], perm[n_train:]
-    clf = DigitClassifier()
-    opt = torch.optim.AdamW(clf.parameters(), lr=3e-3, weight_decay=1e-2)
-    for _ in tqdm(range(cfg.classifier_steps), desc="train classifier", leave=False):
-        # noise augmentation keeps the classifier (and its gradient, the reward) smooth off the data
-        std = cfg.classifier_noise * torch.rand((n_train, 1, 1, 1), generator=gen)
-        x = images[train] + std * torch.randn(images[train].shape, generator=gen)
-        loss = nn.functional.cross_entropy(clf(x), labels[train])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    clf.eval().requires_grad_(False)
-    fit_temperature(clf, images[held_out], labels[held_out])
-    with torch.no_grad():
-        accuracy = (clf(images[held_out]).argmax(1) == labels[held_out]).float().mean().item()
-    return clf, accuracy
-
-
-def fit_temperature(clf: DigitClassifier, images: Tensor, labels: Tensor) -> None:
-    """Temperature scaling (Guo et al. 2017): the T > 0 minimising held-out NLL of softmax(logits / T)."""
-    with torch.no_grad():
-        logits = clf.head(clf.features(images))
-    log_t = torch.zeros((), requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], max_iter=100)
-
-    def nll():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(logits / log_t.exp(), labels)
-        loss.backward()
-        return loss
-
-    opt.step(nll)
-    clf.temperature.fill_(float(log_t.detach().exp()))
-
-
-def load_or_train_classifier(cfg: Config, images: Tensor, labels: Tensor) -> Tuple[DigitClassifier, float]:
-    path = cache_root(cfg) / _cache_key("classifier", {"steps": cfg.classifier_steps, "noise": cfg.classifier_noise, "seed": cfg.pretrain_seed})
-    if (path / "model.pt").exists():
-        clf = DigitClassifier()
-        clf.load_state_dict(torch.load(path / "model.pt", weights_only=True))
-        return clf.eval().requires_grad_(False), json.loads((path / "meta.json").read_text())["held_out_accuracy"]
-    clf, accuracy = train_classifier(cfg, images, labels)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    torch.save(clf.state_dict(), tmp / "model.pt")
-    (tmp / "meta.json").write_text(json.dumps({"held_out_accuracy": accuracy}))
-    _publish(tmp, path)
-    return clf, accuracy
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    """Move a finished cache entry into place; a concurrent run that got there first wins."""
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Rewards and the two policies
-# ----------------------------------------------------------------------------------------------
-
+# ---- Rewards, the two policies, sampling ----------------------------------------------------------
 
 def classifier_log_reward(classifier: DigitClassifier, k: int) -> ng.LogRewardFn:
-    """r(x) = log p(y = K | clip(x, −1, 1)): log-softmax of the classifier's logits, differentiable in x.
-
-    Clipping to the data range (as the images are displayed) stops a reward maximiser from
-    inventing out-of-range pixels that the classifier extrapolates to absurd confidence.
-    """
-
-    def log_reward(x0: Tensor, traj: Tensor) -> Tensor:
-        return torch.log_softmax(classifier(x0.clamp(-1, 1)), dim=1)[:, k]
-
-    return log_reward
-
+    """r(x) = log p(K | clip(x, −1, 1)), differentiable in x; the clip stops a reward maximiser from inventing
+    out-of-range pixels that the classifier extrapolates to absurd confidence."""
+    return lambda x0, traj: torch.log_softmax(classifier(x0.clamp(-1, 1)), dim=1)[:, k]
 
 def ink_log_reward(x0: Tensor, traj: Tensor) -> Tensor:
     """r(x) = Σ_pixels (clip(x, −1, 1) + 1) / 2, the total ink in units of fully dark pixels."""
     return ((x0.clamp(-1, 1) + 1) / 2).flatten(1).sum(1)
 
-
 def make_log_reward(spec: str, classifier: DigitClassifier) -> ng.LogRewardFn:
     kind, k = parse_reward(spec)
     return classifier_log_reward(classifier, k) if kind == "class" else ink_log_reward
 
-
-def add_lora(model: DigitDenoiser, rank: int) -> List[nn.Parameter]:
-    """Freeze the pretrained weights and attach LoRA (Gaussian init: B = 0, so P_F^θ = P_F^♯ at start)."""
-    model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-    return [p for p in model.parameters() if p.requires_grad]
-
+@torch.no_grad()
+def score(log_reward: ng.LogRewardFn, x: Tensor) -> Tensor:
+    return log_reward(x, torch.arange(len(x)))
 
 @contextmanager
 def adapters_disabled(model: DigitDenoiser):
-    """The pretrained policy P_F^♯: the same network with its LoRA adapters switched off.
-
-    Switches each peft layer (`BaseTunerLayer.enable_adapters`, what diffusers' `disable_adapters`
-    calls) directly: diffusers' wrapper looks up peft's version via importlib.metadata on every call,
-    which was 40 % of a ∇-DB update here (the lean adjoint calls the reference 25 times per update).
-    """
+    """P_F^♯: the same network, LoRA off. Switches each peft layer directly: diffusers' `disable_adapters`
+    looks up peft's version on every call, 40 % of a ∇-DB update here."""
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     for layer in layers:
         layer.enable_adapters(False)
@@ -527,18 +200,14 @@ def adapters_disabled(model: DigitDenoiser):
         for layer in layers:
             layer.enable_adapters(True)
 
-
 def policy_eps_fn(model: DigitDenoiser) -> ng.EpsFn:
     return lambda x, t, traj: model(x, t)
-
 
 def reference_eps_fn(model: DigitDenoiser) -> ng.EpsFn:
     def reference_eps(x: Tensor, t: Tensor, traj: Tensor) -> Tensor:
         with adapters_disabled(model):
             return model(x, t)
-
     return reference_eps
-
 
 def sample(eps_fn: ng.EpsFn, schedule: ng.StepSchedule, n: int, generator: torch.Generator, chunk: int = 1000) -> Tensor:
     """n clean samples x_0 (n, 1, 8, 8) from the DDIM(η=1) sampler, in chunks."""
@@ -548,329 +217,125 @@ def sample(eps_fn: ng.EpsFn, schedule: ng.StepSchedule, n: int, generator: torch
         out.append(ng.sample_trajectory(eps_fn, schedule, x_T, generator).final)
     return torch.cat(out)
 
-
-# ----------------------------------------------------------------------------------------------
-# The reference: pretrained samples importance-reweighted by R^β
-# ----------------------------------------------------------------------------------------------
-
+# ---- The reference: pretrained samples importance-weighted by R^β ---------------------------------
 
 def importance_weights(log_reward: Tensor, beta: float) -> Tensor:
     """Self-normalised weights w_i ∝ R(x_i)^β = exp(β r_i) of samples x_i ~ p^♯; sum to 1. (M,) → (M,)."""
     return torch.softmax(beta * log_reward.double(), dim=0)
-
 
 def effective_sample_size(weights: Tensor) -> float:
     """Kish's ESS = (Σ w)² / Σ w²: M for uniform weights, 1 when one sample holds all the weight."""
     w = weights.double()
     return float(w.sum() ** 2 / w.pow(2).sum())
 
-
 @dataclass
 class Reference:
-    """Pretrained pool x_i ~ p^♯ with self-normalised weights targeting p* ∝ p^♯ R^β."""
+    """Pretrained pool x_i ~ p^♯ (M, 1, 8, 8), its rewards (M,), weights (M,) targeting p* ∝ p^♯ R^β, their ESS."""
 
-    samples: Tensor  # (M, 1, 8, 8)
-    log_reward: Tensor  # (M,)
-    weights: Tensor  # (M,), sum to 1
+    samples: Tensor
+    log_reward: Tensor
+    weights: Tensor
     ess: float
 
     def resample(self, n: int, generator: torch.Generator) -> Tensor:
         return self.samples[torch.multinomial(self.weights.float(), n, replacement=True, generator=generator)]
-
 
 def build_reference(pool: Tensor, log_reward: ng.LogRewardFn, beta: float) -> Reference:
     r = score(log_reward, pool)
     w = importance_weights(r, beta)
     return Reference(samples=pool, log_reward=r, weights=w, ess=effective_sample_size(w))
 
-
-@torch.no_grad()
-def score(log_reward: ng.LogRewardFn, x: Tensor) -> Tensor:
-    return log_reward(x, torch.arange(len(x)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics (each one computed for weighted sets; finetuned samples have uniform weights)
-# ----------------------------------------------------------------------------------------------
-
-
-def weighted_mean_pairwise_distance(x: Tensor, w: Tensor, chunk: int = 1024) -> float:
-    """E ‖x − x'‖ for two distinct draws: Σ_{i≠j} w_i w_j d_ij / Σ_{i≠j} w_i w_j."""
-    flat, w = x.flatten(1).double(), w.double()
-    total = sum(w[s : s + chunk] @ torch.cdist(flat[s : s + chunk], flat) @ w for s in range(0, len(flat), chunk))
-    return float(total / (1 - w.pow(2).sum()))
-
-
-def expected_distinct_nearest(x: Tensor, w: Tensor, train: Tensor, n: int) -> float:
-    """Expected number of distinct nearest training digits among n draws from Σ w_i δ(x_i).
-
-    With p_j the weight of the samples whose nearest training digit is j: Σ_j 1 − (1 − p_j)^n.
-    """
-    nearest = torch.cdist(x.flatten(1), train.flatten(1)).argmin(1)
-    p = torch.zeros(len(train), dtype=torch.float64).index_add_(0, nearest, w.double())
-    return float((1 - (1 - p).pow(n)).sum())
-
-
-def distinct_nearest(x: Tensor, train: Tensor) -> int:
-    return int(torch.cdist(x.flatten(1), train.flatten(1)).argmin(1).unique().numel())
-
-
-def weighted_gaussian(features: Tensor, w: Tensor) -> Tuple[np.ndarray, np.ndarray]:
-    """Weighted mean and (reliability-weighted, unbiased) covariance of (M, D) features."""
-    f, w = features.double(), w.double()
-    mu = w @ f
-    centred = f - mu
-    cov = (centred * w[:, None]).T @ centred / (1 - w.pow(2).sum())
-    return mu.numpy(), cov.numpy()
-
-
-def frechet_distance(a: Tuple[np.ndarray, np.ndarray], b: Tuple[np.ndarray, np.ndarray]) -> float:
-    """‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^½) between two Gaussians (as in FID)."""
-    from scipy import linalg
-
-    (mu_a, cov_a), (mu_b, cov_b) = a, b
-    covmean = linalg.sqrtm(cov_a @ cov_b)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * np.real(covmean)))
-
-
-@torch.no_grad()
-def evaluate(
-    x: Tensor, classifier: DigitClassifier, log_reward: ng.LogRewardFn, train: Tensor, reward_class: Optional[int],
-    reference_gaussian: Optional[Tuple[np.ndarray, np.ndarray]] = None, weights: Optional[Tensor] = None,
-    n: Optional[int] = None,
-) -> Dict[str, float]:
-    """Metrics of samples x (weights None), or of the weighted set Σ w_i δ(x_i) (the reference).
-
-    Every metric sees the images clipped to [−1, 1], as they are displayed and as the rewards see
-    them (a sample far outside the range would otherwise look "diverse"). A weighted set is measured
-    as n independent draws from it would be: the expected number of distinct nearest training digits
-    among n draws, so that it compares with a count over n samples.
-    """
-    w = uniform(len(x)) if weights is None else weights.double()
-    shown = x.clamp(-1, 1)
-    metrics = {
-        "mean_reward": float(w @ score(log_reward, shown).double()),
-        "diversity_l2": weighted_mean_pairwise_distance(shown, w),
-        "distinct_nearest_digits": float(
-            distinct_nearest(shown, train) if weights is None else expected_distinct_nearest(shown, w, train, n)
-        ),
-    }
-    if reward_class is not None:
-        metrics["frac_class"] = float(w @ (classifier(shown).argmax(1) == reward_class).double())
-    if reference_gaussian is not None:
-        metrics["frechet_to_reference"] = frechet_distance(weighted_gaussian(classifier.features(shown), w), reference_gaussian)
-    return metrics
-
-
-def uniform(n: int) -> Tensor:
-    return torch.full((n,), 1.0 / n, dtype=torch.float64)
-
-
-# ----------------------------------------------------------------------------------------------
-# Finetuning: one update of each method
-# ----------------------------------------------------------------------------------------------
-
-
-class CostMeter:
-    """Counts, per update, the rows backpropagated through the ε-network and through the reward.
-
-    "Network VJPs": rows of every backward pass through the denoiser (policy with adapters on, or
-    the reference with them off; a graph backpropagated twice counts twice), via a full backward
-    hook. "Reward gradients": rows whose reward input receives a gradient, via a tensor hook.
-    Sampling and evaluation run without gradients and are not counted.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.network_vjps = 0
-        self.reward_grads = 0
-        # the hook also fires when only the parameters (LoRA), not the input, need a gradient: wanted
-        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
-        model.register_full_backward_hook(self._on_network_backward)
-
-    def _on_network_backward(self, module, grad_input, grad_output) -> None:
-        self.network_vjps += int(grad_output[0].shape[0])
-
-    def _on_reward_backward(self, grad: Tensor) -> None:
-        self.reward_grads += int(grad.shape[0])
-
-    def wrap(self, log_reward: ng.LogRewardFn) -> ng.LogRewardFn:
-        def counted(x0: Tensor, traj: Tensor) -> Tensor:
-            if x0.requires_grad and torch.is_grad_enabled():
-                x0.register_hook(self._on_reward_backward)
-            return log_reward(x0, traj)
-
-        return counted
-
-    def take(self) -> Dict[str, int]:
-        """The counts since the last call, then reset."""
-        counts = {"network_vjps": self.network_vjps, "reward_grads": self.reward_grads}
-        self.network_vjps = self.reward_grads = 0
-        return counts
-
+# ---- Finetuning: every method from baselines.METHODS, one loop -----------------------------------
 
 @dataclass
 class Finetuner:
-    """The trainable pieces of one finetuning run (flow: g_φ of nabla-db; log_z: RTB's log Z)."""
+    """The trainable pieces of one run: LoRA'd model, its LoRA parameters, g_φ (nabla-db), log Z (RTB)."""
 
     model: DigitDenoiser
     lora_params: List[nn.Parameter]
     flow: Optional[FlowCorrection]
     optimizer: torch.optim.Optimizer
     log_z: Optional[nn.Module] = None
-    meter: Optional[CostMeter] = None
-    update: int = 0  # updates taken so far
-
 
 def method_lr(cfg: Config, method: str) -> float:
     return getattr(cfg, LR_FIELDS[method])
 
-
 def make_finetuner(cfg: Config, pretrained: DigitDenoiser, method: str) -> Finetuner:
-    """A fresh LoRA copy of the pretrained denoiser at the method's learning rate (+ g_φ or log Z)."""
+    """A frozen copy of the pretrained denoiser with LoRA (Gaussian init, B = 0: P_F^θ = P_F^♯ at the start) at the
+    method's learning rate, + g_φ or log Z."""
     model = DigitDenoiser.from_config(pretrained.config)
     model.load_state_dict(pretrained.state_dict())
-    lora_params = add_lora(model, cfg.lora_rank)
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    lora_params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": lora_params, "lr": method_lr(cfg, method), "weight_decay": 0.0}]
-    flow, log_z = None, None
-    module = bl.METHODS[method].module
+    flow, log_z, module = None, None, bl.METHODS[method].module
     if module == "flow" and cfg.use_flow:
         flow = FlowCorrection(cfg.flow_hidden)
         groups.append({"params": list(flow.parameters()), "lr": cfg.flow_lr, "weight_decay": 1e-2})
     if module == "log_z":
         log_z = bl.LogPartition()
         groups.append({"params": list(log_z.parameters()), "lr": cfg.rtb_logz_lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
-    return Finetuner(model, lora_params, flow, optimizer, log_z, CostMeter(model))
-
-
-def loss_config(cfg: Config, method: str) -> ng.LossConfig:
-    """The configured ∇-DB loss with the method's fixed fields (adjoint-matching: no g_φ, no guess) applied."""
-    base = ng.LossConfig(
-        beta=cfg.beta, trust_region=cfg.trust_region, reverse_weight=cfg.reverse_weight, gamma=cfg.gamma,
-        weighting=cfg.weighting, use_flow=cfg.use_flow, guess_from=cfg.guess_from,
-        flow_target=cfg.flow_target, adjoint_lambda=cfg.adjoint_lambda,
-    )
-    return bl.METHODS[method].loss_config(base)
-
+    return Finetuner(model, lora_params, flow, torch.optim.AdamW(groups, betas=(0.9, 0.999)), log_z)
 
 def method_config(cfg: Config, method: str) -> bl.MethodConfig:
-    """This rung's config fields (batch, subsample, max_grad_norm, …) → the registry's method hyper-parameters."""
+    """This rung's fields → the registry's hyper-parameters, with the method's fixed loss fields applied."""
+    loss = ng.LossConfig(beta=cfg.beta, trust_region=cfg.trust_region, reverse_weight=cfg.reverse_weight, gamma=cfg.gamma,
+                         weighting=cfg.weighting, use_flow=cfg.use_flow, guess_from=cfg.guess_from,
+                         flow_target=cfg.flow_target, adjoint_lambda=cfg.adjoint_lambda)
     return bl.MethodConfig(
         beta=cfg.beta, batch_size=cfg.batch, fraction=cfg.subsample, grad_clip=cfg.max_grad_norm,
-        loss=loss_config(cfg, method), draft_k=cfg.draft_k, draft_kl=cfg.draft_kl, refl_start=cfg.refl_start,
-        ppo_clip=cfg.ppo_clip, ppo_epochs=cfg.ppo_epochs, ppo_minibatches=cfg.ppo_minibatches,
-        ppo_adv_clip=cfg.ppo_adv_clip,
-    )
-
-
-def make_trainee(ft: Finetuner, schedule: ng.StepSchedule, log_reward: ng.LogRewardFn) -> bl.Trainee:
-    """The common interface of every update: LoRA on = P_F^θ, LoRA off = P_F^♯, g_φ and log Z from the finetuner."""
-    groups = {"policy": ft.lora_params}
-    if ft.flow is not None:
-        groups["flow"] = list(ft.flow.parameters())
-    x_T = lambda n, gen: torch.randn((n, *IMAGE_SHAPE), generator=gen)
-    return bl.Trainee(policy_eps_fn(ft.model), reference_eps_fn(ft.model), log_reward, schedule, x_T, groups,
-                      ft.optimizer, ft.flow, ft.log_z)
-
+        loss=bl.METHODS[method].loss_config(loss), draft_k=cfg.draft_k, draft_kl=cfg.draft_kl, refl_start=cfg.refl_start,
+        ppo_clip=cfg.ppo_clip, ppo_epochs=cfg.ppo_epochs, ppo_minibatches=cfg.ppo_minibatches, ppo_adv_clip=cfg.ppo_adv_clip)
 
 def method_update(cfg: Config, method: str, ft: Finetuner, schedule: ng.StepSchedule, log_reward: ng.LogRewardFn,
                   gen: torch.Generator) -> Dict[str, float]:
-    """One update of `method` (looked up in baselines.METHODS) on this finetuner."""
-    return bl.METHODS[method].update(make_trainee(ft, schedule, log_reward), method_config(cfg, method), gen)
+    """One update of `method` (baselines.METHODS) on this finetuner: LoRA on = P_F^θ, LoRA off = P_F^♯."""
+    groups = {"policy": ft.lora_params, **({"flow": list(ft.flow.parameters())} if ft.flow is not None else {})}
+    x_T = lambda n, g: torch.randn((n, *IMAGE_SHAPE), generator=g)
+    trainee = bl.Trainee(policy_eps_fn(ft.model), reference_eps_fn(ft.model), log_reward, schedule, x_T, groups,
+                         ft.optimizer, ft.flow, ft.log_z)
+    return bl.METHODS[method].update(trainee, method_config(cfg, method), gen)
 
-
-def finetune(
-    cfg: Config, method: str, pretrained: DigitDenoiser, schedule: ng.StepSchedule, log_reward: ng.LogRewardFn,
-    curve_metrics, progress: bool = True,
-) -> Tuple[Finetuner, List[Dict[str, float]]]:
-    """Run cfg.updates updates of `method`; every cfg.curve_every updates, record curve_metrics(model).
-
-    Each history point holds "seconds" (training time so far, curve evaluations excluded) and the
-    network VJPs and reward gradients of the update just taken (`CostMeter`).
-    """
+def finetune(cfg: Config, method: str, pretrained: DigitDenoiser, schedule: ng.StepSchedule, log_reward: ng.LogRewardFn,
+             curve_metrics: Callable, progress: bool = True, meter=None) -> Tuple[Finetuner, List[Dict[str, float]]]:
+    """cfg.updates updates of `method`; every cfg.curve_every, a history point: the update's logs,
+    curve_metrics(model) and "seconds" (training time so far). An optional `meter`
+    (experiments/digits_diagnostics.CostMeter) wraps the reward; its counts go into each point."""
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     ft = make_finetuner(cfg, pretrained, method)
-    counted_reward = ft.meter.wrap(log_reward)
-    history = [{"update": 0, "seconds": 0.0, **curve_metrics(ft.model)}]
-    train_seconds = 0.0
+    log_reward = log_reward if meter is None else meter.attach(ft.model, log_reward)
+    history, train_seconds = [{"update": 0, "seconds": 0.0, **curve_metrics(ft.model)}], 0.0
     bar = tqdm(range(1, cfg.updates + 1), desc=f"finetune {method}", disable=not progress)
     for update in bar:
         start = time.time()
-        logs = method_update(cfg, method, ft, schedule, counted_reward, gen)
+        logs = method_update(cfg, method, ft, schedule, log_reward, gen)
         train_seconds += time.time() - start
-        ft.update = update
-        cost = ft.meter.take()
+        cost = {} if meter is None else meter.take()
         bar.set_postfix(reward=f"{logs['reward']:.3f}")
         if update % cfg.curve_every == 0 or update == cfg.updates:
             history.append({"update": update, "seconds": train_seconds, **logs, **cost, **curve_metrics(ft.model)})
     return ft, history
 
+# ---- Evaluate: the metrics, the setup every method shares, one method's run -----------------------
 
-# ----------------------------------------------------------------------------------------------
-# Figure
-# ----------------------------------------------------------------------------------------------
-
-
-def image_grid(x: Tensor, cols: int = 8) -> np.ndarray:
-    """(n, 1, 8, 8) in [−1, 1] → one (rows·9−1, cols·9−1) image with 1-pixel gaps, ink dark."""
-    x = x[: (len(x) // cols) * cols].clamp(-1, 1).squeeze(1).numpy()
-    rows = len(x) // cols
-    grid = np.full((rows * 9 - 1, cols * 9 - 1), np.nan)
-    for i, img in enumerate(x):
-        r, c = divmod(i, cols)
-        grid[r * 9 : r * 9 + 8, c * 9 : c * 9 + 8] = img
-    return grid
-
-
-def display_name(method: str, cfg: Config) -> str:
-    if method == "nabla-db":
-        return f"∇-GFlowNet ({cfg.flow_target})" if cfg.use_flow else f"∇-GFlowNet (no g_φ, {cfg.flow_target})"
-    return f"DRaFT-{cfg.draft_k}" if method == "draft" else bl.METHODS[method].label
-
-
-def make_figure(path: Path, grids: Dict[str, Tensor], histories: Dict[str, List[Dict]], reference: Dict, pretrained: Dict, title: str):
-    """Top row: 64-sample grids. Bottom row: metric curves against the reference (dashed) and p♯ (dotted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = {"frac_class": "fraction classified as K", "mean_reward": "mean reward r",
-              "diversity_l2": "diversity (mean pairwise L2)", "frechet_to_reference": "Fréchet to reference"}
-    curve_keys = [k for k in labels if k in reference]
-    cols = max(len(grids), len(curve_keys))
-    fig, axes = plt.subplots(2, cols, figsize=(2.9 * cols, 6.2), gridspec_kw={"height_ratios": [1.15, 1]}, squeeze=False)
-    cmap = plt.get_cmap("gray_r").copy()
-    cmap.set_bad("white")
-    for ax in axes[0]:
-        ax.axis("off")
-    for ax, (name, x) in zip(axes[0], grids.items()):
-        ax.imshow(image_grid(x), cmap=cmap, vmin=-1, vmax=1)
-        ax.set_title(name, fontsize=10)
-    for ax in axes[1, len(curve_keys):]:
-        ax.axis("off")
-    for ax, key in zip(axes[1], curve_keys):
-        for method, hist in histories.items():
-            ax.plot([h["update"] for h in hist], [h[key] for h in hist], label=method)
-        if key == "frechet_to_reference":
-            ax.set_yscale("log")
-        else:
-            ax.axhline(reference[key], color="k", ls="--", lw=1, label="reference (target)")
-        ax.axhline(pretrained[key], color="gray", ls=":", lw=1, label="pretrained")
-        ax.set_xlabel("update")
-        ax.set_title(labels[key], fontsize=10)
-    axes[1, 0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------
-
+@torch.no_grad()
+def evaluate(x: Tensor, classifier: DigitClassifier, log_reward: ng.LogRewardFn, train: Tensor, reward_class: Optional[int],
+             reference_gaussian: Optional[Tuple] = None, weights: Optional[Tensor] = None, n: Optional[int] = None) -> Dict:
+    """Metrics of samples x (weights None) or of the weighted set Σ w_i δ(x_i), measured as n draws from it
+    would be. Every metric sees x clipped to [−1, 1], as displayed and as the rewards see it."""
+    w = uniform(len(x)) if weights is None else weights.double()
+    shown = x.clamp(-1, 1)
+    metrics = {"mean_reward": float(w @ score(log_reward, shown).double()),
+               "diversity_l2": weighted_mean_pairwise_distance(shown, w),
+               "distinct_nearest_digits": float(distinct_nearest(shown, train) if weights is None
+                                                else expected_distinct_nearest(shown, w, train, n))}
+    if reward_class is not None:
+        metrics["frac_class"] = float(w @ (classifier(shown).argmax(1) == reward_class).double())
+    if reference_gaussian is not None:
+        metrics["frechet_to_reference"] = frechet_distance(weighted_gaussian(classifier.features(shown), w), reference_gaussian)
+    return metrics
 
 @dataclass
 class Setup:
@@ -892,76 +357,93 @@ class Setup:
         return evaluate(x, self.classifier, self.log_reward, self.images, self.reward_class, self.reference_gaussian, **kw)
 
     def curve_metrics(self, model: DigitDenoiser) -> Dict[str, float]:
-        # fixed noise for every point, so the curves move only with the model
-        gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+        gen = torch.Generator().manual_seed(self.cfg.seed + 1)  # the same noise at every point: curves move with the model
         return self.evaluate(sample(policy_eps_fn(model), self.schedule, self.cfg.curve_samples, gen))
-
 
 def prepare(cfg: Config) -> Setup:
     """Load (or pretrain) the denoiser and classifier; build the reference; measure it and p♯."""
     t_start = time.time()
-    images, labels = load_digits_tensor()
-    scheduler = make_scheduler()
+    (images, labels), scheduler = load_digits_tensor(), make_scheduler()
     pretrained = load_or_pretrain_denoiser(cfg, images, scheduler)
     classifier, accuracy = load_or_train_classifier(cfg, images, labels)
-    log_reward = make_log_reward(cfg.reward, classifier)
-    schedule = ng.ddim_schedule(scheduler, cfg.num_steps)
+    log_reward, schedule = make_log_reward(cfg.reward, classifier), ng.ddim_schedule(scheduler, cfg.num_steps)
     t_pretrained = time.time() - t_start
-
     gen = torch.Generator().manual_seed(cfg.seed)
-    pretrained_eps = policy_eps_fn(pretrained)
-    reference = build_reference(sample(pretrained_eps, schedule, cfg.reference_pool, gen), log_reward, cfg.beta)
-    reference_gaussian = weighted_gaussian(classifier.features(reference.samples.clamp(-1, 1)), reference.weights)
-    setup = Setup(cfg, images, classifier, pretrained, schedule, log_reward, parse_reward(cfg.reward)[1],
-                  reference, reference_gaussian, {}, {})
-    setup.metrics = {
-        "classifier_held_out_accuracy": accuracy, "reference_ess": reference.ess, "reference_pool": cfg.reference_pool,
-        "reference": setup.evaluate(reference.samples, weights=reference.weights, n=cfg.eval_samples),
-    }
-    # Fréchet's finite-sample floor: an n-sample draw from the reference itself
-    setup.samples["reference"] = reference.resample(cfg.eval_samples, gen)
+    reference = build_reference(sample(policy_eps_fn(pretrained), schedule, cfg.reference_pool, gen), log_reward, cfg.beta)
+    gaussian = weighted_gaussian(classifier.features(reference.samples.clamp(-1, 1)), reference.weights)
+    setup = Setup(cfg, images, classifier, pretrained, schedule, log_reward, parse_reward(cfg.reward)[1], reference,
+                  gaussian, {}, {})
+    setup.metrics = {"classifier_held_out_accuracy": accuracy, "reference_ess": reference.ess, "reference_pool": cfg.reference_pool,
+                     "reference": setup.evaluate(reference.samples, weights=reference.weights, n=cfg.eval_samples)}
+    setup.samples["reference"] = reference.resample(cfg.eval_samples, gen)  # its Fréchet: the finite-sample floor
     setup.metrics["reference_resample_frechet"] = setup.evaluate(setup.samples["reference"])["frechet_to_reference"]
-    setup.samples["pretrained"] = sample(pretrained_eps, schedule, cfg.eval_samples, gen)
-    setup.metrics["pretrained"] = setup.evaluate(setup.samples["pretrained"])
-    setup.metrics["pretrain_seconds"] = t_pretrained
+    setup.samples["pretrained"] = sample(policy_eps_fn(pretrained), schedule, cfg.eval_samples, gen)
+    setup.metrics.update(pretrained=setup.evaluate(setup.samples["pretrained"]), pretrain_seconds=t_pretrained)
     return setup
 
-
 def diverged(x: Tensor, pretrained: Tensor) -> bool:
-    """A run has diverged when its samples are not finite or their RMS is over 3× the pretrained samples'
-    (those lie in the data range [−1, 1]; DRaFT at too high a rate puts pixels at ±100)."""
+    """Samples not finite, or their RMS over 3× the pretrained samples' (DRaFT at too high a rate: pixels at ±100)."""
     return bool(not torch.isfinite(x).all() or x.pow(2).mean().sqrt() > 3 * pretrained.pow(2).mean().sqrt())
 
-
-def run_method(setup: Setup, method: str, progress: bool = True) -> Tuple[Dict, Tensor, List[Dict]]:
+def run_method(setup: Setup, method: str, progress: bool = True, meter=None) -> Tuple[Dict, Tensor, List[Dict]]:
     """Finetune one method; return (its final metrics, its eval samples, its history)."""
-    cfg, ref = setup.cfg, setup.metrics["reference"]
-    t_method = time.time()
-    ft, history = finetune(cfg, method, setup.pretrained, setup.schedule, setup.log_reward, setup.curve_metrics, progress)
+    cfg, ref, t_method = setup.cfg, setup.metrics["reference"], time.time()
+    ft, history = finetune(cfg, method, setup.pretrained, setup.schedule, setup.log_reward, setup.curve_metrics, progress, meter)
     x = sample(policy_eps_fn(ft.model), setup.schedule, cfg.eval_samples, torch.Generator().manual_seed(cfg.seed + 2))
     result = {**setup.evaluate(x.nan_to_num(0.0)), "diverged": diverged(x, setup.samples["pretrained"])}
     result["diversity_ratio"] = result["diversity_l2"] / ref["diversity_l2"]
     result["distinct_nearest_ratio"] = result["distinct_nearest_digits"] / ref["distinct_nearest_digits"]
-    result["finetune_seconds"] = time.time() - t_method
-    result["train_seconds"] = history[-1]["seconds"]
-    result["network_vjps_per_update"] = float(np.mean([h["network_vjps"] for h in history[1:]]))
-    result["reward_grads_per_update"] = float(np.mean([h["reward_grads"] for h in history[1:]]))
-    key, threshold = progress_bar(setup)
-    hit = next((h for h in history if h[key] >= threshold), None)
-    result["updates_to_bar"] = None if hit is None else hit["update"]
-    result["seconds_to_bar"] = None if hit is None else hit["seconds"]
+    result["finetune_seconds"], result["train_seconds"] = time.time() - t_method, history[-1]["seconds"]
     return result, x, history
 
+# ---- Figure ---------------------------------------------------------------------------------------
 
-def progress_bar(setup: Setup) -> Tuple[str, float]:
-    """The level a curve must reach: frac ≥ the reference's − 0.1 (class:K); for ink, mean reward half
-    of the way from the pretrained model's to the reference's (the whole gap is ~1.8, a 256-sample
-    curve point is uncertain by ~0.3). Returns (metric key, threshold)."""
-    ref, pre = setup.metrics["reference"], setup.metrics["pretrained"]
-    if "frac_class" in ref:
-        return "frac_class", ref["frac_class"] - 0.1
-    return "mean_reward", ref["mean_reward"] - 0.5 * (ref["mean_reward"] - pre["mean_reward"])
+def image_grid(x: Tensor, cols: int = 8) -> np.ndarray:
+    """(n, 1, 8, 8) in [−1, 1] → one (rows·9−1, cols·9−1) image with 1-pixel gaps (NaN), ink dark."""
+    x = x[: (len(x) // cols) * cols].clamp(-1, 1).squeeze(1).numpy()
+    grid = np.full(((len(x) // cols) * 9 - 1, cols * 9 - 1), np.nan)
+    for i, img in enumerate(x):
+        r, c = divmod(i, cols)
+        grid[r * 9 : r * 9 + 8, c * 9 : c * 9 + 8] = img
+    return grid
 
+def display_name(method: str, cfg: Config) -> str:
+    if method == "nabla-db":
+        return f"∇-GFlowNet ({cfg.flow_target})" if cfg.use_flow else f"∇-GFlowNet (no g_φ, {cfg.flow_target})"
+    return f"DRaFT-{cfg.draft_k}" if method == "draft" else bl.METHODS[method].label
+
+def make_figure(path: Path, grids: Dict[str, Tensor], histories: Dict[str, List[Dict]], reference: Dict, pretrained: Dict, title: str):
+    """Top row: 64-sample grids. Bottom row: metric curves against the reference (dashed) and p♯ (dotted)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = {"frac_class": "fraction classified as K", "mean_reward": "mean reward r",
+              "diversity_l2": "diversity (mean pairwise L2)", "frechet_to_reference": "Fréchet to reference"}
+    curve_keys = [k for k in labels if k in reference]
+    cols = max(len(grids), len(curve_keys))
+    fig, axes = plt.subplots(2, cols, figsize=(2.9 * cols, 6.2), gridspec_kw={"height_ratios": [1.15, 1]}, squeeze=False)
+    cmap = plt.get_cmap("gray_r").copy()
+    cmap.set_bad("white")
+    for ax in [*axes[0], *axes[1, len(curve_keys):]]:
+        ax.axis("off")
+    for ax, (name, x) in zip(axes[0], grids.items()):
+        ax.imshow(image_grid(x), cmap=cmap, vmin=-1, vmax=1)
+        ax.set_title(name, fontsize=10)
+    for ax, key in zip(axes[1], curve_keys):
+        for method, hist in histories.items():
+            ax.plot([h["update"] for h in hist], [h[key] for h in hist], label=method)
+        if key != "frechet_to_reference":
+            ax.axhline(reference[key], color="k", ls="--", lw=1, label="reference (target)")
+        ax.axhline(pretrained[key], color="gray", ls=":", lw=1, label="pretrained")
+        ax.set(xlabel="update", yscale="log" if key == "frechet_to_reference" else "linear")
+        ax.set_title(labels[key], fontsize=10)
+    axes[1, 0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+# ---- main -----------------------------------------------------------------------------------------
 
 def run(cfg: Config, progress: bool = True) -> Dict:
     """The whole experiment; returns the metrics dict that is also written to metrics.json."""
@@ -973,57 +455,30 @@ def run(cfg: Config, progress: bool = True) -> Dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     setup = prepare(cfg)
-    metrics = dict(setup.metrics)
+    metrics, histories = dict(setup.metrics), {}
     grids = {"pretrained p♯": setup.samples["pretrained"][:64],
              f"reference p♯·R^β (ESS {setup.reference.ess:.0f})": setup.samples["reference"][:64]}
     np.save(out / "pretrained_samples.npy", setup.samples["pretrained"].numpy())
     np.save(out / "reference_samples.npy", setup.samples["reference"].numpy())
-    histories = {}
     for method in parse_methods(cfg.method):
         metrics[method], x, history = run_method(setup, method, progress)
         (out / method).mkdir(exist_ok=True)
         np.save(out / method / "samples.npy", x.numpy())
         (out / method / "history.json").write_text(json.dumps(history, indent=1))
-        grids[display_name(method, cfg)] = x[:64]
-        histories[display_name(method, cfg)] = history
+        grids[display_name(method, cfg)], histories[display_name(method, cfg)] = x[:64], history
     metrics["total_seconds"] = time.time() - t_start
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     make_figure(out / "figure.png", grids, histories, metrics["reference"], metrics["pretrained"],
                 f"8×8 digits, reward {cfg.reward}, β = {cfg.beta}, {cfg.updates} updates × {cfg.batch} trajectories")
     return metrics
 
-
-def parse_args(argv: Optional[List[str]] = None) -> Config:
-    parser = argparse.ArgumentParser(prog="toy_digits.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="default", help=f"named settings, overridden by other flags: {', '.join(PRESETS)}")
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default {f.default!r})")
-    args = parser.parse_args(argv)
-    if args.preset not in PRESETS:
-        parser.error(f"--preset must be one of {', '.join(PRESETS)}; got {args.preset!r}")
-    values = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if k != "preset" and v is not None}}
-    cfg = Config(**values)
-    try:
-        validate(cfg)
-    except ValueError as err:
-        parser.error(str(err))
-    return cfg
-
-
 def main(argv: Optional[List[str]] = None) -> None:
     cfg = parse_args(argv)
     metrics = run(cfg)
-    summary = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
-    print(json.dumps(summary, indent=1))
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=1))
     for name in ("reference", "pretrained", *parse_methods(cfg.method)):
         print(f"{name:>10}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics[name].items() if isinstance(v, (int, float))))
     print(f"wrote {cfg.out}")
-
 
 if __name__ == "__main__":
     main()

@@ -23,10 +23,10 @@
 # target is $p^\sharp(x)\,p(K\mid x) \propto p^\sharp(x\mid y=K)$: the pretrained model's own
 # K's, with their variety — not one perfect K.
 #
-# Everything is `toy_digits.py` (and `nabla_gfn.py`, used unchanged): this notebook calls its
-# functions with its own `Config`, and adds only narration, checks and plots. To keep it near a
-# minute and a half on 2 CPU cores it uses smaller settings than the script's defaults (listed
-# below), so its numbers are weaker than those in the README's digits section.
+# Everything is `toy_digits.py` (its models in `digits_models.py`; `nabla_gfn.py` used unchanged):
+# this notebook calls its functions with its own `Config`, and adds only narration, checks and plots.
+# To keep it near a minute and a half on 2 CPU cores it uses smaller settings than the script's
+# defaults (listed below), so its numbers are weaker than those in the README's digits section.
 
 # %%
 import sys
@@ -299,6 +299,6 @@ plt.show()
 # python toy_digits.py --preset paper                # the loss exactly as the paper sets it
 # ```
 #
-# Every flag: `python toy_digits.py --help`. The `toy_digits.py` docstring lists the measured
+# Every flag: `python toy_digits.py --help`. [docs/digits.md](../docs/digits.md) lists the measured
 # choices (MLP denoiser, calibrated classifier, `kl` weighting, γ = √ᾱ, w_B = 5) and the known
 # result: the default gets within 0.05–0.06 of the reference's fraction of K's (README, digits).
