@@ -24,7 +24,7 @@ the reference's (mean pairwise L2), distinct nearest training digits, Fréchet d
 reference in the classifier's features, updates and train seconds until the curve (every
 --curve-every updates, 256 samples) first reaches the bar (class: frac ≥ reference − 0.1; ink: mean
 reward half of the way from p♯ to the reference), network VJPs and reward gradients per update
-(counted by `toy_digits.CostMeter`), and how many seeds diverged (`toy_digits.diverged`).
+(counted by `experiments/digits_diagnostics.py`'s `CostMeter`), and how many seeds diverged (`toy_digits.diverged`).
 
 Runs are resumable: each (row, reward, seed) result is a JSON file under --out, and a finished one is
 skipped, so an interrupted run can be continued and the table rebuilt from whatever finished. The
@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 import toy_digits as td  # noqa: E402
-from experiments import runner  # noqa: E402
+from experiments import digits_diagnostics, runner  # noqa: E402
 from experiments.runner import mean_std  # noqa: E402  (sample std over seeds, as every table here)
 
 # (row, toy_digits method, Config overrides); the first row is toy_digits' default
@@ -95,7 +95,7 @@ def run_job(job: Dict) -> str:
     cfg = td.Config(**job["config"])
     setup = setup_for(cfg)
     start = time.time()
-    result, _, history = td.run_method(dataclasses.replace(setup, cfg=cfg), cfg.method, progress=False)
+    result, _, history = digits_diagnostics.run_method(dataclasses.replace(setup, cfg=cfg), cfg.method, progress=False)
     record = {"row": job["row"], "config": job["config"], "result": result, "history": history,
               "reference": setup.metrics["reference"], "pretrained": setup.metrics["pretrained"],
               "wall_seconds": time.time() - start}
