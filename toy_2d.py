@@ -69,7 +69,7 @@ class ToyConfig:
     pretrain_iters: int = opt(3000, "pretraining iterations")
     pretrain_batch: int = opt(512, "pretraining batch size")
     pretrain_lr: float = opt(2e-3, "pretraining learning rate")
-    hidden: int = opt(128, "hidden width of the ε-network (at least 2·D)")
+    hidden: int = opt(128, "hidden width of the ε-network (max(hidden, 2·D) in D dimensions)")
     # finetuning
     method: str = opt("nabla-db", f"one of {', '.join(METHOD_NAMES)} (exact-flow: experiments/toy_diagnostics.py)")
     updates: int = opt(300, "finetuning updates (one optimiser step each)", check=AT_LEAST_1)
@@ -77,18 +77,18 @@ class ToyConfig:
     fraction: float = opt(0.1, "fraction of non-terminal transitions trained on", check=cli.FRACTION)
     lr: float = opt(2e-3, "policy learning rate (AdamW)")
     flow_lr: float = opt(2e-3, "g_φ learning rate (AdamW)")
-    flow_hidden: int = opt(128, "hidden width of g_φ (at least 2·D)")
+    flow_hidden: int = opt(128, "hidden width of g_φ (max(flow_hidden, 2·D) in D dimensions)")
     trust_region: float = opt(0.0, "λ, weight of ‖ε̂_θ − ε̂_old‖²")
     reverse_weight: float = opt(1.0, "w_B, weight of the reverse term")
     gamma: str = opt("sqrt_alpha_bar", "γ_τ (toy: √ᾱ, measured better here; nabla_gfn default ᾱ)",
                      choices=ng.GAMMA_CHOICES)
-    guess_from: str = opt("reference", "whose x̂_0 the guess uses (paper: policy; its guess runs away on sharp rewards)",
+    guess_from: str = opt("reference", "whose x̂_0 the guess uses (paper: policy, whose guess runs away on sharp rewards)",
                           choices=ng.GUESS_CHOICES)
     weighting: str = opt("kl", "transition weighting (paper: plain)", choices=ng.WEIGHTING_CHOICES)
     flow_target: str = opt("adjoint", "what trains g_φ: bootstrap (the paper's L_F + L_B), adjoint (the lean adjoint "
                            "a_{i+1}), mixed (L_B on (1−λ)·bootstrap + λ·a_i)", choices=ng.FLOW_TARGET_CHOICES)
     adjoint_lambda: float = opt(0.5, "λ of --flow-target mixed", check=(lambda v: 0 < v <= 1, "must be in (0, 1]"))
-    lr_schedule: str = opt("cosine", "all learning rates: constant, or cosine decay to 0", choices=("constant", "cosine"))
+    lr_schedule: str = opt("cosine", "every learning rate constant, or cosine-decayed to 0", choices=("constant", "cosine"))
     grad_clip: float = opt(1.0, "max grad norm, per parameter group")
     # baselines (baselines.py); the policy lr is --lr for every method
     draft_k: int = opt(1, "DRaFT-K: last sampling steps the reward gradient flows through (1 = DRaFT-1)")
