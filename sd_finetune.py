@@ -25,6 +25,9 @@ Offline: --model DIR --clip-model DIR --aesthetic-head FILE (and --hpsv2-checkpo
 --pickscore-processor, --imagereward-model, --imagereward-tokenizer, --dreamsim, --fid-weights), or the
 variables named in --help (NABLA_GFN_MODEL, NABLA_GFN_CLIP, ...; NABLA_GFN_CACHE for the cache folder).
 Use the result:  pipe.load_lora_weights("runs/aesthetic/checkpoints/epoch_0034").
+Memory: the defaults (--gradient-checkpointing, --train-batch-size 2 with accumulation to 64, --reward-chunk 1)
+aim at 20 GiB for aesthetic, 40 GiB for HPSv2/PickScore; on a large GPU --no-gradient-checkpointing
+--train-batch-size 8 --reward-chunk 0 runs faster. Before `accelerate launch`, fetch once: --download-only.
 
 One epoch: sample trajectories of the LoRA policy (each with a prompt drawn from the training
 list), then train on a subsample of their transitions (the terminal one plus ~10%, one per equal
@@ -296,7 +299,6 @@ PRESETS: Dict[str, dict] = {
 }
 
 
-
 def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
     """Flags → Config: dataclass defaults, then the preset, then the flags given (or, with --resume,
     the run's saved config, then the flags given). --model tiny implies 'tiny' for every weight."""
@@ -452,8 +454,6 @@ def assert_replicas_in_sync(models: Models, accelerator: Accelerator) -> None:
     sums = accelerator.gather(checksum)
     if not torch.all(sums == sums[0]):
         raise RuntimeError(f"processes hold different weights (checksums {sums.tolist()})")
-
-
 
 
 # ----------------------------------------------------------------------------------------------

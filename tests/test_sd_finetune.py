@@ -192,7 +192,7 @@ def test_report_to_tensorboard_writes_the_loss_parts_and_reward(cache, tmp_path)
 
 
 def test_missing_hub_weights_offline_give_one_line(env, tmp_path):
-    result = run_script(["--out", tmp_path / "run"], {**env, "NABLA_GFN_MODEL": sd.SD15_HUB_ID})
+    result = run_script(["--out", tmp_path / "run", "--allow-cpu"], {**env, "NABLA_GFN_MODEL": sd.SD15_HUB_ID})
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
