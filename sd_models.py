@@ -12,11 +12,13 @@ Config (only the fields named are read).
 from __future__ import annotations
 
 import logging
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.utils.checkpoint
 
 # Importing the SD pipeline touches CLIPImageProcessor, whose torchvision backend is missing here and
 # unused (we preprocess in torch): drop only that notice, so that errors stay one line.
@@ -53,10 +55,69 @@ class Models:
     reward: nn.Module
     uncond: Tensor  # (1, L, D) embedding of the empty negative prompt
     fast_dtype: Optional[torch.dtype] = None  # autocast dtype of sampling and the adjoint sweep (`unet_dtypes`)
+    reward_chunk: int = 0  # rows per decode + score on the reward-gradient path (`latent_log_reward`); 0 = all
 
     @property
     def unet(self) -> UNet2DConditionModel:
         return self.pipe.unet
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and precision
+# ----------------------------------------------------------------------------------------------
+
+# Linux driver each CUDA major's torch build needs (NVIDIA's CUDA release notes: 13.0 GA ≥ 580.65.06,
+# 12.0 GA ≥ 525.60.13; later minor versions of the same major run on these through minor-version compatibility).
+CUDA_MIN_DRIVER = {"13": "580.65.06", "12": "525.60.13"}
+
+
+def no_gpu_reason() -> Optional[str]:
+    """None when a CUDA (or MPS) device is usable; else one line saying why not and what to do."""
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        return None
+    cuda = torch.version.cuda
+    if cuda is None:
+        cause = f"the installed torch {torch.__version__} is a CPU-only build (install a CUDA build of torch)"
+    else:
+        driver = CUDA_MIN_DRIVER.get(cuda.split(".")[0], f"the one CUDA {cuda} requires")
+        cause = (f"the installed torch {torch.__version__} is a CUDA {cuda} build, which needs an NVIDIA driver "
+                 f">= {driver} (nvidia-smi shows yours), or this machine has no NVIDIA GPU")
+    return (f"no CUDA device found: {cause}; real Stable Diffusion on the CPU takes days, so this stops here: "
+            f"pass --allow-cpu to run anyway, or --model tiny for a smoke run")
+
+
+def weight_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def unet_dtypes(cfg, device: torch.device) -> Tuple[torch.dtype, Optional[torch.dtype]]:
+    """(dtype the UNet's weights are held in, autocast dtype of sampling and the adjoint sweep or None).
+
+    Why (docs/stable_diffusion.md, 'Numerics'): the forward residual (μ_θ − μ♯)/σ² is the difference of two UNet passes
+    over σ² (down to ~4e-4); computed in bf16, each pass's rounding (~2⁻⁹ relative, on every layer) is
+    larger than what a small LoRA changes, so the residual is rounding noise (tiny pipeline, bf16: the
+    forward term at update 2 was 23.9 against 0.31 in fp32). With --residual-precision fp32/tf32 the
+    loss's passes run on float32 weights without autocast; sampling, which takes no differences, keeps
+    the cheaper --precision through autocast.
+    """
+    weights = weight_dtype(cfg.precision, device)
+    if cfg.residual_precision == "same" or weights == torch.float32:
+        return weights, None
+    return torch.float32, weights
+
+
+def set_float32_matmul(residual_precision: str) -> None:
+    """IEEE float32 (fp32) or TF32 (tf32) matmuls and convolutions on CUDA; cuDNN's default is TF32.
+
+    Set through `allow_tf32`, which in torch 2.14 also sets the per-backend `fp32_precision` of matmul,
+    cuDNN conv and cuDNN RNN alike; setting `cudnn.conv.fp32_precision` alone leaves conv and RNN
+    different, after which reading `torch.backends.cudnn.allow_tf32` raises (as any library may do).
+    """
+    if residual_precision != "same":
+        torch.backends.cuda.matmul.allow_tf32 = residual_precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = residual_precision == "tf32"
 
 
 def tiny_weight(name: str, cache_dir: str) -> str:
@@ -125,6 +186,60 @@ def lora_disabled(layers: Sequence[BaseTunerLayer]):
             layer.enable_adapters(True)
 
 
+@contextmanager
+def adapter_states(layers: Sequence[BaseTunerLayer], disabled: Sequence[bool]):
+    """Each LoRA layer switched off (True) or on (False) as `disabled` says, restored after."""
+    before = [layer.disable_adapters for layer in layers]
+    for layer, off in zip(layers, disabled):
+        layer.enable_adapters(not off)
+    try:
+        yield
+    finally:
+        for layer, off in zip(layers, before):
+            layer.enable_adapters(not off)
+
+
+_BLOCK_LORA_LAYERS: "weakref.WeakKeyDictionary[nn.Module, List[BaseTunerLayer]]" = weakref.WeakKeyDictionary()
+
+
+def checkpoint_block(block: nn.Module, *args):
+    """diffusers' `_gradient_checkpointing_func`: torch.utils.checkpoint, non-reentrant (so gradients with
+    respect to the input x, which the guess, the reverse term and the lean adjoint take, still flow), whose
+    recomputation in backward runs under the LoRA state of the forward. Why: the reference P_F♯ is the
+    policy's UNet inside `lora_disabled`, which has exited when backward recomputes the block; diffusers'
+    own function would recompute the reference's block with the adapters on (wrong gradients)."""
+    if block not in _BLOCK_LORA_LAYERS:
+        _BLOCK_LORA_LAYERS[block] = lora_layers(block)
+    layers = _BLOCK_LORA_LAYERS[block]
+    disabled = [layer.disable_adapters for layer in layers]
+    return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False,
+                                             context_fn=lambda: (nullcontext(), _Reentering(layers, disabled)))
+
+
+class _Reentering:
+    """`adapter_states` as a context manager that may be entered again: backward with retain_graph
+    (the reverse term's) recomputes a block once per pass."""
+
+    def __init__(self, layers, disabled):
+        self.layers, self.disabled, self.active = layers, disabled, []
+
+    def __enter__(self):
+        self.active.append(adapter_states(self.layers, self.disabled))
+        self.active[-1].__enter__()
+
+    def __exit__(self, *exc):
+        return self.active.pop().__exit__(*exc)
+
+
+def enable_gradient_checkpointing(models: "Models") -> None:
+    """--gradient-checkpointing: the UNet (policy and reference), g_φ and the VAE decoder keep only their
+    blocks' inputs in the forward and recompute each block in backward (`checkpoint_block`): activation
+    memory of a block instead of the whole network, for about one more forward pass. Same numbers."""
+    for module in (models.unet, models.flow, models.pipe.vae):
+        if module is not None:
+            module.enable_gradient_checkpointing(checkpoint_block)
+
+
 def build_flow_net(unet: UNet2DConditionModel, widths: Sequence[int]) -> UNet2DConditionModel:
     """g_φ(x, τ, prompt): a small conditional UNet over latents, output layer zeroed (g_φ ≡ 0 at init).
 
@@ -190,11 +305,26 @@ def decode_latents(vae: AutoencoderKL, latents: Tensor) -> Tensor:
     return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
 
 
-def latent_log_reward(vae: AutoencoderKL, reward: nn.Module, prompts: Sequence[str]):
-    """LogRewardFn: decode, then score each row with the prompt of its own trajectory, prompts[traj]."""
+def latent_log_reward(vae: AutoencoderKL, reward: nn.Module, prompts: Sequence[str], chunk: int = 0):
+    """LogRewardFn: decode, then score each row with the prompt of its own trajectory, prompts[traj].
+
+    The reward path runs in the VAE's dtype (--vae-precision): float32 (the paper's), or the decoder in
+    bf16 and the reward model under bf16 autocast. chunk > 0 (--reward-chunk): rows in chunks of `chunk`,
+    each checkpointed while a gradient is being built, so that backward recomputes and holds one chunk's
+    decoder and reward graph at a time (at 512² the decoder's graph is ~5.6 GiB per image in float32).
+    Same numbers; one more forward of the decoder and reward model per chunk.
+    """
+    autocast = None if vae.dtype == torch.float32 else vae.dtype
+
+    def score(x0: Tensor, traj: Tensor) -> Tensor:
+        with unet_autocast(x0.device, autocast):
+            return reward(decode_latents(vae, x0), [prompts[i] for i in traj.tolist()]).float()
 
     def log_reward(x0: Tensor, traj: Tensor) -> Tensor:
-        return reward(decode_latents(vae, x0), [prompts[i] for i in traj.tolist()])
+        if chunk <= 0 or len(x0) <= chunk or not (torch.is_grad_enabled() and x0.requires_grad):
+            return score(x0, traj)
+        return torch.cat([torch.utils.checkpoint.checkpoint(score, x0[rows], traj[rows], use_reentrant=False)
+                          for rows in torch.arange(len(x0), device=x0.device).split(chunk)])
 
     return log_reward
 
@@ -209,7 +339,7 @@ def loss_callables(models: Models, cond: Tensor, prompts: Sequence[str], guidanc
     return (
         guided_eps(models.unet, cond, models.uncond, guidance, lora=True),
         guided_eps(models.unet, cond, models.uncond, guidance, lora=False),
-        latent_log_reward(models.pipe.vae, models.reward, prompts),
+        latent_log_reward(models.pipe.vae, models.reward, prompts, models.reward_chunk),
         None if models.flow is None else flow_score(models.flow, cond),
     )
 
@@ -242,7 +372,7 @@ def adjoint_sweep(models: Models, schedule: StepSchedule, trajectory: Trajectory
                                autocast=models.fast_dtype)
     else:
         reference = conditional_eps(models.unet, cond, models.fast_dtype)
-    log_reward = latent_log_reward(models.pipe.vae, models.reward, prompts)
+    log_reward = latent_log_reward(models.pipe.vae, models.reward, prompts, models.reward_chunk)
     rows = torch.arange(len(trajectory.states), device=trajectory.states.device)
     chunks = [nabla_gfn.lean_adjoint(reference, schedule, Trajectory(trajectory.states[r], trajectory.eps[r]),
                                      log_reward, cfg.beta, traj=r)[0] for r in rows.split(cfg.sample_batch_size)]
