@@ -233,7 +233,7 @@ def test_every_method_trains_through_finetune_and_counts_reward_gradients(schedu
     # trained transition at x' (guess or terminal); no L_B, so no guess at x
     expected_per_update = {"nabla-db": BATCH + BATCH * k, "no-flow": BATCH * k, "exact-flow": 0,
                            "adjoint-matching": BATCH,  # the adjoint's terminal condition β∇r(x_0) only
-                           "draft": BATCH, "refl": BATCH, "ddpo": 0, "rtb": 0, "grpo": 0, "kl-pg": 0}
+                           "draft": BATCH, "refl": BATCH, "ddpo": 0, "grpo": 0, "kl-pg": 0, "rtb": 0}  # rtb last: log Z below
     assert set(toy_diagnostics.METHOD_NAMES) == set(expected_per_update) == set(bl.METHODS) | {"exact-flow"}
     for method, per_update in expected_per_update.items():  # the counters are experiments/toy_diagnostics.py's
         cfg = config(method=method, updates=2, eval_every=100, hidden=16, flow_hidden=16)
