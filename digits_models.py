@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import nabla_gfn as ng
+from toy_2d import sd_scheduler as make_scheduler  # DDIM with SD's noise schedule: the SD rung's step constants
 
 IMAGE_SHAPE = (1, 8, 8)
 Config = Any  # toy_digits.Config (not imported: toy_digits imports this module)
@@ -37,11 +38,6 @@ def load_digits_tensor() -> Tuple[Tensor, Tensor]:
     digits = load_digits()
     images = torch.tensor(digits.data, dtype=torch.float32).reshape(-1, *IMAGE_SHAPE) / 8.0 - 1.0  # 0..16 → [−1, 1]
     return images, torch.tensor(digits.target, dtype=torch.long)
-
-def make_scheduler() -> DDIMScheduler:
-    """DDIM with Stable Diffusion's noise schedule, so the SD rung's step constants apply unchanged."""
-    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 class ResidualBlock(nn.Module):
     """Pre-norm MLP block with the time embedding as a scale and shift (FiLM)."""

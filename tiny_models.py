@@ -17,20 +17,13 @@ from pathlib import Path
 from typing import Callable, List
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import (BertTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
                           CLIPTextModel, CLIPTokenizer)
 
 from sd_rewards import (HPSV2_FILE, IMAGEREWARD_FILE, IMAGEREWARD_KEYS, IMAGEREWARD_MED_CONFIG, AestheticHead,
                         ImageRewardNet, imagereward_configs, quiet_library_logs, rename_key)
-
-
-def sd_scheduler() -> DDIMScheduler:
-    """SD v1's noise schedule (scheduler_config of the hub model) as a DDIMScheduler."""
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1)
-
-
+from toy_2d import sd_scheduler  # SD v1's noise schedule, defined once
 
 
 def build_once(root: Path, build: Callable[[Path], None], seed: int = 0) -> Path:

@@ -11,11 +11,10 @@
 
 A small MLP ε-network is pretrained on samples of a Gaussian-mixture prior p♯ and frozen as P_F♯; the
 policy P_F^θ starts as an exact copy and is finetuned towards p*(x_0) ∝ p♯(x_0) R(x_0)^β. For a GMM
-prior and a Gaussian or linear log-reward the target is again a GMM in closed form, and so is the
-residual flow score ∇ log F̃_τ = ∇ log p*_τ − ∇ log p♯_τ at every noise level: exact metrics, and an
-exact check of the learned flow (experiments/toy_diagnostics.py). `--dim D` keeps all of this exact in
-D dimensions: the modes stay in the first two coordinates with one fixed offset each (norm 2) in the
-other D − 2; mode TV uses all D coordinates, the figure the first two.
+prior and a Gaussian or linear log-reward the target is again a GMM, and the residual flow score
+∇ log F̃_τ = ∇ log p*_τ − ∇ log p♯_τ is exact at every noise level (gmm.py): exact metrics, and an exact
+check of the learned flow (experiments/toy_diagnostics.py). `--dim D` keeps all of this exact in D
+dimensions (the modes get one fixed offset each in the other D − 2 coordinates; the figure shows two).
 
 Outputs (in --out): samples.npy, metrics.json, config.json, figure.png. The sampler is diffusers'
 DDIMScheduler with Stable Diffusion's scaled-linear betas: the code path of sd_finetune.py.
@@ -33,10 +32,11 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager, Dict, List, Optional, Tuple, Union
+from typing import Callable, ContextManager, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -44,39 +44,24 @@ import baselines as bl
 import cli
 import nabla_gfn as ng
 from cli import opt
+from gmm import (GMM, PRIOR_PRESETS, REWARD_PRESETS, mode_tv, mode_weights, parse_prior, parse_reward,
+                 sliced_wasserstein)
 
-# ---------------------------------------------------------------------------------------------- config
-PRIOR_PRESETS = {
-    # 8 equal modes on a circle of radius 3.
-    "ring8": {"means": [[3 * math.cos(2 * math.pi * k / 8), 3 * math.sin(2 * math.pi * k / 8)] for k in range(8)],
-              "weights": [1 / 8] * 8, "std": 0.3},
-    # The 5×5 grid of the RTB posterior benchmark (means {-10,…,10}², std 1), scaled by 0.3 so
-    # that it sits inside SD's noise schedule (√ᾱ_T ≈ 0.07 leaves the corners barely visible at x_T).
-    "grid25": {"means": [[3.0 * i, 3.0 * j] for i in (-1, -0.5, 0, 0.5, 1) for j in (-1, -0.5, 0, 0.5, 1)],
-               "weights": [1 / 25] * 25, "std": 0.3},
-}
-REWARD_PRESETS = {
-    # A broad Gaussian bump centred on the ring's mode at angle 0 (and on grid25's (3, 0) mode).
-    "bump": {"type": "gaussian", "center": [3.0, 0.0], "std": 2.0},
-    # A linear log-reward: tilts mass towards +x (and a little +y).
-    "linear": {"type": "linear", "w": [0.5, 0.25]},
-    # "bump" on all D coordinates: its centre extended by the offsets of the mode it sits on (D = 2: "bump").
-    "bump-all": {"type": "gaussian", "center": [3.0, 0.0], "std": 2.0, "extend": "nearest-mode"},
-}
-LR_SCHEDULES = ("constant", "cosine")
+
+# ---------------------------------------------------------------------------------------------- config, task
+
 METHOD_NAMES = tuple(bl.METHODS)  # every --method comes from the one registry
 AT_LEAST_1 = (lambda v: v >= 1, "must be ≥ 1")
 
 
 @dataclass
 class ToyConfig:
-    """Every setting of a run, one --flag each (`parse_args`, cli.py); written to config.json beside the outputs.
-    A bad value is a one-line cli.UsageError at construction (--method is checked by `check_method`)."""
+    """Every setting of a run, one --flag each (cli.py); written to config.json beside the outputs.
+    A bad value is a one-line cli.UsageError at construction (--method: `check_method`)."""
 
-    prior: str = opt("ring8", f"prior preset {sorted(PRIOR_PRESETS)} or GMM JSON")
-    reward: str = opt("bump", f"reward preset {sorted(REWARD_PRESETS)} or JSON")
-    dim: int = opt(2, "dimension D ≥ 2: the prior's modes in the first two coordinates, plus fixed per-mode offsets "
-                   "(norm 2) in the others; ε-network and g_φ widths max(hidden, 2·D)",
+    prior: str = opt("ring8", f"prior preset {sorted(PRIOR_PRESETS)} or GMM JSON (gmm.py)")
+    reward: str = opt("bump", f"reward preset {sorted(REWARD_PRESETS)} or JSON (gmm.py)")
+    dim: int = opt(2, "dimension D: the prior's modes in the first two coordinates, fixed offsets in the others",
                    check=(lambda v: v >= 2, "must be an integer ≥ 2 (the modes sit in the first two coordinates)"))
     beta: float = opt(1.0, "reward scale β: target p♯·R^β", check=cli.POSITIVE)
     num_steps: int = opt(50, "DDIM(η=1) sampling steps", check=AT_LEAST_1)
@@ -84,28 +69,26 @@ class ToyConfig:
     pretrain_iters: int = opt(3000, "pretraining iterations")
     pretrain_batch: int = opt(512, "pretraining batch size")
     pretrain_lr: float = opt(2e-3, "pretraining learning rate")
-    hidden: int = opt(128, "hidden width of the ε-network")
+    hidden: int = opt(128, "hidden width of the ε-network (max(hidden, 2·D) in D dimensions)")
     # finetuning
-    method: str = opt("nabla-db", f"finetuning method: {', '.join(METHOD_NAMES)} (baselines.METHODS; the diagnostic "
-                      "exact-flow: experiments/toy_diagnostics.py)")
+    method: str = opt("nabla-db", f"one of {', '.join(METHOD_NAMES)} (exact-flow: experiments/toy_diagnostics.py)")
     updates: int = opt(300, "finetuning updates (one optimiser step each)", check=AT_LEAST_1)
     batch_size: int = opt(128, "trajectories sampled per update", check=AT_LEAST_1)
     fraction: float = opt(0.1, "fraction of non-terminal transitions trained on", check=cli.FRACTION)
     lr: float = opt(2e-3, "policy learning rate (AdamW)")
     flow_lr: float = opt(2e-3, "g_φ learning rate (AdamW)")
-    flow_hidden: int = opt(128, "hidden width of g_φ")
+    flow_hidden: int = opt(128, "hidden width of g_φ (max(flow_hidden, 2·D) in D dimensions)")
     trust_region: float = opt(0.0, "λ, weight of ‖ε̂_θ − ε̂_old‖²")
     reverse_weight: float = opt(1.0, "w_B, weight of the reverse term")
-    gamma: str = opt("sqrt_alpha_bar", "γ_τ (toy default √ᾱ: measured better here; nabla_gfn default ᾱ)", choices=ng.GAMMA_CHOICES)
-    guess_from: str = opt("reference", "whose x̂_0 the guess uses (paper: policy; toy default reference: the policy's guess "
-                                "runs away on sharp rewards)", choices=ng.GUESS_CHOICES)
+    gamma: str = opt("sqrt_alpha_bar", "γ_τ (toy: √ᾱ, measured better here; nabla_gfn default ᾱ)",
+                     choices=ng.GAMMA_CHOICES)
+    guess_from: str = opt("reference", "whose x̂_0 the guess uses (paper: policy, whose guess runs away on sharp rewards)",
+                          choices=ng.GUESS_CHOICES)
     weighting: str = opt("kl", "transition weighting (paper: plain)", choices=ng.WEIGHTING_CHOICES)
-    flow_target: str = opt("adjoint", "what trains g_φ (toy default adjoint): bootstrap = the paper's L_F g-line + L_B; "
-                             "adjoint = g_φ(x') fit to the lean adjoint a_{i+1}; mixed = L_B on (1−λ)·bootstrap + λ·a_i",
-                             choices=ng.FLOW_TARGET_CHOICES)
-    adjoint_lambda: float = opt(0.5, "λ ∈ (0, 1] of --flow-target mixed", check=(lambda v: 0 < v <= 1, "must be in (0, 1]"))
-    lr_schedule: str = opt("cosine", "learning rates over the updates: constant, or cosine decay to 0 (all groups)",
-                           choices=LR_SCHEDULES)
+    flow_target: str = opt("adjoint", "what trains g_φ: bootstrap (the paper's L_F + L_B), adjoint (the lean adjoint "
+                           "a_{i+1}), mixed (L_B on (1−λ)·bootstrap + λ·a_i)", choices=ng.FLOW_TARGET_CHOICES)
+    adjoint_lambda: float = opt(0.5, "λ of --flow-target mixed", check=(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    lr_schedule: str = opt("cosine", "every learning rate constant, or cosine-decayed to 0", choices=("constant", "cosine"))
     grad_clip: float = opt(1.0, "max grad norm, per parameter group")
     # baselines (baselines.py); the policy lr is --lr for every method
     draft_k: int = opt(1, "DRaFT-K: last sampling steps the reward gradient flows through (1 = DRaFT-1)")
@@ -131,210 +114,18 @@ class ToyConfig:
     @property
     def loss_config(self) -> ng.LossConfig:
         """The configured ∇-DB loss with the method's fixed fields (no-flow, adjoint-matching) applied."""
-        base = ng.LossConfig(
-            beta=self.beta, trust_region=self.trust_region, reverse_weight=self.reverse_weight, gamma=self.gamma,
-            weighting=self.weighting, use_flow=True, guess_from=self.guess_from, flow_target=self.flow_target,
-            adjoint_lambda=self.adjoint_lambda,
-        )
+        base = ng.LossConfig(beta=self.beta, trust_region=self.trust_region, reverse_weight=self.reverse_weight,
+                             gamma=self.gamma, weighting=self.weighting, use_flow=True, guess_from=self.guess_from,
+                             flow_target=self.flow_target, adjoint_lambda=self.adjoint_lambda)
         return bl.METHODS[self.method].loss_config(base) if self.method in bl.METHODS else base
 
 
 def method_config(cfg: ToyConfig) -> bl.MethodConfig:
     """This rung's config fields → the registry's method hyper-parameters."""
-    return bl.MethodConfig(
-        beta=cfg.beta, batch_size=cfg.batch_size, fraction=cfg.fraction, grad_clip=cfg.grad_clip,
-        loss=cfg.loss_config, draft_k=cfg.draft_k, draft_kl=cfg.draft_kl, refl_start=cfg.refl_start,
-        ppo_clip=cfg.ppo_clip, ppo_epochs=cfg.ppo_epochs, ppo_minibatches=cfg.ppo_minibatches,
-        ppo_adv_clip=cfg.ppo_adv_clip,
-    )
-
-
-# ---------------------------------------------------------------------------------------------- exact GMM math: prior, tilted target, residual flow
-
-@dataclass
-class GMM:
-    """Σ_k w_k N(m_k, diag(s²)), one covariance for all components. std: a float (isotropic: every prior and
-    isotropic tilt) or a (D,) tensor (diagonal: the target of a reward that reads only some coordinates)."""
-
-    means: Tensor  # (K, D)
-    weights: Tensor  # (K,)
-    std: Union[float, Tensor]
-
-    @property
-    def dim(self) -> int:
-        return self.means.shape[1]
-
-    def variances(self) -> Tensor:
-        """Per-coordinate variance s_d² of every component. (D,) float64."""
-        return (torch.as_tensor(self.std, dtype=torch.float64) ** 2).expand(self.dim).clone()
-
-    def marginal(self, coords: int) -> "GMM":
-        """The mixture of the first `coords` coordinates (for figures)."""
-        return GMM(self.means[:, :coords], self.weights, self.std[:coords] if isinstance(self.std, Tensor) else self.std)
-
-    def noised(self, alpha_bar: Tensor) -> Tuple[Tensor, Tensor]:
-        """Marginal under x_τ = √ᾱ x_0 + √(1−ᾱ) ε, per row: means (N, K, D) and variance (N,), or (N, D) if diagonal."""
-        a = alpha_bar.to(self.means.dtype)
-        if isinstance(self.std, Tensor):
-            return a.sqrt()[:, None, None] * self.means, a[:, None] * self.std.to(a) ** 2 + (1 - a)[:, None]
-        return a.sqrt()[:, None, None] * self.means, a * self.std**2 + (1 - a)
-
-    def _log_resp_terms(self, x: Tensor, alpha_bar: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        means, var = self.noised(alpha_bar)
-        diff = x[:, None, :] - means  # (N, K, D)
-        if var.ndim == 2:  # diagonal: var (N, D)
-            log_comp = (self.weights.log() - 0.5 * (diff.pow(2) / var[:, None, :]).sum(-1)
-                        - 0.5 * torch.log(2 * math.pi * var).sum(-1)[:, None])
-            return log_comp, diff, var
-        # isotropic: for D = 2 exactly the original 2-D operations (0.5·D = 1)
-        log_comp = self.weights.log() - 0.5 * diff.pow(2).sum(-1) / var[:, None] - 0.5 * self.dim * torch.log(2 * math.pi * var)[:, None]
-        return log_comp, diff, var[:, None]
-
-    def log_prob(self, x: Tensor, alpha_bar: Optional[Tensor] = None) -> Tensor:
-        alpha_bar = torch.ones(len(x), dtype=x.dtype) if alpha_bar is None else alpha_bar
-        return self._log_resp_terms(x, alpha_bar)[0].logsumexp(-1)
-
-    def score(self, x: Tensor, alpha_bar: Tensor) -> Tensor:
-        """∇_x log p_τ(x) in closed form: Σ_k resp_k(x) · (−(x − √ᾱ m_k)/v_τ), v_τ per coordinate. (N, D)."""
-        log_comp, diff, var = self._log_resp_terms(x, alpha_bar)
-        return -(log_comp.softmax(-1)[..., None] * diff).sum(1) / var
-
-    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
-        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        std = self.std.to(self.means.dtype) if isinstance(self.std, Tensor) else self.std
-        return self.means[k] + std * torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype)
-
-
-class GaussianReward:
-    """r(x) = −‖x_{:n} − c‖² / (2 s²) on the first n = len(c) coordinates: R^β is a Gaussian bump with
-    variance s²/β. A 2-D centre on a D-dimensional prior reads two coordinates (a diagonal target)."""
-
-    def __init__(self, center, std):
-        self.center, self.std = torch.tensor(center, dtype=torch.float64), float(std)
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return -(x[..., : len(self.center)] - self.center.to(x)).pow(2).sum(-1) / (2 * self.std**2)
-
-    def tilt(self, prior: GMM, beta: float) -> GMM:
-        """p♯·R^β: per component a Gaussian product. On the read coordinates precision 1/s_d² + β/s_r² and
-        mean (m/s_d² + βc/s_r²)/precision, the others as in the prior; weight w_k Π_{d<n} N(m_kd; c_d, s_d² + s_r²/β)."""
-        n = len(self.center)
-        isotropic = not isinstance(prior.std, Tensor)
-        s2 = prior.std**2 if isotropic else prior.variances()[:n]
-        prec = 1 / s2 + beta / self.std**2
-        read = (prior.means[:, :n] / s2 + beta * self.center / self.std**2) / prec
-        v = s2 + self.std**2 / beta
-        sq = (prior.means[:, :n] - self.center).pow(2)
-        log_w = prior.weights.log() - (0.5 * sq.sum(-1) / v if isotropic else 0.5 * (sq / v).sum(-1))
-        if isotropic and n == prior.dim:  # an isotropic tilt (the 2-D toy, a bump on all D coordinates)
-            return GMM(read, log_w.softmax(0), prec**-0.5)
-        std = torch.cat([torch.as_tensor(prec, dtype=torch.float64).expand(n) ** -0.5, prior.variances()[n:].sqrt()])
-        return GMM(torch.cat([read, prior.means[:, n:]], 1), log_w.softmax(0), std)
-
-    def expectation(self, gmm: GMM) -> float:
-        """E_gmm[r] = −Σ_k w_k (‖m_k − c‖² + Σ_{d<n} s_d²) / (2 s_r²), over the read coordinates."""
-        n = len(self.center)
-        spread = n * gmm.std**2 if not isinstance(gmm.std, Tensor) else gmm.variances()[:n].sum()
-        sq = (gmm.means[:, :n] - self.center).pow(2).sum(-1) + spread
-        return float(-(gmm.weights * sq).sum() / (2 * self.std**2))
-
-
-class LinearReward:
-    """r(x) = w·x_{:n} on the first n = len(w) coordinates: R^β tilts each component's mean by β s² w."""
-
-    def __init__(self, w):
-        self.w = torch.tensor(w, dtype=torch.float64)
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return x[..., : len(self.w)] @ self.w.to(x)
-
-    def tilt(self, prior: GMM, beta: float) -> GMM:
-        """Weight w_k exp(β w·m_k + β² Σ_d s_d² w_d²/2), mean m_k + β s² w (w zero-padded to D), same std."""
-        n = len(self.w)
-        w_full = torch.cat([self.w, self.w.new_zeros(prior.dim - n)])
-        if not isinstance(prior.std, Tensor):  # the 2-D toy's operations, in their order
-            spread = 0.5 * beta**2 * prior.std**2 * self.w.pow(2).sum()
-            shift = beta * prior.std**2 * w_full
-        else:
-            spread = 0.5 * beta**2 * (prior.variances()[:n] * self.w.pow(2)).sum()
-            shift = beta * prior.variances() * w_full
-        log_w = prior.weights.log() + beta * prior.means[:, :n] @ self.w + spread
-        return GMM(prior.means + shift, log_w.softmax(0), prior.std)
-
-    def expectation(self, gmm: GMM) -> float:
-        return float(gmm.weights @ (gmm.means[:, : len(self.w)] @ self.w))
-
-
-def exact_flow_score(prior: GMM, target: GMM, x: Tensor, alpha_bar: Tensor) -> Tensor:
-    """Exact ∇ log F̃_τ(x) = ∇ log E♯[R(x_0)^β | x_τ = x] = ∇ log p*_τ(x) − ∇ log p♯_τ(x).
-
-    The tilted path measure p♯(x_{0:T}) R(x_0)^β / Z has marginal p*_τ ∝ p♯_τ · E♯[R^β | x_τ], and
-    p*_τ is the target GMM noised by the same forward process. At ᾱ = 1 this is β∇r (tested). float64 inside.
-    """
-    x64, a = x.double(), alpha_bar.double().expand(len(x))
-    return (target.score(x64, a) - prior.score(x64, a)).to(x.dtype)
-
-
-def _json_or_preset(text: str, presets: Dict[str, dict], flag: str) -> dict:
-    if text in presets:
-        return presets[text]
-    if text.lstrip().startswith("{"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise SystemExit(f"error: {flag}: invalid JSON ({err.msg} at char {err.pos}): {text}")
-    raise SystemExit(f"error: {flag}: unknown preset {text!r}; use one of {sorted(presets)} or a JSON object")
-
-
-# D > 2: the preset's 2-D means get one fixed offset per mode in coordinates 3 … D, of norm OFFSET_NORM
-# (directions of N(0, I) draws seeded OFFSET_SEED, independent of --seed): modes apart in every coordinate.
-OFFSET_NORM, OFFSET_SEED = 2.0, 0
-
-
-def mode_offsets(num_modes: int, extra_dims: int) -> Tensor:
-    """(K, D − 2) per-mode offsets of norm OFFSET_NORM for the coordinates beyond the first two."""
-    draws = torch.randn(num_modes, extra_dims, generator=torch.Generator().manual_seed(OFFSET_SEED), dtype=torch.float64)
-    return OFFSET_NORM * draws / draws.norm(dim=1, keepdim=True)
-
-
-def parse_prior(text: str, dim: int = 2) -> GMM:
-    """A preset or JSON GMM in `dim` dimensions: K×2 means are extended by `mode_offsets`, K×dim taken as given."""
-    spec = _json_or_preset(text, PRIOR_PRESETS, "--prior")
-    try:
-        means = torch.tensor(spec["means"], dtype=torch.float64)
-        k = len(means)
-        weights, std = torch.tensor(spec.get("weights", [1 / k] * k), dtype=torch.float64), float(spec["std"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise SystemExit(f'error: --prior: expected {{"means": [[x, y], ...], "weights": [...], "std": s}}, got {text} ({err})')
-    if means.ndim != 2 or means.shape[1] not in (2, dim) or weights.shape != (k,) or std <= 0 or (weights < 0).any():
-        raise SystemExit(f"error: --prior: means must be K×2 (or K×{dim} for --dim {dim}), weights K non-negative numbers, std > 0")
-    if means.shape[1] < dim:
-        means = torch.cat([means, mode_offsets(k, dim - 2)], 1)
-    return GMM(means, weights / weights.sum(), std)
-
-
-def parse_reward(text: str, prior: Optional[GMM] = None):
-    """A preset or JSON reward on the first len(center) / len(w) coordinates of `prior` (default: the plane).
-    "extend": "nearest-mode" (gaussian) appends the other coordinates of the prior mode nearest the centre."""
-    spec = _json_or_preset(text, REWARD_PRESETS, "--reward")
-    kind, dim = spec.get("type"), 2 if prior is None else prior.dim
-    try:
-        if kind == "gaussian":
-            center = torch.tensor(spec["center"], dtype=torch.float64)
-            if spec.get("extend") == "nearest-mode" and prior is not None and len(center) < dim:
-                nearest = (prior.means[:, : len(center)] - center).norm(dim=1).argmin()
-                center = torch.cat([center, prior.means[nearest, len(center):]])
-            reward, size = GaussianReward(center.tolist(), spec["std"]), len(center)
-        elif kind == "linear":
-            reward = LinearReward(spec["w"])
-            size = len(reward.w)
-        else:
-            raise SystemExit(f'error: --reward: "type" must be "gaussian" (center, std) or "linear" (w), got {kind!r}')
-    except KeyError as err:
-        raise SystemExit(f"error: --reward: missing field {err} for type {kind!r}")
-    if not 1 <= size <= dim:
-        raise SystemExit(f"error: --reward: center / w must have 1 … {dim} coordinates (--dim {dim}), got {size}")
-    return reward
+    return bl.MethodConfig(beta=cfg.beta, batch_size=cfg.batch_size, fraction=cfg.fraction, grad_clip=cfg.grad_clip,
+                           loss=cfg.loss_config, draft_k=cfg.draft_k, draft_kl=cfg.draft_kl, refl_start=cfg.refl_start,
+                           ppo_clip=cfg.ppo_clip, ppo_epochs=cfg.ppo_epochs, ppo_minibatches=cfg.ppo_minibatches,
+                           ppo_adv_clip=cfg.ppo_adv_clip)
 
 
 @dataclass
@@ -348,7 +139,7 @@ class Task:
 
     @property
     def dim(self) -> int:
-        return self.prior.means.shape[1]
+        return self.prior.dim
 
     def log_reward(self, x0: Tensor, traj: Tensor) -> Tensor:
         return self.reward(x0)
@@ -363,7 +154,7 @@ def build_task(cfg: ToyConfig, log_reward: Optional[Callable[[Tensor], Tensor]] 
     return Task(prior, reward, cfg.beta, reward.tilt(prior, cfg.beta))
 
 
-# ---------------------------------------------------------------------------------------------- networks, pretraining P_F♯ (cached)
+# ---------------------------------------------------------------------------------------------- networks, pretraining P_F♯
 
 class TimeMLP(nn.Module):
     """(x, τ) → vector shaped like x. Sinusoidal embedding of τ/1000, three SiLU layers."""
@@ -400,10 +191,8 @@ def make_flow(cfg: ToyConfig) -> TimeMLP:
     return ng.zero_output_layer(TimeMLP(network_width(cfg.flow_hidden, cfg.dim), cfg.dim))
 
 
-def sd_scheduler():
+def sd_scheduler() -> DDIMScheduler:
     """A DDIMScheduler with Stable Diffusion v1.5's config (scaled-linear betas, 1000 steps)."""
-    from diffusers import DDIMScheduler
-
     return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
@@ -422,25 +211,24 @@ def pretrain(cfg: ToyConfig, prior: GMM, scheduler, quiet: bool = False) -> Time
         return net.requires_grad_(False).eval()
     gen = torch.Generator().manual_seed(cfg.seed)
     alphas_cumprod = scheduler.alphas_cumprod.float()
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.pretrain_iters)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
+    lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.pretrain_iters)
     for _ in tqdm(range(cfg.pretrain_iters), desc="pretrain P_F♯", disable=quiet, leave=False):
         x0 = prior.sample(cfg.pretrain_batch, gen).float()
         t = torch.randint(0, len(alphas_cumprod), (cfg.pretrain_batch,), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
         a = alphas_cumprod[t][:, None]
         loss = (net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t) - eps).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        sched.step()
+        optimizer.step()
+        lr_schedule.step()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
     return net.requires_grad_(False).eval()
 
 
 # ---------------------------------------------------------------------------------------------- finetuning
-
 
 @dataclass
 class Hooks:
@@ -451,7 +239,7 @@ class Hooks:
     counters(trainee, modules): a context manager around the training loop; the function it yields
         returns extra (cumulative) logs for every update.
     evaluate(cfg, task, reference, policy, flow, schedule, finetuned, gen, result, samples): adds final
-        metrics and samples, drawing on from the evaluation generator `gen`.
+        metrics and samples, drawing from the evaluation generator `gen`.
     panels: extra figure panels panel(ax, result, cfg), drawn before the TV curve.
     """
 
@@ -517,24 +305,7 @@ def finetune(cfg: ToyConfig, task: Task, reference: nn.Module, schedule: ng.Step
     return policy.eval(), flow, history
 
 
-# ---------------------------------------------------------------------------------------------- metrics against the exact target, evaluation
-
-
-def mode_weights(samples: Tensor, means: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-    """Fraction of (optionally weighted) samples whose nearest component mean is each m_k."""
-    nearest = torch.cdist(samples.double(), means.double()).argmin(1)
-    w = torch.ones(len(samples), dtype=torch.float64) if weights is None else weights.double()
-    return torch.zeros(len(means), dtype=torch.float64).index_add_(0, nearest, w) / w.sum()
-
-
-def sliced_wasserstein(a: Tensor, b: Tensor, projections: int = 128, seed: int = 0) -> float:
-    """Sliced 1-Wasserstein distance between two equal-size sample sets (exact per projection)."""
-    gen = torch.Generator().manual_seed(seed)
-    theta = torch.randn(projections, a.shape[1], generator=gen, dtype=torch.float64)
-    theta = theta / theta.norm(dim=1, keepdim=True)
-    pa, pb = (a.double() @ theta.T).sort(0).values, (b.double() @ theta.T).sort(0).values
-    return float((pa - pb).abs().mean())
-
+# ---------------------------------------------------------------------------------------------- metrics, evaluation, figure
 
 def metrics(task: Task, samples: Tensor, reference: Optional[Tensor] = None, seed: int = 0) -> Dict[str, float]:
     """Mode-weight TV to the exact target, mean log-reward vs its exact expectation, sliced W1.
@@ -554,13 +325,11 @@ def metrics(task: Task, samples: Tensor, reference: Optional[Tensor] = None, see
         w = (logw - logw.max()).exp()
         means, target_w = task.prior.means, mode_weights(reference, task.prior.means, w)
         exact_reward = float((w * task.reward(reference.double())).sum() / w.sum())
-        idx = torch.multinomial(w / w.sum(), len(samples), replacement=True, generator=torch.Generator().manual_seed(seed))
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.multinomial(w / w.sum(), len(samples), replacement=True, generator=gen)
         target_samples = reference.double()[idx]
-    # Non-finite samples (a diverged sampler) belong to no mode: their mass counts fully against TV.
-    finite = torch.isfinite(samples).all(1)
-    weights = mode_weights(samples[finite], means) * finite.double().mean() if finite.any() else torch.zeros_like(target_w)
-    tv = 0.5 * (float((weights - target_w).abs().sum()) + float(1 - finite.double().mean()))
-    return {"mode_tv": tv, "nonfinite_fraction": float(1 - finite.double().mean()),
+    tv, nonfinite = mode_tv(samples, means, target_w)
+    return {"mode_tv": tv, "nonfinite_fraction": nonfinite,
             "mean_log_reward": float(task.reward(samples).mean()), "exact_mean_log_reward": exact_reward,
             "sliced_w1": sliced_wasserstein(samples, target_samples, seed=seed)}
 
@@ -578,15 +347,11 @@ def evaluate(cfg: ToyConfig, task: Task, reference: nn.Module, policy: nn.Module
     return result, samples
 
 
-# ---------------------------------------------------------------------------------------------- figure
-
-
 def make_figure(path: Path, task: Task, samples: Dict[str, Tensor], result: dict, history: List[dict], cfg: ToyConfig,
                 panels: List[Callable[..., None]] = ()):
     """Exact target density | one scatter per sampler | the hooks' panels | mode TV vs updates."""
     import matplotlib
-
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # imported here: a notebook that imports toy_2d keeps its own backend
     import matplotlib.pyplot as plt
 
     titles = {"pretrained": "pretrained P_F♯", "finetuned": f"finetuned ({cfg.method})", "oracle": "oracle (exact flow)"}
@@ -621,7 +386,6 @@ def make_figure(path: Path, task: Task, samples: Dict[str, Tensor], result: dict
 
 # ---------------------------------------------------------------------------------------------- main
 
-
 def check_method(cfg: ToyConfig, methods: Tuple[str, ...] = METHOD_NAMES) -> ToyConfig:
     """--method must name a registry method (or one of the hooks'): raise cli.UsageError otherwise."""
     if cfg.method not in methods:
@@ -644,8 +408,9 @@ def run(cfg: ToyConfig, log_reward: Optional[Callable[[Tensor], Tensor]] = None,
     policy, flow, history = finetune(cfg, task, reference, schedule, quiet, hooks)
     result, samples = evaluate(cfg, task, reference, policy, flow, schedule, hooks)
     result["time_s"] = {"pretrain_or_load": pretrain_done - start, "total": time.time() - start}
-    out = Path(cfg.out or f"runs/toy_2d/{Path(cfg.prior).stem if cfg.prior in PRIOR_PRESETS else 'custom'}_"
-               f"{cfg.reward if cfg.reward in REWARD_PRESETS else 'custom'}_{cfg.method}" + (f"_d{cfg.dim}" if cfg.dim != 2 else ""))
+    prior = cfg.prior if cfg.prior in PRIOR_PRESETS else "custom"
+    reward = cfg.reward if cfg.reward in REWARD_PRESETS else "custom"
+    out = Path(cfg.out or f"runs/toy_2d/{prior}_{reward}_{cfg.method}" + (f"_d{cfg.dim}" if cfg.dim != 2 else ""))
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "samples.npy", samples["finetuned"].numpy())
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import baselines as bl  # noqa: E402
+import gmm  # noqa: E402
 import nabla_gfn as ng  # noqa: E402
 import toy_2d as T  # noqa: E402
 
@@ -117,7 +118,7 @@ def oracle_eps(task: T.Task, reference_eps: ng.EpsFn, schedule: ng.StepSchedule)
         coef = schedule.alpha_bar[i], schedule.alpha_bar_next[i], schedule.sigma[i]
         eps_sharp = reference_eps(x, t, traj)
         mean_sharp = ng.step_mean(x, eps_sharp, *coef)
-        shift = coef[2].to(x.dtype)[:, None] ** 2 * T.exact_flow_score(task.prior, task.target, mean_sharp, coef[1])
+        shift = coef[2].to(x.dtype)[:, None] ** 2 * gmm.exact_flow_score(task.prior, task.target, mean_sharp, coef[1])
         slope = ng.step_mean(x, torch.ones_like(x), *coef) - ng.step_mean(x, torch.zeros_like(x), *coef)
         return eps_sharp + shift / slope
 
@@ -177,7 +178,7 @@ def flow_errors(task: T.Task, policy: nn.Module, flow: Optional[nn.Module], traj
         n = len(x)
         t, a = schedule.timesteps[i].expand(n), schedule.alpha_bar[i].expand(n)
         guess, _ = ng.forward_looking_score(T.as_eps_fn(policy), task.log_reward, x, t, a, torch.arange(n), cfg.beta, cfg.gamma)
-        exact = T.exact_flow_score(task.prior, task.target, x, a)
+        exact = gmm.exact_flow_score(task.prior, task.target, x, a)
         estimates = {"guess": guess.detach()}
         if reference is not None:
             estimates["adjoint_target"] = adjoint[:, i]
@@ -211,7 +212,7 @@ def exact_flow_update(task: T.Task) -> Callable[[bl.Trainee, bl.MethodConfig, to
         mean_policy = ng.step_mean(b.x, trainee.policy_eps(b.x, b.t, b.traj), b.alpha_bar, b.alpha_bar_next, b.sigma)
         with torch.no_grad():
             mean_reference = ng.step_mean(b.x, trainee.reference_eps(b.x, b.t, b.traj), b.alpha_bar, b.alpha_bar_next, b.sigma)
-            target = T.exact_flow_score(task.prior, task.target, b.x_next, b.alpha_bar_next)
+            target = gmm.exact_flow_score(task.prior, task.target, b.x_next, b.alpha_bar_next)
         weight, _ = ng.transition_weights(b.sigma, hp.loss.weighting)
         loss = (weight * (ng.forward_residual(mean_policy, mean_reference, b.sigma) - target).pow(2).mean(1)).mean()
         logs = bl.optimizer_step(trainee, loss, hp.grad_clip)

@@ -51,6 +51,7 @@ plt.rcParams.update({"figure.dpi": 70, "font.size": 9, "axes.titlesize": 9, "leg
 import copy
 import dataclasses
 
+import gmm
 import nabla_gfn as ng
 import toy_2d
 from experiments import toy_diagnostics  # the exact-flow oracle and flow errors of the toy
@@ -186,7 +187,7 @@ plt.show()
 # \nabla\log\tilde F(x_0) = \beta\,\nabla r(x_0).$$
 #
 # For the toy both $p^*_\tau$ and $p^\sharp_\tau$ are Gaussian mixtures noised in closed form:
-# `toy_2d.exact_flow_score`.
+# `gmm.exact_flow_score`.
 #
 # **Checks:** at $\bar\alpha = 1$ the exact residual flow equals $\beta\nabla r$ (autograd); at
 # every noise level it equals autograd of $\log p^*_\tau - \log p^\sharp_\tau$.
@@ -195,12 +196,12 @@ plt.show()
 F64 = torch.float64
 x = (2.5 * torch.randn(256, 2, generator=gen, dtype=F64)).requires_grad_(True)
 (grad_r,) = torch.autograd.grad(task.reward(x).sum(), x)
-at_data = toy_2d.exact_flow_score(task.prior, task.target, x.detach(), torch.ones(1, dtype=F64))
+at_data = gmm.exact_flow_score(task.prior, task.target, x.detach(), torch.ones(1, dtype=F64))
 print(f"ᾱ = 1: max |exact ∇log F̃ − β∇r| = {float((at_data - task.beta * grad_r).abs().max()):.1e}")
 for a in (0.9, 0.5, 0.1, 0.01):
     ab = torch.full((len(x),), a, dtype=F64)
     (auto,) = torch.autograd.grad((task.target.log_prob(x, ab) - task.prior.log_prob(x, ab)).sum(), x)
-    exact = toy_2d.exact_flow_score(task.prior, task.target, x.detach(), ab)
+    exact = gmm.exact_flow_score(task.prior, task.target, x.detach(), ab)
     print(f"ᾱ = {a:<4}: max |exact ∇log F̃ − autograd(log p*_τ − log p♯_τ)| = {float((exact - auto).abs().max()):.1e}")
 
 # %%
@@ -211,7 +212,7 @@ for ax, i in zip(axes, (0, 20, 35, cfg.num_steps - 1)):
     a = schedule.alpha_bar[i].double()
     ax.contourf(dense_x, dense_y, task.target.log_prob(dense, a.expand(len(dense))).exp().reshape(dense_x.shape),
                 levels=20, cmap="Greys")
-    flow = toy_2d.exact_flow_score(task.prior, task.target, pts, a)
+    flow = gmm.exact_flow_score(task.prior, task.target, pts, a)
     ax.quiver(pts[:, 0], pts[:, 1], flow[:, 0], flow[:, 1], color="C3")
     ax.set(aspect="equal", xticks=[], yticks=[],
            title=f"step {i}, ᾱ = {float(a):.3f}\nmax ‖∇log F̃‖ = {float(flow.norm(dim=1).max()):.2f}")
@@ -333,7 +334,7 @@ for i in range(cfg.num_steps):
     t, a = schedule.timesteps[i].expand(n), schedule.alpha_bar[i].expand(n)
     guess, _ = ng.forward_looking_score(eps_ref, task.log_reward, x, t, a, torch.arange(n), cfg.beta, cfg.gamma)
     undamped = guess / ng.gamma_weight(a, cfg.gamma)[:, None]          # β ∇_x r(x̂_0(x))
-    exact = toy_2d.exact_flow_score(task.prior, task.target, x, a)
+    exact = gmm.exact_flow_score(task.prior, task.target, x, a)
     cosine.append(float(torch.nn.functional.cosine_similarity(undamped, exact, dim=1).mean()))
     gamma_star.append(float((undamped * exact).sum() / undamped.pow(2).sum()))
 
@@ -359,7 +360,7 @@ for ax, i in zip(axes, (10, 30, 45)):
     x, n = traj.states[:80, i], 80
     t, a = schedule.timesteps[i].expand(n), schedule.alpha_bar[i].expand(n)
     guess, _ = ng.forward_looking_score(eps_ref, task.log_reward, x, t, a, torch.arange(n), cfg.beta, cfg.gamma)
-    exact = toy_2d.exact_flow_score(task.prior, task.target, x, a)
+    exact = gmm.exact_flow_score(task.prior, task.target, x, a)
     scale = float(exact.norm(dim=1).max()) * 8
     ax.quiver(x[:, 0], x[:, 1], exact[:, 0], exact[:, 1], color="C3", scale=scale, label="exact ∇log F̃")
     ax.quiver(x[:, 0], x[:, 1], guess[:, 0], guess[:, 1], color="C0", scale=scale, label=f"guess (γ = {cfg.gamma})")
@@ -419,7 +420,7 @@ def oracle_flow_fn(policy_eps):
     def flow(x, t, traj):
         a = alphas_cumprod[t]
         guess, _ = ng.forward_looking_score(policy_eps, task.log_reward, x, t, a, traj, cfg.beta, cfg.gamma)
-        g = toy_2d.exact_flow_score(task.prior, task.target, x, a) - guess
+        g = gmm.exact_flow_score(task.prior, task.target, x, a) - guess
         return torch.where((t == 0)[:, None], torch.zeros_like(g), g)
     return flow
 
@@ -479,7 +480,7 @@ plt.show()
 # $a_i - \nabla\log\tilde F(x_i)$ over paths is zero within Monte-Carlo error at every step, and so is
 # the scale of $a_i$ along the exact flow minus one, $c_i - 1$ with
 # $c_i = \sum\langle a_i, \nabla\log\tilde F\rangle / \sum\|\nabla\log\tilde F\|^2$. The pretrained model here
-# is the prior's exact ε-model (`toy_diagnostics.analytic_eps`), so that `toy_2d.exact_flow_score` is *its*
+# is the prior's exact ε-model (`toy_diagnostics.analytic_eps`), so that `gmm.exact_flow_score` is *its*
 # residual flow. Two priors: the ring with modes of std 0.5, and this notebook's ring (std 0.3),
 # where the same check holds but with wide error bars: there a few paths in ten thousand pass
 # between modes at low noise, where the exact model's Jacobian is large, and carry $\|a_i\|$ in
@@ -495,7 +496,7 @@ ALPHA_BAR_PATH = torch.cat([schedule.alpha_bar, torch.ones(1)])   # ᾱ at state
 
 def flow_along(toy, paths):
     """Exact ∇log F̃ at every state of the paths: (N, T+1, 2)."""
-    return torch.stack([toy_2d.exact_flow_score(toy.prior, toy.target, paths.states[:, i], ALPHA_BAR_PATH[i])
+    return torch.stack([gmm.exact_flow_score(toy.prior, toy.target, paths.states[:, i], ALPHA_BAR_PATH[i])
                         for i in range(cfg.num_steps + 1)], 1)
 
 def scale_along_exact(estimate, exact):

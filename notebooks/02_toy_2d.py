@@ -44,6 +44,7 @@ plt.rcParams.update({"figure.dpi": 70, "font.size": 9, "axes.titlesize": 9, "leg
 import dataclasses
 import time
 
+import gmm
 import nabla_gfn as ng
 import toy_2d
 from experiments import toy_diagnostics  # toy_2d + the exact-flow oracle, flow errors and cost counters
@@ -204,7 +205,7 @@ for ax, i in zip(axes[1:], (cfg.num_steps // 3, 2 * cfg.num_steps // 3)):
     guess, _ = ng.forward_looking_score(toy_2d.as_eps_fn(policy), task.log_reward, x, t, a, torch.arange(n), cfg.beta, cfg.gamma)
     with torch.no_grad():
         learned = guess + flow(x, t)
-    exact_flow = toy_2d.exact_flow_score(task.prior, task.target, x, a)
+    exact_flow = gmm.exact_flow_score(task.prior, task.target, x, a)
     ax.scatter(exact_flow.flatten(), guess.flatten(), s=2, alpha=0.4, label="guess alone")
     ax.scatter(exact_flow.flatten(), learned.flatten(), s=2, alpha=0.4, label="guess + g_φ")
     lim = float(exact_flow.abs().max()) * 1.1

@@ -873,6 +873,7 @@ def test_lean_adjoint_is_unbiased_along_oracle_paths_and_biased_along_pretrained
     The oracle is itself the Gaussian linearisation of P* on a 50-step chain, so it carries a small
     bias of its own (measured +0.04…+0.06 of E‖∇log F̃‖², ~2 standard errors): the bound is
     0.12, against +0.89 for pretrained paths at step 0."""
+    import gmm
     import toy_2d
     from experiments import toy_diagnostics
 
@@ -889,7 +890,7 @@ def test_lean_adjoint_is_unbiased_along_oracle_paths_and_biased_along_pretrained
         adjoint, _ = lean_adjoint(reference, schedule, trajectory, task.log_reward, cfg.beta)
         bias[name] = []
         for i in range(0, 50, 5):
-            exact = toy_2d.exact_flow_score(task.prior, task.target, trajectory.states[:, i], schedule.alpha_bar[i].expand(n))
+            exact = gmm.exact_flow_score(task.prior, task.target, trajectory.states[:, i], schedule.alpha_bar[i].expand(n))
             projected = ((adjoint[:, i] - exact) * exact).sum(1) / exact.pow(2).sum(1).mean()
             bias[name].append(float(projected.mean()))
     assert max(abs(b) for b in bias["oracle"]) < 0.12, bias

@@ -1,4 +1,4 @@
-"""Oracle tests of toy_2d.py: the exact target, the exact residual flow, metrics, CLI and an end-to-end run."""
+"""Oracle tests of toy_2d.py: metrics against the exact target, CLI and an end-to-end run (the GMM math: test_gmm.py)."""
 
 import dataclasses
 import json
@@ -12,98 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+import gmm
 import nabla_gfn as ng
 import toy_2d as T
 
 ROOT = Path(__file__).resolve().parents[1]
-F64 = torch.float64
-
-
-def grid(lo=-7.0, hi=7.0, n=401):
-    xs = torch.linspace(lo, hi, n, dtype=F64)
-    gx, gy = torch.meshgrid(xs, xs, indexing="xy")
-    return torch.stack([gx.reshape(-1), gy.reshape(-1)], 1), float(xs[1] - xs[0]) ** 2
-
-
-REWARDS = [
-    T.GaussianReward([3.0, 0.0], 2.0),
-    T.GaussianReward([-1.0, 2.0], 0.7),
-    T.LinearReward([0.5, 0.25]),
-    T.LinearReward([-1.0, 0.3]),
-]
-
-
-@pytest.mark.parametrize("prior_name", ["ring8", "grid25"])
-@pytest.mark.parametrize("reward", REWARDS, ids=lambda r: type(r).__name__)
-@pytest.mark.parametrize("beta", [0.5, 2.0])
-def test_tilted_gmm_matches_numerical_integration(prior_name, reward, beta):
-    """p*(x) = p♯(x) R(x)^β / Z on a fine grid equals the closed-form tilted GMM's density."""
-    prior = T.parse_prior(prior_name)
-    target = reward.tilt(prior, beta)
-    x, cell = grid()
-    unnorm = (prior.log_prob(x) + beta * reward(x)).exp()
-    numeric = unnorm / (unnorm.sum() * cell)
-    closed = target.log_prob(x).exp()
-    assert float((closed.sum() * cell)) == pytest.approx(1.0, abs=1e-3)  # Riemann sum on the grid (mass off the grid)
-    assert float((numeric - closed).abs().sum() * cell) < 2e-3  # L1 distance of the densities
-    # the exact expected log-reward agrees with the grid too
-    assert reward.expectation(target) == pytest.approx(float((numeric * reward(x)).sum() * cell), abs=2e-3)  # as the L1 above
-
-
-@pytest.mark.parametrize("alpha_bar", [0.003, 0.1, 0.5, 0.97, 1.0])
-def test_gmm_score_matches_autograd_of_noised_log_density(alpha_bar):
-    prior = T.parse_prior("ring8")
-    x = torch.randn(64, 2, dtype=F64) * 3
-    a = torch.full((64,), alpha_bar, dtype=F64)
-    xg = x.clone().requires_grad_(True)
-    (auto,) = torch.autograd.grad(prior.log_prob(xg, a).sum(), xg)
-    torch.testing.assert_close(prior.score(x, a), auto)
-
-
-@pytest.mark.parametrize("reward", REWARDS, ids=lambda r: type(r).__name__)
-def test_exact_flow_at_data_end_is_beta_grad_reward(reward):
-    """Terminal condition ∇ log F̃(x_0) = β ∇r(x_0), for the exact flow at ᾱ = 1."""
-    prior, beta = T.parse_prior("grid25"), 1.7
-    target = reward.tilt(prior, beta)
-    x = (torch.randn(200, 2, dtype=F64) * 3).requires_grad_(True)
-    (grad_r,) = torch.autograd.grad(reward(x).sum(), x)
-    flow = T.exact_flow_score(prior, target, x.detach(), torch.ones(1, dtype=F64))
-    torch.testing.assert_close(flow, beta * grad_r)
-
-
-def test_exact_flow_is_gradient_of_log_conditional_expectation():
-    """∇ log E♯[R(x_0)^β | x_τ = x] by Monte Carlo over the GMM posterior vs the closed form.
-
-    Posterior of x_0 given x_τ: a GMM whose components are Gaussian posteriors; we estimate
-    log E[R^β | x_τ] on a small stencil and take central differences."""
-    prior, reward, beta, alpha = T.parse_prior("ring8"), T.GaussianReward([3.0, 0.0], 2.0), 1.0, 0.3
-    target = reward.tilt(prior, beta)
-    gen = torch.Generator().manual_seed(0)
-    z = torch.randn(400_000, 2, generator=gen, dtype=F64)
-
-    def log_expected_reward(x):
-        # p(x_0 | x_τ) ∝ p♯(x_0) N(x_τ; √α x_0, (1−α) I): per component a Gaussian posterior
-        s2, v = prior.std**2, alpha * prior.std**2 + 1 - alpha
-        log_resp = prior.weights.log() - ((x - math.sqrt(alpha) * prior.means) ** 2).sum(1) / (2 * v)
-        resp = log_resp.softmax(0)
-        post_var = s2 * (1 - alpha) / v
-        post_mean = prior.means + (math.sqrt(alpha) * s2 / v) * (x - math.sqrt(alpha) * prior.means)
-        comp = torch.multinomial(resp, len(z), replacement=True, generator=torch.Generator().manual_seed(1))
-        x0 = post_mean[comp] + math.sqrt(post_var) * z
-        return torch.logsumexp(beta * reward(x0), 0) - math.log(len(z))
-
-    x, h = torch.tensor([1.0, 1.5], dtype=F64), 0.05
-    fd = torch.stack([(log_expected_reward(x + h * e) - log_expected_reward(x - h * e)) / (2 * h) for e in torch.eye(2, dtype=F64)])
-    exact = T.exact_flow_score(prior, target, x[None], torch.tensor([alpha], dtype=F64))[0]
-    torch.testing.assert_close(fd, exact, atol=0.02, rtol=0.02)  # O(h²) central difference of a seeded Monte Carlo estimate
-
-
-def test_mode_weights_and_tv():
-    means = torch.tensor([[0.0, 0.0], [10.0, 0.0]], dtype=F64)
-    samples = torch.tensor([[0.1, 0.0], [9.0, 1.0], [10.5, 0.0], [11.0, 0.0]], dtype=F64)
-    torch.testing.assert_close(T.mode_weights(samples, means), torch.tensor([0.25, 0.75], dtype=F64))
-    weighted = T.mode_weights(samples, means, torch.tensor([3.0, 1.0, 1.0, 1.0]))
-    torch.testing.assert_close(weighted, torch.tensor([0.5, 0.5], dtype=F64))
 
 
 def test_metrics_of_exact_samples_are_at_their_floor():
@@ -125,23 +38,16 @@ def test_nonfinite_samples_count_against_tv_instead_of_landing_in_a_mode():
     assert m["mode_tv"] == pytest.approx(0.5, abs=0.02)  # the finite half is exact; the NaN half is all error
 
 
-def test_sliced_wasserstein_separates_shifted_sets():
-    a = torch.randn(5000, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
-    b = torch.randn(5000, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
-    same, shifted = T.sliced_wasserstein(a, b), T.sliced_wasserstein(a, b + torch.tensor([1.0, 0.0], dtype=F64))
-    assert same < 0.05 and shifted > 0.5  # E|⟨θ, shift⟩| = 2/π for a unit shift
-
-
 def test_importance_reweighted_metrics_for_a_callable_reward():
     """With a user callable (no closed form) the target is the reweighted reference samples."""
-    task = T.build_task(T.ToyConfig(prior="ring8", beta=1.0), log_reward=lambda x: T.LinearReward([0.5, 0.25])(x))
-    exact = T.LinearReward([0.5, 0.25]).tilt(task.prior, 1.0)
+    task = T.build_task(T.ToyConfig(prior="ring8", beta=1.0), log_reward=lambda x: gmm.LinearReward([0.5, 0.25])(x))
+    exact = gmm.LinearReward([0.5, 0.25]).tilt(task.prior, 1.0)
     reference = task.prior.sample(200_000, torch.Generator().manual_seed(0))
     samples = exact.sample(20_000, torch.Generator().manual_seed(1))
     m = T.metrics(task, samples, reference)
     assert m["mode_tv"] < 0.03
     # self-normalised importance weights on 200000 reference samples (ESS ≈ 1e5): standard error ≈ 0.0025
-    assert m["exact_mean_log_reward"] == pytest.approx(T.LinearReward([0.5, 0.25]).expectation(exact), abs=0.02)
+    assert m["exact_mean_log_reward"] == pytest.approx(gmm.LinearReward([0.5, 0.25]).expectation(exact), abs=0.02)
 
 
 def run_cli(*args, env_extra=None):

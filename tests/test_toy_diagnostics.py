@@ -96,7 +96,7 @@ def run_cli(*args):
                           capture_output=True, text=True, env=env, cwd=ROOT)
 
 
-def test_end_to_end_tiny_run_at_d8_adds_the_oracle_and_flow_errors_to_the_rungs_numbers(tmp_path):
+def test_end_to_end_tiny_run_at_d8_adds_the_oracle_and_flow_errors_to_the_rungs_numbers(tmp_path, one_torch_thread):
     common = ["--dim", "8", "--updates", "4", "--batch-size", "16", "--num-steps", "10", "--pretrain-iters", "100",
               "--eval-samples", "300", "--eval-every", "2", "--cache-dir", str(tmp_path / "cache")]
     out = run_cli(*common, "--out", str(tmp_path / "diag"))
