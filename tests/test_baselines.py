@@ -371,7 +371,7 @@ def digits_hp_and_update(method: str, **fields):
     return td.method_config(cfg, method), bl.METHODS[method].update
 
 
-SHARED = dict(beta=0.5, draft_k=3, draft_kl=0.2, refl_start=0.6, ppo_clip=0.2, ppo_epochs=2, ppo_minibatches=3, ppo_adv_clip=4.0,
+SHARED = dict(beta=0.5, draft_k=3, draft_kl=0.2, refl_start=0.6, ppo_clip=0.2, ppo_epochs=2, ppo_minibatches=3, ppo_adv_clip=4.0, grpo_kl=0.3,
               trust_region=0.1, reverse_weight=2.0, gamma="sqrt_alpha_bar", weighting="kl", guess_from="policy",
               flow_target="mixed", adjoint_lambda=0.3)
 
