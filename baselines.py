@@ -38,9 +38,11 @@ policy. r = log R; the target is p*(x_0) ∝ p^♯(x_0) exp(β r(x_0)).
             β r ≈ 10, that took ~100 updates). Needs every transition's log-probability.
 
 Only RTB, KL-PG and the ∇-DB methods have p* as their optimum; DRaFT, ReFL and DDPO maximise the
-reward and, unregularised, drift towards its maximum; GRPO's std division moves its optimum. Deliberate simplifications, one line each:
+reward and, unregularised, drift towards its maximum; GRPO's std division moves its optimum.
+Deliberate simplifications, one line each:
   * ReFL without its interleaved pretraining loss and with r itself, not ImageReward's ReLU-shifted reward.
   * DDPO: advantages normalised over the batch (no per-prompt tracker); minibatches mix timesteps.
+  * GRPO: the exact per-step KL and full log-probabilities (Flow-GRPO: per-element means; see grpo_update).
   * RTB: on-policy only (no off-policy exploration or replay buffer).
 """
 
@@ -100,7 +102,8 @@ class Trainee:
     flow: Optional[ng.EpsFn] = None
     log_z: Optional["LogPartition"] = None
     backward: Callable[[Tensor], None] = Tensor.backward
-    group_of: Optional[Callable[[Tensor], Tensor]] = None  # GRPO: trajectory index (B,) → group id, e.g. the prompt; None = one group
+    # GRPO, KL-PG: trajectory index (B,) → group id (e.g. the prompt's); None: the batch is one group
+    group_of: Optional[Callable[[Tensor], Tensor]] = None
 
 
 def optimizer_step(trainee: Trainee, loss: Tensor, max_norm: float) -> Dict[str, float]:
@@ -374,12 +377,12 @@ def step_mean_of(eps: Tensor, batch: ng.Transitions) -> Tensor:
 
 
 def step_kl(mean: Tensor, reference_mean: Tensor, sigma: Tensor) -> Tensor:
-    """KL(N(μ, σ²I) ‖ N(μ^♯, σ²I)) = ‖μ − μ^♯‖² / (2σ²), the per-step KL of two Gaussians with the same σ. (N,)."""
+    """KL(N(μ, σ²I) ‖ N(μ^♯, σ²I)) = ‖μ − μ^♯‖² / (2σ²): two Gaussians with the same σ. (N, ...) → (N,)."""
     return (mean - reference_mean).pow(2).flatten(1).sum(1) / (2 * sigma.to(mean.dtype) ** 2)
 
 
 def kl_to_go(step_kls: Tensor) -> Tensor:
-    """Σ_{j>i} KL_j of each step i of each trajectory: the KL still to come after step i's action. (B, T) → (B, T)."""
+    """Σ_{j>i} KL_j at each step i: the KL still to come after step i's action. (B, T) → (B, T)."""
     return step_kls.flip(1).cumsum(1).flip(1) - step_kls
 
 
@@ -416,7 +419,8 @@ def clipped_pg_steps(trainee: Trainee, hp: MethodConfig, gen: torch.Generator, b
     return out
 
 
-def sample_for_pg(trainee: Trainee, hp: MethodConfig, gen: torch.Generator) -> Tuple[ng.Transitions, Tensor, Tensor, Tensor]:
+def sample_for_pg(trainee: Trainee, hp: MethodConfig,
+                  gen: torch.Generator) -> Tuple[ng.Transitions, Tensor, Tensor, Tensor]:
     """One on-policy batch for GRPO / KL-PG: (every transition, r(x_0) (B,), μ^♯ at every transition (no
     graph), the sampling policy's per-step KL_i(x_i) (B, T))."""
     trajectory = sample_policy(trainee, hp.batch_size, gen)
@@ -465,19 +469,19 @@ def kl_pg_update(trainee: Trainee, hp: MethodConfig, gen: torch.Generator) -> Di
     β × (E[r] − α KL) at α = 1/β. Its maximiser is P^θ(τ) ∝ P^♯(τ) e^{β r(x_0)}, whose x_0-marginal is
     p^♯ e^{βr} / Z = p*: the tilted target exactly (where the Gaussian-step family holds it; otherwise
     its best approximation, as for RTB and ∇-DB). The chain rule of KL over the T steps gives
-    KL(P^θ ‖ P^♯) = E Σ_i KL_i(x_i), KL_i(x) = ‖μ_θ(x) − μ^♯(x)‖² / (2σ_i²). With f_θ(τ) = β r − Σ_i KL_i(x_i),
-    ∇J = E[Σ_i ∇ log P^θ(x_{i+1}|x_i) · f_θ(τ)] + E[∇_θ f_θ(τ)], and in step i's score term the KL_j with
-    j ≤ i are fixed before its action (E[∇ log P^θ(x_{i+1}|x_i) | x_{≤i}] = 0), so
+    KL(P^θ ‖ P^♯) = E Σ_i KL_i(x_i), KL_i(x) = ‖μ_θ(x) − μ^♯(x)‖² / (2σ_i²). With
+    f_θ(τ) = β r − Σ_i KL_i(x_i), ∇J = E[Σ_i ∇ log P^θ(x_{i+1}|x_i) · f_θ(τ)] + E[∇_θ f_θ(τ)]; in step i's
+    score term the KL_j with j ≤ i are fixed before its action (E[∇ log P^θ(x_{i+1}|x_i) | x_{≤i}] = 0), so
 
         ∇J = E[Σ_i ∇ log P^θ(x_{i+1}|x_i) · A_i] − E[Σ_i ∇_θ KL_i(x_i)|_{x_i fixed}],
         A_i = β r(x_0) − Σ_{j>i} KL_j(x_j) − b_i    (detached).
 
     b_i: the mean of A_i over the other trajectories of its group at step i (leave-one-out: a batch mean
     that included the row would scale the score term by 1 − 1/B but not the KL term, and move the
-    fixed point by O(1/B)). The first term is the gradient of ρ_i·A_i at
-    ρ_i = 1 (PPO-clip: the same on-policy, tested), the second the pathwise KL at coefficient 1; both
-    are averaged over the B·T transitions (∇J / T). No std division, no advantage clip: either would
-    rescale βr against the KL and move the optimum.
+    fixed point by O(1/B)). The first term is the gradient of ρ_i·A_i at ρ_i = 1 (PPO-clip: the same
+    on-policy, tested), the second the pathwise KL at coefficient 1; both are averaged over the B·T
+    transitions (∇J / T). No std division, no advantage clip: either would rescale βr against the KL
+    and move the optimum.
     """
     batch, reward, reference_mean, step_kls = sample_for_pg(trainee, hp, gen)
     group = trajectory_groups(trainee, hp.batch_size)
