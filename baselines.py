@@ -4,7 +4,9 @@
     python toy_2d.py --method refl                  # ReFL
     python toy_2d.py --method ddpo                  # DDPO (PPO-clip)
     python toy_2d.py --method rtb                   # relative trajectory balance
-    python toy_digits.py --method nabla-db,adjoint-matching,rtb,ddpo,refl,draft
+    python toy_2d.py --method grpo                  # GRPO as Flow-GRPO runs it (--grpo-kl: its KL weight)
+    python toy_2d.py --method kl-pg                 # KL-regularised policy gradient (optimum: exactly p*)
+    python toy_digits.py --method nabla-db,adjoint-matching,rtb,ddpo,refl,draft,grpo,kl-pg
 
 Each method is one update `update(trainee, hp, gen) -> logs` on nabla_gfn's callables only: the
 rung hands over a `Trainee` (policy and reference ε-functions eps_fn(x, t, traj), the log-reward
@@ -25,16 +27,22 @@ policy. r = log R; the target is p*(x_0) ∝ p^♯(x_0) exp(β r(x_0)).
             (uniform in [refl_start·T, T−1]: ImageReward uses 30–39 of 40), ascend β r(x̂_0(x_i)).
   DDPO      (Black et al., ICLR 2024) PPO-clip on the per-step Gaussian log-probability ratios with
             the whole trajectory's advantage, β r(x_0) normalised over the batch and clipped.
+  GRPO      (Flow-GRPO, Liu et al., 2025) PPO-clip with each trajectory's advantage normalised within
+            its group (the whole batch on an unconditional rung), + kl_coef · the per-step KL to P_F^♯.
+  KL-PG     (DPOK-like, Fan et al., NeurIPS 2023) the exact gradient of E[β r] − KL(P^θ ‖ P^♯) over
+            trajectories: advantage β r − KL-to-go (group baseline, no std), PPO-clip, + 1 · per-step KL.
   RTB       (Venkatraman et al., NeurIPS 2024) (log Z + Σ log P_F^θ − Σ log P_F^♯ − β r(x_0))² with a
             learned scalar log Z. log Z starts, on every rung, at the first batch's log-mean-exp of
             β r: its value at θ = ♯ (a Jensen lower bound of the true log Z), so the policy does not
             absorb the offset while Adam walks log Z there from 0 (with the digits' ink reward
             β r ≈ 10, that took ~100 updates). Needs every transition's log-probability.
 
-Only RTB and the ∇-DB methods have p* as their optimum; DRaFT, ReFL and DDPO maximise the reward
-and, unregularised, drift towards its maximum. Deliberate simplifications, one line each:
+Only RTB, KL-PG and the ∇-DB methods have p* as their optimum; DRaFT, ReFL and DDPO maximise the
+reward and, unregularised, drift towards its maximum; GRPO's std division moves its optimum.
+Deliberate simplifications, one line each:
   * ReFL without its interleaved pretraining loss and with r itself, not ImageReward's ReLU-shifted reward.
   * DDPO: advantages normalised over the batch (no per-prompt tracker); minibatches mix timesteps.
+  * GRPO: the exact per-step KL and full log-probabilities (Flow-GRPO: per-element means; see grpo_update).
   * RTB: on-policy only (no off-policy exploration or replay buffer).
 """
 
@@ -67,10 +75,11 @@ class MethodConfig:
     draft_k: int = 1  # DRaFT-K: last steps the reward gradient flows through
     draft_kl: float = 0.0  # DRaFT-K: weight of the per-step KL to P_F♯ on those steps
     refl_start: float = 0.75  # ReFL: stop at a uniform step in [refl_start·T, T−1]
-    ppo_clip: float = 0.1  # DDPO: clip range of the per-step ratio
-    ppo_epochs: int = 1  # DDPO: inner epochs per sampled batch
-    ppo_minibatches: int = 4  # DDPO: minibatches per epoch (one optimiser step each)
-    ppo_adv_clip: float = 5.0  # DDPO: clip of the normalised advantages
+    ppo_clip: float = 0.1  # DDPO, GRPO, KL-PG: clip range of the per-step ratio
+    ppo_epochs: int = 1  # DDPO, GRPO, KL-PG: inner epochs per sampled batch
+    ppo_minibatches: int = 4  # DDPO, GRPO, KL-PG: minibatches per epoch (one optimiser step each)
+    ppo_adv_clip: float = 5.0  # DDPO, GRPO: clip of the normalised advantages
+    kl_coef: float = 0.04  # GRPO: weight of the per-step KL to P_F♯ (Flow-GRPO's default on SD3.5 GenEval/OCR)
 
 
 @dataclass
@@ -93,6 +102,8 @@ class Trainee:
     flow: Optional[ng.EpsFn] = None
     log_z: Optional["LogPartition"] = None
     backward: Callable[[Tensor], None] = Tensor.backward
+    # GRPO, KL-PG: trajectory index (B,) → group id (e.g. the prompt's); None: the batch is one group
+    group_of: Optional[Callable[[Tensor], Tensor]] = None
 
 
 def optimizer_step(trainee: Trainee, loss: Tensor, max_norm: float) -> Dict[str, float]:
@@ -321,6 +332,166 @@ def ddpo_update(trainee: Trainee, hp: MethodConfig, gen: torch.Generator) -> Dic
 
 
 # ----------------------------------------------------------------------------------------------
+# GRPO and KL-regularised policy gradient: PPO-clip with a per-step KL to P_F^♯
+# ----------------------------------------------------------------------------------------------
+
+
+def trajectory_groups(trainee: Trainee, n: int) -> Tensor:
+    """Group id of each of n trajectories (n,): trainee.group_of(0..n−1), or one group when it is None."""
+    traj = torch.arange(n)
+    return torch.zeros(n, dtype=torch.long) if trainee.group_of is None else trainee.group_of(traj).long()
+
+
+def group_mean(values: Tensor, group: Tensor) -> Tensor:
+    """The mean of `values` (B, ...) over the rows of each row's group, one row per row. (B, ...)."""
+    _, inverse, counts = torch.unique(group, return_inverse=True, return_counts=True)
+    sums = values.new_zeros((len(counts), *values.shape[1:])).index_add(0, inverse, values)
+    return (sums / per_row(counts.to(values.dtype), sums))[inverse]
+
+
+def minus_others_mean(values: Tensor, group: Tensor) -> Tensor:
+    """values − the mean of the *other* rows of the group (a leave-one-out baseline, independent of the
+    row's own action: unbiased) = (values − group mean)·n/(n−1); a group of one keeps its values. (B, ...)."""
+    _, inverse, counts = torch.unique(group, return_inverse=True, return_counts=True)
+    n = counts[inverse].to(values.dtype)
+    scale = torch.where(n > 1, n / (n - 1).clamp(min=1), torch.ones_like(n))
+    centred = torch.where(per_row(n > 1, values), values - group_mean(values, group), values)
+    return centred * per_row(scale, values)
+
+
+def group_relative_advantages(reward: Tensor, group: Tensor, clip: float) -> Tensor:
+    """GRPO's advantage (r − mean_g r) / (std_g r + 1e-4) over each trajectory's group g, clipped to ±clip.
+
+    std is the population std of the group (Flow-GRPO's PerPromptStatTracker: np.std + 1e-4; its SD3.5
+    configs set global_std, the std of the whole batch, equal to this on an unconditional rung where the
+    batch is the one group). A constant reward gives advantages exactly 0. (B,) → (B,).
+    """
+    centred = reward - group_mean(reward, group)
+    std = group_mean(centred.pow(2), group).sqrt()
+    return (centred / (std + 1e-4)).clamp(-clip, clip)
+
+
+def step_mean_of(eps: Tensor, batch: ng.Transitions) -> Tensor:
+    """μ(x) = a x + b ε̂ of each transition's Gaussian step, from the model output ε̂. (N, ...)."""
+    return ng.affine(batch.mean_coef, batch.x, eps)
+
+
+def step_kl(mean: Tensor, reference_mean: Tensor, sigma: Tensor) -> Tensor:
+    """KL(N(μ, σ²I) ‖ N(μ^♯, σ²I)) = ‖μ − μ^♯‖² / (2σ²): two Gaussians with the same σ. (N, ...) → (N,)."""
+    return (mean - reference_mean).pow(2).flatten(1).sum(1) / (2 * sigma.to(mean.dtype) ** 2)
+
+
+def kl_to_go(step_kls: Tensor) -> Tensor:
+    """Σ_{j>i} KL_j at each step i: the KL still to come after step i's action. (B, T) → (B, T)."""
+    return step_kls.flip(1).cumsum(1).flip(1) - step_kls
+
+
+def kl_pg_advantages(beta_reward: Tensor, step_kls: Tensor, group: Tensor) -> Tensor:
+    """A_i = β r(x_0) − Σ_{j>i} KL_j(x_j), minus its mean over the group's other trajectories at the same
+    step i. (B,), (B, T) → (B, T)."""
+    return minus_others_mean(beta_reward[:, None] - kl_to_go(step_kls), group)
+
+
+def clipped_pg_steps(trainee: Trainee, hp: MethodConfig, gen: torch.Generator, batch: ng.Transitions,
+                     advantages: Tensor, reference_mean: Tensor, kl_coef: float) -> Dict[str, float]:
+    """ppo_epochs × ppo_minibatches optimiser steps on PPO-clip(ρ_i, A_i) + kl_coef · KL_i(x_i), KL_i pathwise.
+
+    π_old is the Gaussian step the sampler took (its recorded ε̂); μ^♯ is precomputed, without graph.
+    Returns the update's logs (largest pre-clip norm, mean loss, clip fraction, mean step KL).
+    """
+    old_mean = step_mean_of(batch.eps_old, batch)
+    old_log_prob = ng.gaussian_log_prob(batch.x_next, old_mean, batch.sigma)
+    logs: Dict[str, List[float]] = {"loss": [], "clip_fraction": [], "step_kl": []}
+    norms = []
+    for _ in range(hp.ppo_epochs):
+        for rows in torch.randperm(len(batch), generator=gen).chunk(hp.ppo_minibatches):
+            part = batch.select(rows)
+            mean = step_mean_of(trainee.policy_eps(part.x, part.t, part.traj), part)
+            log_prob = ng.gaussian_log_prob(part.x_next, mean, part.sigma)
+            surrogate, stats = ppo_clip_loss(log_prob, old_log_prob[rows], advantages[rows], hp.ppo_clip)
+            kl = step_kl(mean, reference_mean[rows], part.sigma).mean()
+            loss = surrogate + kl_coef * kl
+            norms.append(optimizer_step(trainee, loss, hp.grad_clip))
+            for key, value in (("loss", loss), ("clip_fraction", stats["clip_fraction"]), ("step_kl", kl)):
+                logs[key].append(float(value.detach()))
+    out = {k: max(n[k] for n in norms) for k in norms[0]}
+    out.update({k: sum(v) / len(v) for k, v in logs.items()}, optimizer_steps=len(norms))
+    return out
+
+
+def sample_for_pg(trainee: Trainee, hp: MethodConfig,
+                  gen: torch.Generator) -> Tuple[ng.Transitions, Tensor, Tensor, Tensor]:
+    """One on-policy batch for GRPO / KL-PG: (every transition, r(x_0) (B,), μ^♯ at every transition (no
+    graph), the sampling policy's per-step KL_i(x_i) (B, T))."""
+    trajectory = sample_policy(trainee, hp.batch_size, gen)
+    reward = score(trainee.log_reward, trajectory.final)
+    batch = all_transitions(trajectory, trainee.schedule)
+    with torch.no_grad():
+        reference_mean = step_mean_of(trainee.reference_eps(batch.x, batch.t, batch.traj), batch)
+        step_kls = step_kl(step_mean_of(batch.eps_old, batch), reference_mean, batch.sigma)
+    return batch, reward, reference_mean, step_kls.view(hp.batch_size, -1)
+
+
+def grpo_update(trainee: Trainee, hp: MethodConfig, gen: torch.Generator) -> Dict[str, float]:
+    """GRPO as Flow-GRPO (Liu et al., 2025, arXiv 2505.05470) runs it: the group-normalised advantage
+    (r − mean_g)/std_g, clipped to ±ppo_adv_clip, for every step of the trajectory; PPO-clip on the
+    per-step ratios; + kl_coef · KL_i(x_i) pathwise; no KL in the advantage.
+
+    Flow-GRPO's settings (yifan123/flow_grpo: config/base.py, config/grpo.py, flow_grpo/stat_tracking.py):
+      * KL coefficient: Flow-GRPO's default on SD3.5 GenEval and OCR: train.beta = 0.04 (PickScore 0.01,
+        base and the "fast" configs 0) → kl_coef = 0.04.
+      * clip range: Flow-GRPO's default: train.clip_range = 1e-4 → the rung's ppo_clip (shared with DDPO).
+      * advantage clip: Flow-GRPO's default: train.adv_clip_max = 5 → ppo_adv_clip; std + 1e-4, population std.
+      * Flow-GRPO's default: num_inner_epochs = 1 and timestep_fraction 0.99 → the rung's ppo_epochs; every step.
+      * Its log-probability and its KL are both means over latent elements (1/d of the sums here): the
+        same balance of the two terms, an overall 1/d gradient scale that Adam absorbs, but its clip acts
+        on the per-element ratio ρ^{1/d}. Its KL divides by the SDE's σ_t² without the step's dt; here the
+        exact per-step KL.
+      * Not applicable here: per-prompt groups on an unconditional rung (the batch is the one group;
+        trainee.group_of lets a conditional rung pass prompt ids), CFG, its SDE noise_level (the shared
+        sampler is DDIM η = 1), EMA.
+    Why it is not KL-PG: dividing by std_g rescales r by a factor that moves with the policy, and the
+    per-step KL without its KL-to-go is not the trajectory KL's gradient, so p* is not its fixed point.
+    """
+    batch, reward, reference_mean, step_kls = sample_for_pg(trainee, hp, gen)
+    group = trajectory_groups(trainee, hp.batch_size)
+    advantages = group_relative_advantages(reward, group, hp.ppo_adv_clip)[batch.traj]
+    logs = clipped_pg_steps(trainee, hp, gen, batch, advantages, reference_mean, hp.kl_coef)
+    logs.update(reward=float(reward.mean()), trajectory_kl=float(step_kls.sum(1).mean()))
+    return logs
+
+
+def kl_pg_update(trainee: Trainee, hp: MethodConfig, gen: torch.Generator) -> Dict[str, float]:
+    """KL-regularised policy gradient (DPOK-like): the gradient of the trajectory-level objective
+
+        J(θ) = E_{τ~P^θ}[β r(x_0)] − KL(P^θ(τ) ‖ P^♯(τ)) = log Z − KL(P^θ(τ) ‖ P^♯(τ) e^{β r(x_0)} / Z),
+
+    β × (E[r] − α KL) at α = 1/β. Its maximiser is P^θ(τ) ∝ P^♯(τ) e^{β r(x_0)}, whose x_0-marginal is
+    p^♯ e^{βr} / Z = p*: the tilted target exactly (where the Gaussian-step family holds it; otherwise
+    its best approximation, as for RTB and ∇-DB). The chain rule of KL over the T steps gives
+    KL(P^θ ‖ P^♯) = E Σ_i KL_i(x_i), KL_i(x) = ‖μ_θ(x) − μ^♯(x)‖² / (2σ_i²). With
+    f_θ(τ) = β r − Σ_i KL_i(x_i), ∇J = E[Σ_i ∇ log P^θ(x_{i+1}|x_i) · f_θ(τ)] + E[∇_θ f_θ(τ)]; in step i's
+    score term the KL_j with j ≤ i are fixed before its action (E[∇ log P^θ(x_{i+1}|x_i) | x_{≤i}] = 0), so
+
+        ∇J = E[Σ_i ∇ log P^θ(x_{i+1}|x_i) · A_i] − E[Σ_i ∇_θ KL_i(x_i)|_{x_i fixed}],
+        A_i = β r(x_0) − Σ_{j>i} KL_j(x_j) − b_i    (detached).
+
+    b_i: the mean of A_i over the other trajectories of its group at step i (leave-one-out: a batch mean
+    that included the row would scale the score term by 1 − 1/B but not the KL term, and move the
+    fixed point by O(1/B)). The first term is the gradient of ρ_i·A_i at ρ_i = 1 (PPO-clip: the same
+    on-policy, tested), the second the pathwise KL at coefficient 1; both are averaged over the B·T
+    transitions (∇J / T). No std division, no advantage clip: either would rescale βr against the KL
+    and move the optimum.
+    """
+    batch, reward, reference_mean, step_kls = sample_for_pg(trainee, hp, gen)
+    group = trajectory_groups(trainee, hp.batch_size)
+    advantages = kl_pg_advantages(hp.beta * reward, step_kls, group)[batch.traj, batch.step]
+    logs = clipped_pg_steps(trainee, hp, gen, batch, advantages, reference_mean, 1.0)
+    logs.update(reward=float(reward.mean()), trajectory_kl=float(step_kls.sum(1).mean()))
+    return logs
+
+
+# ----------------------------------------------------------------------------------------------
 # RTB: relative trajectory balance with a learned log Z
 # ----------------------------------------------------------------------------------------------
 
@@ -411,6 +582,10 @@ METHODS: Dict[str, Method] = {
     "draft": Method(draft_update, "DRaFT-K", "DRaFT-K: reward backprop through the last K steps"),
     "refl": Method(refl_update, "ReFL", "ReFL: reward of the one-step x̂_0 at a random late step"),
     "ddpo": Method(ddpo_update, "DDPO", "DDPO: PPO-clip on per-step log-probability ratios"),
+    "grpo": Method(grpo_update, "GRPO", "GRPO (Flow-GRPO): group-normalised advantages, PPO-clip, per-step KL",
+                   full_trajectories=True),
+    "kl-pg": Method(kl_pg_update, "KL-PG", "KL-regularised policy gradient: β r − KL-to-go, PPO-clip, exact tilted optimum",
+                    full_trajectories=True),
     "rtb": Method(rtb_update, "RTB", "RTB: relative trajectory balance with a learned log Z", module="log_z",
                   full_trajectories=True),
 }

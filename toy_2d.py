@@ -5,7 +5,7 @@
     python toy_2d.py --reward '{"type": "linear", "w": [0.7, 0.3]}' --beta 1
     python toy_2d.py --prior '{"means": [[-2, 0], [2, 0]], "weights": [0.5, 0.5], "std": 0.4}'
     python toy_2d.py --dim 32 --reward bump-all        # ring8 in 32 coordinates, a bump that reads all of them
-    python toy_2d.py --method rtb                      # any method of baselines.METHODS
+    python toy_2d.py --method kl-pg                    # any method of baselines.METHODS (rtb, grpo, kl-pg, …)
     python experiments/toy_diagnostics.py              # + exact-flow oracle, flow errors, cost counters (the
                                                        #   README's figure: its figure.png at these defaults)
 
@@ -94,10 +94,11 @@ class ToyConfig:
     draft_k: int = opt(1, "DRaFT-K: last sampling steps the reward gradient flows through (1 = DRaFT-1)")
     draft_kl: float = opt(0.0, "DRaFT-K: weight of the per-step KL to P_F♯ on those K steps (0 = off, as in the paper)")
     refl_start: float = opt(0.75, "ReFL: stop at a uniform step in [refl_start·T, T−1] (ImageReward: 30–39 of 40)")
-    ppo_clip: float = opt(0.1, "DDPO: PPO clip range ε of the per-step ratio")
-    ppo_epochs: int = opt(2, "DDPO: inner epochs over each sampled batch")
-    ppo_minibatches: int = opt(4, "DDPO: minibatches per inner epoch (one optimiser step each)")
-    ppo_adv_clip: float = opt(5.0, "DDPO: clip of the normalised advantages")
+    ppo_clip: float = opt(0.1, "DDPO, GRPO, KL-PG: PPO clip range ε of the per-step ratio (Flow-GRPO: 1e-4)")
+    ppo_epochs: int = opt(2, "DDPO, GRPO, KL-PG: inner epochs over each sampled batch")
+    ppo_minibatches: int = opt(4, "DDPO, GRPO, KL-PG: minibatches per inner epoch (one optimiser step each)")
+    ppo_adv_clip: float = opt(5.0, "DDPO, GRPO: clip of the normalised advantages")
+    grpo_kl: float = opt(0.04, "GRPO: weight of the per-step KL to P_F♯ (Flow-GRPO's default on SD3.5 GenEval/OCR: 0.04)")
     rtb_logz_lr: float = opt(0.1, "RTB: learning rate of the scalar log Z")
     # evaluation and bookkeeping
     eval_samples: int = opt(4000, "samples for the final metrics")
@@ -125,7 +126,7 @@ def method_config(cfg: ToyConfig) -> bl.MethodConfig:
     return bl.MethodConfig(beta=cfg.beta, batch_size=cfg.batch_size, fraction=cfg.fraction, grad_clip=cfg.grad_clip,
                            loss=cfg.loss_config, draft_k=cfg.draft_k, draft_kl=cfg.draft_kl, refl_start=cfg.refl_start,
                            ppo_clip=cfg.ppo_clip, ppo_epochs=cfg.ppo_epochs, ppo_minibatches=cfg.ppo_minibatches,
-                           ppo_adv_clip=cfg.ppo_adv_clip)
+                           ppo_adv_clip=cfg.ppo_adv_clip, kl_coef=cfg.grpo_kl)
 
 
 @dataclass

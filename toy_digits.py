@@ -10,7 +10,7 @@ experiments/digits_diagnostics.py).
 
     python toy_digits.py                                  # ∇-GFlowNet (adjoint flow target), class:3, β = 1
     python toy_digits.py --preset paper                   # the paper's ∇-GFlowNet: every loss setting as published
-    python toy_digits.py --method nabla-db,adjoint-matching,rtb,ddpo,refl,draft   # every method, one budget
+    python toy_digits.py --method nabla-db,adjoint-matching,rtb,ddpo,refl,draft,grpo,kl-pg   # every method, one budget
     python toy_digits.py --preset ink                     # tilt towards thicker strokes, no classifier
     python toy_digits.py --preset smoke --out /tmp/d      # seconds: checks that everything runs
 
@@ -19,7 +19,7 @@ Writes to --out: config.json, metrics.json, figure.png, pretrained_samples.npy, 
 Rewards: class:K, r = log p(K | clip(x)) of a temperature-calibrated classifier (β = 1: p♯(x | K));
 ink, r = Σ_pixels (clip(x, −1, 1) + 1) / 2. Default ≠ paper (each measured): --flow-target adjoint
 --flow-lr 5e-4 --guess-from reference --weighting kl --gamma sqrt_alpha_bar --reverse-weight 5
---subsample 0.3; `--preset paper` restores the paper. Only RTB and ∇-DB have p* as optimum.
+--subsample 0.3; `--preset paper` restores the paper. Only RTB, KL-PG and ∇-DB have p* as optimum.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ from digits_models import (IMAGE_SHAPE, LORA_TARGETS, DigitClassifier, DigitDeno
                            load_or_pretrain_denoiser, load_or_train_classifier, uniform, weighted_gaussian, weighted_mean_pairwise_distance)
 
 # The methods this rung runs (all from baselines.METHODS), and the Config field of each one's policy lr.
-LR_FIELDS = {"nabla-db": "lr", "adjoint-matching": "am_lr", "rtb": "rtb_lr", "ddpo": "ddpo_lr", "refl": "refl_lr", "draft": "draft_lr"}
+LR_FIELDS = {"nabla-db": "lr", "adjoint-matching": "am_lr", "rtb": "rtb_lr", "ddpo": "ddpo_lr", "refl": "refl_lr", "draft": "draft_lr",
+             "grpo": "grpo_lr", "kl-pg": "klpg_lr"}
 METHOD_NAMES = tuple(LR_FIELDS)
 
 # ---- Config and presets ---------------------------------------------------------------------------
@@ -115,6 +116,11 @@ class Config:
     ppo_minibatches: int = opt(4, "DDPO: minibatches per inner epoch, one optimiser step each", check=AT_LEAST_ONE)
     ppo_adv_clip: float = opt(5.0, "DDPO: clip of the batch-normalised advantages (DDPO's default 5)", check=POSITIVE)
     refl_lr: float = opt(3e-4, "ReFL learning rate", check=POSITIVE)
+    grpo_lr: float = opt(3e-3, "GRPO learning rate (sweep 1e-4..3e-3, 100 updates, seed 0: best Fréchet at 3e-3)", check=POSITIVE)
+    grpo_kl: float = opt(0.04, "GRPO: weight of the per-step KL to P_F♯ (Flow-GRPO's default on SD3.5 GenEval/OCR: 0.04); "
+                               "GRPO shares --ppo-clip, --ppo-epochs, --ppo-minibatches, --ppo-adv-clip with DDPO", check=NON_NEGATIVE)
+    klpg_lr: float = opt(3e-3, "KL-PG learning rate (sweep as --grpo-lr: best at 3e-3); its KL weight 1/β is fixed by the target",
+                         check=POSITIVE)
     refl_start: float = opt(0.75, "ReFL: stop at a uniform step in [refl_start·T, T−1] (ImageReward: 30–39 of 40)", check=FRACTION)
     # evaluation
     reference_pool: int = opt(4000, "pretrained samples importance-reweighted into the reference", check=AT_LEAST_ONE)
@@ -286,7 +292,8 @@ def method_config(cfg: Config, method: str) -> bl.MethodConfig:
     return bl.MethodConfig(
         beta=cfg.beta, batch_size=cfg.batch, fraction=cfg.subsample, grad_clip=cfg.max_grad_norm,
         loss=bl.METHODS[method].loss_config(loss), draft_k=cfg.draft_k, draft_kl=cfg.draft_kl, refl_start=cfg.refl_start,
-        ppo_clip=cfg.ppo_clip, ppo_epochs=cfg.ppo_epochs, ppo_minibatches=cfg.ppo_minibatches, ppo_adv_clip=cfg.ppo_adv_clip)
+        ppo_clip=cfg.ppo_clip, ppo_epochs=cfg.ppo_epochs, ppo_minibatches=cfg.ppo_minibatches, ppo_adv_clip=cfg.ppo_adv_clip,
+        kl_coef=cfg.grpo_kl)
 
 def method_update(cfg: Config, method: str, ft: Finetuner, schedule: ng.StepSchedule, log_reward: ng.LogRewardFn,
                   gen: torch.Generator) -> Dict[str, float]:

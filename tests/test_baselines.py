@@ -233,7 +233,7 @@ def test_every_method_trains_through_finetune_and_counts_reward_gradients(schedu
     # trained transition at x' (guess or terminal); no L_B, so no guess at x
     expected_per_update = {"nabla-db": BATCH + BATCH * k, "no-flow": BATCH * k, "exact-flow": 0,
                            "adjoint-matching": BATCH,  # the adjoint's terminal condition β∇r(x_0) only
-                           "draft": BATCH, "refl": BATCH, "ddpo": 0, "rtb": 0}
+                           "draft": BATCH, "refl": BATCH, "ddpo": 0, "grpo": 0, "kl-pg": 0, "rtb": 0}  # rtb last: log Z below
     assert set(toy_diagnostics.METHOD_NAMES) == set(expected_per_update) == set(bl.METHODS) | {"exact-flow"}
     for method, per_update in expected_per_update.items():  # the counters are experiments/toy_diagnostics.py's
         cfg = config(method=method, updates=2, eval_every=100, hidden=16, flow_hidden=16)
@@ -371,7 +371,7 @@ def digits_hp_and_update(method: str, **fields):
     return td.method_config(cfg, method), bl.METHODS[method].update
 
 
-SHARED = dict(beta=0.5, draft_k=3, draft_kl=0.2, refl_start=0.6, ppo_clip=0.2, ppo_epochs=2, ppo_minibatches=3, ppo_adv_clip=4.0,
+SHARED = dict(beta=0.5, draft_k=3, draft_kl=0.2, refl_start=0.6, ppo_clip=0.2, ppo_epochs=2, ppo_minibatches=3, ppo_adv_clip=4.0, grpo_kl=0.3,
               trust_region=0.1, reverse_weight=2.0, gamma="sqrt_alpha_bar", weighting="kl", guess_from="policy",
               flow_target="mixed", adjoint_lambda=0.3)
 
