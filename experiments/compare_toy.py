@@ -1,4 +1,4 @@
-"""∇-GFlowNet against DRaFT-K, ReFL, DDPO and RTB on the 2-D toy, judged against the exact target.
+"""∇-GFlowNet against DRaFT-K, ReFL, DDPO, RTB, GRPO and KL-PG on the 2-D toy, judged against the exact target.
 
     python experiments/compare_toy.py --docs     # ring8 + bump, 3 seeds, all methods (22 min on 2 shared CPU cores):
                                                  # runs/compare_toy/table.{md,json}, docs/results/compare_toy.md
@@ -93,6 +93,8 @@ def variants(base: toy_2d.ToyConfig) -> Dict[str, dict]:
         "refl": {"label": "ReFL", "overrides": {"method": "refl"}},
         "ddpo": {"label": "DDPO", "overrides": {"method": "ddpo"}},
         "rtb": {"label": "RTB", "overrides": {"method": "rtb"}},
+        "grpo": {"label": "GRPO (Flow-GRPO's advantage and KL)", "overrides": {"method": "grpo"}},
+        "kl-pg": {"label": "KL-PG (KL-regularised policy gradient)", "overrides": {"method": "kl-pg"}},
     })
     return table
 
@@ -117,15 +119,16 @@ def markdown_table(rows: List[dict], reference: dict, threshold: float, updates:
     thr, mid = f"{threshold:g}", updates // 5
     ms, reached = runner.mean_std, runner.median_reached
     head = ["method", "final mode TV ↓", f"TV at update {mid}", "best TV seen", "mean log-reward", "mode entropy (nats)",
-            f"updates to TV ≤ {thr}", f"train s to TV ≤ {thr}", "network VJPs per update", "∇r calls per update", "diverged"]
+            f"updates to TV ≤ {thr}", f"train s to TV ≤ {thr}", "network VJPs per update", "∇r calls per update", "s per update", "diverged"]
     lines = [[row["method"], ms(row["final_tv"], ".3f"), ms(row["tv_at_mid"], ".3f"), ms(row["min_tv"], ".3f"),
               ms(row["mean_log_reward"], ".2f"), ms(row["mode_entropy"], ".2f"),
               reached(row["updates_to_threshold"], ".0f"), reached(row["train_s_to_threshold"], ".1f"),
-              f"{row['network_vjps_per_update']:.0f}", f"{row['reward_grads_per_update']:.0f}", runner.diverged_cell(row["diverged_at"])]
+              f"{row['network_vjps_per_update']:.0f}", f"{row['reward_grads_per_update']:.0f}",
+              ms([t / updates for t in row["train_s"]], ".3f"), runner.diverged_cell(row["diverged_at"])]
              for row in rows]
     for name, ref in reference.items():
         entropy = "" if ref.get("entropy") is None else f"{ref['entropy']:.2f}"
-        lines.append([f"*{name}*", f"{ref['mode_tv']:.3f}", "", "", f"{ref['mean_log_reward']:.2f}", entropy] + [""] * 5)
+        lines.append([f"*{name}*", f"{ref['mode_tv']:.3f}", "", "", f"{ref['mean_log_reward']:.2f}", entropy] + [""] * 6)
     note = (f"\n{seeds} seed(s) × {updates} updates; mean ± std over seeds; 'updates/train s to TV ≤ {thr}': median over "
             f"the seeds that reached it at an evaluation (every few updates, 1000 samples), with (reached/seeds) when not all did; "
             f"exact mean log-reward under the target: {rows[0]['exact_mean_log_reward']:.2f}. "
@@ -133,7 +136,8 @@ def markdown_table(rows: List[dict], reference: dict, threshold: float, updates:
             "sweep is one ε̂♯ VJP per step of every trajectory); ∇r calls: per-sample reward gradients per update. Diverged: seeds whose sampler ended non-finite or flung "
             "off the data, with the update where that began; their final columns are left out of the mean and their "
             "curves stop there. Every method samples the same number of trajectories "
-            "per update; DDPO then takes ppo_epochs × ppo_minibatches optimiser steps on them, the others one.\n")
+            "per update; DDPO, GRPO and KL-PG then take ppo_epochs × ppo_minibatches optimiser steps on them, the others one. "
+            "s per update: training seconds per update (sampling included, evaluation excluded), one CPU thread.\n")
     return runner.markdown_table(head, lines) + note
 
 
