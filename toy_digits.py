@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -35,13 +34,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from peft import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import baselines as bl  # every method's update and the one method registry, shared with the other rungs
 import cli
 import nabla_gfn as ng
+from sd_models import lora_disabled, lora_layers
 from cli import FRACTION, NON_NEGATIVE, POSITIVE, UsageError, opt
 from digits_models import (IMAGE_SHAPE, LORA_TARGETS, DigitClassifier, DigitDenoiser, FlowCorrection,  # noqa: F401
                            distinct_nearest, expected_distinct_nearest, frechet_distance, load_digits_tensor, make_scheduler,
@@ -193,18 +192,11 @@ def make_log_reward(spec: str, classifier: DigitClassifier) -> ng.LogRewardFn:
 def score(log_reward: ng.LogRewardFn, x: Tensor) -> Tensor:
     return log_reward(x, torch.arange(len(x)))
 
-@contextmanager
 def adapters_disabled(model: DigitDenoiser):
-    """P_F^♯: the same network, LoRA off. Switches each peft layer directly: diffusers' `disable_adapters`
-    looks up peft's version on every call, 40 % of a ∇-DB update here."""
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
+    """P_F^♯: the same network, LoRA off — the SD rung's switch (`sd_models.lora_disabled`), which flips each
+    peft layer directly: diffusers' `disable_adapters` looks up peft's version on every call, 40 % of an update here."""
+    return lora_disabled(lora_layers(model))
+
 
 def policy_eps_fn(model: DigitDenoiser) -> ng.EpsFn:
     return lambda x, t, traj: model(x, t)
