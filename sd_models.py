@@ -12,11 +12,13 @@ Config (only the fields named are read).
 from __future__ import annotations
 
 import logging
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.utils.checkpoint
 
 # Importing the SD pipeline touches CLIPImageProcessor, whose torchvision backend is missing here and
 # unused (we preprocess in torch): drop only that notice, so that errors stay one line.
@@ -123,6 +125,60 @@ def lora_disabled(layers: Sequence[BaseTunerLayer]):
     finally:
         for layer in layers:
             layer.enable_adapters(True)
+
+
+@contextmanager
+def adapter_states(layers: Sequence[BaseTunerLayer], disabled: Sequence[bool]):
+    """Each LoRA layer switched off (True) or on (False) as `disabled` says, restored after."""
+    before = [layer.disable_adapters for layer in layers]
+    for layer, off in zip(layers, disabled):
+        layer.enable_adapters(not off)
+    try:
+        yield
+    finally:
+        for layer, off in zip(layers, before):
+            layer.enable_adapters(not off)
+
+
+_BLOCK_LORA_LAYERS: "weakref.WeakKeyDictionary[nn.Module, List[BaseTunerLayer]]" = weakref.WeakKeyDictionary()
+
+
+def checkpoint_block(block: nn.Module, *args):
+    """diffusers' `_gradient_checkpointing_func`: torch.utils.checkpoint, non-reentrant (so gradients with
+    respect to the input x, which the guess, the reverse term and the lean adjoint take, still flow), whose
+    recomputation in backward runs under the LoRA state of the forward. Why: the reference P_F♯ is the
+    policy's UNet inside `lora_disabled`, which has exited when backward recomputes the block; diffusers'
+    own function would recompute the reference's block with the adapters on (wrong gradients)."""
+    if block not in _BLOCK_LORA_LAYERS:
+        _BLOCK_LORA_LAYERS[block] = lora_layers(block)
+    layers = _BLOCK_LORA_LAYERS[block]
+    disabled = [layer.disable_adapters for layer in layers]
+    return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False,
+                                             context_fn=lambda: (nullcontext(), _Reentering(layers, disabled)))
+
+
+class _Reentering:
+    """`adapter_states` as a context manager that may be entered again: backward with retain_graph
+    (the reverse term's) recomputes a block once per pass."""
+
+    def __init__(self, layers, disabled):
+        self.layers, self.disabled, self.active = layers, disabled, []
+
+    def __enter__(self):
+        self.active.append(adapter_states(self.layers, self.disabled))
+        self.active[-1].__enter__()
+
+    def __exit__(self, *exc):
+        return self.active.pop().__exit__(*exc)
+
+
+def enable_gradient_checkpointing(models: "Models") -> None:
+    """--gradient-checkpointing: the UNet (policy and reference), g_φ and the VAE decoder keep only their
+    blocks' inputs in the forward and recompute each block in backward (`checkpoint_block`): activation
+    memory of a block instead of the whole network, for about one more forward pass. Same numbers."""
+    for module in (models.unet, models.flow, models.pipe.vae):
+        if module is not None:
+            module.enable_gradient_checkpointing(checkpoint_block)
 
 
 def build_flow_net(unet: UNet2DConditionModel, widths: Sequence[int]) -> UNet2DConditionModel:
