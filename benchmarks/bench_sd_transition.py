@@ -94,11 +94,12 @@ def sd15_vae(reduce: int = 1) -> AutoencoderKL:
 
 
 def sd15_clip(reduce: int = 1) -> CLIPModel:
-    """CLIP ViT-L/14 (the aesthetic reward's, 428M parameters at reduce=1), random weights."""
+    """CLIP ViT-L/14 (the aesthetic reward's, 428M parameters at reduce=1), random weights; reduce > 1
+    also shrinks its input (224² / reduce), so that its graph stays as small a share as at 512²."""
     return CLIPModel(CLIPConfig(
         text_config=sd15_text_config(reduce).to_dict(),
         vision_config=dict(hidden_size=1024 // reduce, intermediate_size=4096 // reduce,
-                           num_hidden_layers=24 // reduce, num_attention_heads=16 // reduce, image_size=224,
+                           num_hidden_layers=24 // reduce, num_attention_heads=16 // reduce, image_size=224 // reduce,
                            patch_size=14, hidden_act="quick_gelu"),
         projection_dim=768 // reduce,
     ))

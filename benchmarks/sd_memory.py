@@ -89,6 +89,7 @@ def measure_one(gradient_checkpointing: bool, batch: int, resolution: int, devic
     """Peak memory of one loss + backward on `batch` non-terminal transitions (see the module docstring)."""
     device = torch.device(device)
     flags = ["--precision", "bf16", "--resolution", str(resolution), "--cache-dir", cache_dir]
+    flags += ["--flow-channels", "32,64"] if reduce > 1 else []
     cfg = sd.parse_config(flags)
     torch.manual_seed(0)
     models = bench.sd15_random_models(cfg, device, sd.weight_dtype(cfg.precision, device), reduce)
@@ -99,24 +100,31 @@ def measure_one(gradient_checkpointing: bool, batch: int, resolution: int, devic
     transitions, trajectory = bench.transition_batch(models, schedule, cfg.steps // 2, batch, resolution,
                                                      torch.Generator().manual_seed(0))
     step = bench.Bench(models, cfg, transitions, ["cat"] * batch, schedule, trajectory)
+    started = time.perf_counter()
+    peak = peak_of(lambda: step.loss("bootstrap (paper)"), device)
+    seconds = round(time.perf_counter() - started, 1)
+    images = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
+    reward_graph = peak_of(lambda: torch.autograd.grad(models.reward(images.requires_grad_(True), ["cat"] * batch)
+                                                       .sum(), images), device)
+    return dict(gradient_checkpointing=gradient_checkpointing, batch=batch, resolution=resolution,
+                peak_bytes=peak, peak_bytes_per_transition=peak / batch, reward_model_graph_bytes=reward_graph,
+                step_seconds=seconds, weight_bytes=weight_bytes(models), device=device.type, reduce=reduce,
+                vae_dtype=str(models.pipe.vae.dtype).removeprefix("torch."))
+
+
+def peak_of(fn, device) -> int:
+    """Bytes above the memory in use before fn() at fn's peak (CPU: resident set; CUDA: allocated)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        before = rss_kib("VmRSS") * 1024
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
-    started = time.perf_counter()
-    step.loss("bootstrap (paper)")
-    if device.type == "cuda":
+        fn()
         torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
-    else:
-        peak = rss_kib("VmHWM") * 1024 - before
-    return dict(gradient_checkpointing=gradient_checkpointing, batch=batch, resolution=resolution,
-                peak_bytes=peak, peak_bytes_per_transition=peak / batch, baseline_bytes=before,
-                step_seconds=round(time.perf_counter() - started, 1), weight_bytes=weight_bytes(models),
-                device=device.type, reduce=reduce, vae_dtype=str(models.pipe.vae.dtype).removeprefix("torch."))
+        return torch.cuda.max_memory_allocated(device) - before
+    before = rss_kib("VmRSS") * 1024
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark VmHWM to the current VmRSS
+    fn()
+    return rss_kib("VmHWM") * 1024 - before
 
 
 def run_child(config: dict, args) -> dict:
@@ -135,36 +143,37 @@ def run_child(config: dict, args) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def per_transition_fit(rows, checkpointing: bool):
-    """(a, b) of m(P) = a + b·P from the largest batch at the two largest resolutions."""
-    batch = max(r["batch"] for r in rows)
-    pts = sorted((r["resolution"] ** 2, r["peak_bytes_per_transition"]) for r in rows
-                 if r["gradient_checkpointing"] == checkpointing and r["batch"] == batch)[-2:]
-    (p0, m0), (p1, m1) = pts
-    b = (m1 - m0) / (p1 - p0)
-    return m0 - b * p0, b
+def marginal(rows, resolution: int, checkpointing: bool, key: str = "peak_bytes") -> tuple:
+    """(bytes per added transition, batch-independent bytes) from the two smallest batches measured."""
+    pts = sorted((r["batch"], r[key]) for r in rows
+                 if r["resolution"] == resolution and r["gradient_checkpointing"] == checkpointing)[:2]
+    (b0, m0), (b1, m1) = pts
+    per = (m1 - m0) / (b1 - b0)
+    return per, m0 - per * b0
 
 
 def predict(rows, resolution: int = 512) -> list:
     """Predicted GPU peak of the default run per reward, checkpointing off and on (module docstring)."""
-    cfg = sd.Config()
+    cfg, measured = sd.Config(), max(r["resolution"] for r in rows)
     weights = rows[0]["weight_bytes"]
     vae_params = weights["vae"] // (2 if rows[0]["vae_dtype"] == "bfloat16" else 4)
-    vae_bytes = vae_params * (4 if getattr(cfg, "vae_precision", "bf16") == "fp32" else 2)  # on a GPU
+    vae_bytes = vae_params * (4 if getattr(cfg, "vae_precision", "bf16") == "fp32" else 2)  # as held on a GPU
     base = weights["unet"] + weights["text_encoder"] + weights["reward_clip_l"] + weights.get("flow", 0) + vae_bytes
-    latent = 4 * (resolution // 8) ** 2 * 4  # float32 bytes per latent
-    held = cfg.trajectories_per_epoch * (2 * cfg.steps + 1) * latent  # states and ε of this epoch's trajectories
+    held = cfg.trajectories_per_epoch * (2 * cfg.steps + 1) * 4 * (resolution // 8) ** 2 * 4  # states, ε (float32)
+    scale = (resolution / measured) ** 2
     table = []
     for checkpointing in (False, True):
-        a, b = per_transition_fit(rows, checkpointing)
-        for reward, extra_weights, graph in (("aesthetic (CLIP ViT-L/14)", 0.0, a),
-                                             ("hpsv2 (+ ViT-H-14)", 4 * VIT_H_PARAMS, a * VIT_H_GRAPH),
-                                             ("pickscore (+ CLIP-H)", 4 * VIT_H_PARAMS, a * VIT_H_GRAPH)):
-            per_transition = graph + b * resolution**2
-            total = base + extra_weights + held + cfg.train_batch_size * per_transition
+        per, fixed = marginal(rows, measured, checkpointing)
+        reward_graph, _ = marginal(rows, measured, checkpointing, "reward_model_graph_bytes")
+        for reward, extra_weights, graph in (("aesthetic (CLIP ViT-L/14)", 0.0, reward_graph),
+                                             ("hpsv2 (+ ViT-H-14)", 4 * VIT_H_PARAMS, reward_graph * VIT_H_GRAPH),
+                                             ("pickscore (+ CLIP-H)", 4 * VIT_H_PARAMS, reward_graph * VIT_H_GRAPH)):
+            per_transition = graph + (per - reward_graph) * scale
+            total = base + extra_weights + held + fixed + cfg.train_batch_size * per_transition
             table.append(dict(reward=reward, gradient_checkpointing=checkpointing, resolution=resolution,
                               train_batch_size=cfg.train_batch_size, weights_bytes=base + extra_weights,
-                              trajectories_bytes=held, per_transition_bytes=per_transition, peak_bytes=total))
+                              trajectories_bytes=held, fixed_bytes=fixed, per_transition_bytes=per_transition,
+                              peak_bytes=total))
     return table
 
 
@@ -176,17 +185,19 @@ def print_tables(result: dict) -> None:
     for r in result["rows"]:
         print(f"| {r['resolution']}² | {r['batch']} | {'on' if r['gradient_checkpointing'] else 'off'} | "
               f"{r['peak_bytes'] / GIB:.2f} | {r['peak_bytes_per_transition'] / GIB:.2f} | {r['step_seconds']} |")
-    for res, batch, ratio in result["ratios"]:
-        print(f"checkpointing on / off, per transition, {res}², batch {batch}: {100 * ratio:.0f} %")
+    for res, ratio in result["ratios"].items():
+        print(f"checkpointing on / off, bytes per added transition, {res}²: {100 * ratio:.0f} %")
     if result.get("prediction"):
         p = result["prediction"]
         print(f"\nCPU-measured prediction (not a GPU measurement): GPU peak of the default run at "
               f"{p[0]['resolution']}², --train-batch-size {p[0]['train_batch_size']} (GiB)")
-        print("| reward | checkpointing | weights | trajectories | per transition | predicted peak | ≤ 24 GB |")
-        print("|---|---|---|---|---|---|---|")
+        print("| reward | checkpointing | weights | trajectories | batch-independent | per transition | "
+              "predicted peak | ≤ 24 GB |")
+        print("|---|---|---|---|---|---|---|---|")
         for row in p:
             print(f"| {row['reward']} | {'on' if row['gradient_checkpointing'] else 'off'} | "
                   f"{row['weights_bytes'] / GIB:.1f} | {row['trajectories_bytes'] / GIB:.2f} | "
+                  f"{row['fixed_bytes'] / GIB:.2f} | "
                   f"{row['per_transition_bytes'] / GIB:.2f} | {row['peak_bytes'] / GIB:.1f} | "
                   f"{'yes' if row['peak_bytes'] <= 24e9 else 'no'} |")
 
@@ -195,7 +206,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"widths / {QUICK_REDUCE}, 64² and 128² (the tests)")
-    parser.add_argument("--resolutions", default="128,256", help="image sizes measured (comma-separated)")
+    parser.add_argument("--resolutions", default="128", help="image sizes measured (comma-separated)")
     parser.add_argument("--batches", default="1,2", help="transitions per step measured (comma-separated)")
     parser.add_argument("--device", default="cpu", help="cpu (resident set) or cuda (allocated bytes)")
     parser.add_argument("--cache-dir", default=sd.Config.__dataclass_fields__["cache_dir"].default_factory())
@@ -205,7 +216,7 @@ def main(argv=None) -> dict:
     if args.child:
         print(json.dumps(measure_one(device=args.device, cache_dir=args.cache_dir, **json.loads(args.child))))
         return {}
-    reduce, resolutions = (QUICK_REDUCE, [64, 128]) if args.quick else (1, [int(r) for r in args.resolutions.split(",")])
+    reduce, resolutions = (QUICK_REDUCE, [64]) if args.quick else (1, [int(r) for r in args.resolutions.split(",")])
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     for resolution in resolutions:
@@ -215,12 +226,14 @@ def main(argv=None) -> dict:
                 rows.append(run_child(config, args))
                 print(f"{resolution}², batch {batch}, checkpointing {'on' if checkpointing else 'off'}: "
                       f"{rows[-1]['peak_bytes'] / GIB:.3f} GiB ({rows[-1]['step_seconds']} s)", flush=True)
-    by = {(r["resolution"], r["batch"], r["gradient_checkpointing"]): r["peak_bytes_per_transition"] for r in rows}
     result = dict(device=args.device, reduce=reduce, torch=torch.__version__,
                   measure="VmHWM − VmRSS after setup" if args.device == "cpu" else "max_memory_allocated",
-                  rows=rows, ratios=[(res, b, by[res, b, True] / by[res, b, False]) for res in resolutions
-                                     for b in batches])
-    if len(resolutions) >= 2 and reduce == 1:
+                  rows=rows, marginal_bytes_per_transition={}, ratios={})
+    for res in resolutions if len(batches) >= 2 else []:
+        per = {gc: marginal(rows, res, gc)[0] for gc in (False, True)}
+        result["marginal_bytes_per_transition"][res] = {"off": per[False], "on": per[True]}
+        result["ratios"][res] = per[True] / per[False]
+    if result["ratios"] and reduce == 1:
         result["prediction"] = predict(rows)
     print_tables(result)
     if args.json:
