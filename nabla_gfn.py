@@ -536,8 +536,8 @@ def _sq(v: Tensor) -> Tensor:
 
 def _residuals_at_x(batch, models, log_reward, cfg, use_flow, adjoint):
     """ε̂_θ(x), θ's forward residual δ and, with g_φ, the flow target's (fit(x'), v(x)). One forward of
-    each model at x; ε̂^♯(x) has no graph to its weights, and a graph to x only when L_B needs ∇_x.
-    Scoped so that this graph is freed before the guess at x' is built."""
+    each model at x; ε̂^♯(x) has no graph to its weights, and a graph to x only when L_B needs ∇_x. Run
+    after the guess at x' (nabla_db_loss): θ's graph at x, kept for backward, never sits beside the guess's."""
     graph_to_x = use_flow and cfg.trains_reverse
     x = batch.x.detach().requires_grad_(graph_to_x)
     out = {"policy": models["policy"](x, batch.t, batch.traj)}
@@ -599,13 +599,13 @@ def nabla_db_loss(
         raise ValueError("flow_target 'mixed' needs g_φ: pass a flow callable")
     models = {"policy": policy_eps, "reference": reference_eps}
     weight_policy, weight_flow = transition_weights(batch.sigma, cfg.weighting)
-    eps_policy, residual, flow_fit = _residuals_at_x(batch, models, log_reward, cfg, use_flow, adjoint)
     parts: Dict[str, Tensor] = {}
     if use_flow or cfg.flow_target == "bootstrap":
         target_next, reward_next = guess_next(models[cfg.guess_from], log_reward, batch, cfg.beta, cfg.gamma)
         parts["reward_next"] = reward_next.mean()
     else:  # adjoint matching: θ's target is the lean adjoint a_{i+1} itself
         target_next = adjoint_rows(adjoint, batch, 1)
+    eps_policy, residual, flow_fit = _residuals_at_x(batch, models, log_reward, cfg, use_flow, adjoint)
     flow_parts = dict.fromkeys(("forward_flow", "reverse", "terminal"), batch.x.new_zeros(()))
     if use_flow:
         fit_next, reverse = flow_fit

@@ -25,6 +25,9 @@ Offline: --model DIR --clip-model DIR --aesthetic-head FILE (and --hpsv2-checkpo
 --pickscore-processor, --imagereward-model, --imagereward-tokenizer, --dreamsim, --fid-weights), or the
 variables named in --help (NABLA_GFN_MODEL, NABLA_GFN_CLIP, ...; NABLA_GFN_CACHE for the cache folder).
 Use the result:  pipe.load_lora_weights("runs/aesthetic/checkpoints/epoch_0034").
+Memory: the defaults (--gradient-checkpointing, --train-batch-size 2 with accumulation to 64, --reward-chunk 1)
+aim at 20 GiB for aesthetic, 40 GiB for HPSv2/PickScore; on a large GPU --no-gradient-checkpointing
+--train-batch-size 8 --reward-chunk 0 runs faster. Before `accelerate launch`, fetch once: --download-only.
 
 One epoch: sample trajectories of the LoRA policy (each with a prompt drawn from the training
 list), then train on a subsample of their transitions (the terminal one plus ~10%, one per equal
@@ -54,6 +57,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -63,7 +67,7 @@ import peft
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import InitProcessGroupKwargs, gather_object
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -74,9 +78,10 @@ import sd_rewards
 from cli import FRACTION, NON_NEGATIVE, OPEN_UNIT, POSITIVE, UsageError, opt
 from nabla_gfn import LossConfig, StepSchedule, Trajectory
 from sd_checkpoint import RunFolder, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from sd_models import (SD15_HUB_ID, Models, add_lora, adjoint_sweep, build_flow_net, encode_prompts, load_pipeline,
-                       lora_parameters, loss_callables, parameter_groups, recorded_eps, sample_images,
-                       sample_trajectories, score_samples, tiny_weight)
+from sd_models import (SD15_HUB_ID, Models, add_lora, adjoint_sweep, build_flow_net, enable_gradient_checkpointing,
+                       encode_prompts, load_pipeline, lora_parameters, loss_callables, no_gpu_reason, parameter_groups,
+                       recorded_eps, sample_images, sample_trajectories, score_samples, set_float32_matmul, tiny_weight,
+                       unet_dtypes, weight_dtype)
 from sd_rewards import AESTHETIC_HEAD_URL, CLIP_HUB_ID, TINY, ClipEmbedder, MissingWeights, Source, quiet_library_logs
 
 PROG = "sd_finetune.py"
@@ -124,6 +129,14 @@ class Config:
     eval: bool = opt(False, "after training, evaluate on the eval prompts (finetuned vs pretrained samples of "
                      "the same seeds): reward mean, DreamSim diversity, per-prompt FID to the pretrained samples, "
                      "CLIP-embedding diversity and Fréchet distance; writes eval.json (see sd_metrics.py)")
+    download_only: bool = opt(False, "fetch every weight these flags need (pipeline, CLIP, the reward's, and the eval "
+                              "models with --eval) into the caches, then exit: run it once, online, before a "
+                              "multi-GPU launch (no GPU needed)")
+    allow_cpu: bool = opt(False, "train a real (non-tiny) model without a CUDA device (slow: days); without it such "
+                          "a run stops before loading anything")
+    ddp_timeout: int = opt(7200, "seconds a process waits for the others in a collective (accelerate's "
+                           "InitProcessGroupKwargs; NCCL's default of 600 s can fire while rank 0 loads or runs --eval)",
+                           check=POSITIVE)
     report_to: str = opt("none", "also log each update's metrics to TensorBoard (under --out) or Weights & Biases "
                          "(pip install wandb), through accelerate's trackers", choices=("none", "tensorboard", "wandb"))
     # models
@@ -152,6 +165,8 @@ class Config:
     fid_weights: str = opt("", f"Inception weights {sd_metrics.FID_WEIGHTS_FILE} of the FID for --eval; empty = "
                            "torch-fidelity's download into torch.hub's cache ($NABLA_GFN_FID_WEIGHTS)",
                            env="NABLA_GFN_FID_WEIGHTS")
+    trust_pickle: bool = opt(False, "load a reward checkpoint that torch.load(weights_only=True) refuses with "
+                             "weights_only=False, i.e. run the code a pickle may carry: only for files you trust")
     cache_dir: str = opt(str(Path.home() / ".cache" / "nabla-gfn"), "cache for the tiny builds, the downloaded "
                          "aesthetic head and DreamSim ($NABLA_GFN_CACHE)", env="NABLA_GFN_CACHE")
     precision: str = opt("auto", "dtype of the frozen UNet, VAE and text encoder (LoRA, g_φ and the reward are "
@@ -160,9 +175,16 @@ class Config:
                          "the autocast dtype of sampling and of the lean-adjoint sweep", choices=("auto", "bf16", "fp16", "fp32"))
     residual_precision: str = opt("fp32", "arithmetic of the loss's UNet passes (ε̂_θ and ε̂♯, whose difference over "
                                   "σ² is the forward residual, and their VJPs): fp32 = IEEE float32, TF32 off (the "
-                                  "default: bf16/fp16/TF32 turn the residual into rounding noise, README 'Numerics'); "
+                                  "default: bf16/fp16/TF32 turn the residual into rounding noise, docs/stable_diffusion.md 'Numerics'); "
                                   "tf32; same = the --precision dtype (the official code's all-bf16)",
                                   choices=("fp32", "tf32", "same"))
+    vae_precision: str = opt("fp32", "dtype of the VAE decoder and the reward model on the reward path (its gradient "
+                             "is the loss's target): fp32 (the paper's) or bf16 (decoder in bf16, reward under bf16 "
+                             "autocast; less memory)", choices=("fp32", "bf16"))
+    gradient_checkpointing: bool = opt(True, "recompute the UNet's, g_φ's and the VAE decoder's blocks in backward "
+                                       "instead of storing their activations (about one more forward; same numbers)")
+    reward_chunk: int = opt(1, "images decoded and scored at once on the reward-gradient path, each chunk "
+                            "recomputed in backward (0 = all rows of the batch at once)", check=NON_NEGATIVE)
     # sampler
     resolution: int = opt(512, "image height and width in pixels", check=(lambda v: v > 0 and v % 8 == 0,
                                                                         "must be a positive multiple of 8"))
@@ -219,8 +241,9 @@ class Config:
                                     "always is)", check=FRACTION)
     transitions_per_update: int = opt(64, "transitions per optimiser step, over all processes and "
                                       "accumulation steps", check=POSITIVE)
-    train_batch_size: int = opt(8, "transitions per forward/backward, per process (gradient accumulation "
-                                "= transitions_per_update / (train_batch_size · processes))", check=POSITIVE)
+    train_batch_size: int = opt(2, "transitions per forward/backward, per process (gradient accumulation "
+                                "= transitions_per_update / (train_batch_size · processes)); 2 with checkpointing "
+                                "fits the default run in 20 GiB", check=POSITIVE)
     # data
     prompts: str = opt("", "text file with one training prompt per line; empty = the 45 simple animals")
     eval_prompts: str = opt("", "text file of held-out prompts for sample grids and --eval; "
@@ -276,7 +299,6 @@ PRESETS: Dict[str, dict] = {
 }
 
 
-
 def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
     """Flags → Config: dataclass defaults, then the preset, then the flags given (or, with --resume,
     the run's saved config, then the flags given). --model tiny implies 'tiny' for every weight."""
@@ -315,7 +337,7 @@ def weight_source(cfg: Config, name: str) -> Source:
     if value == TINY and name not in ("dreamsim", "fid_weights"):
         value = tiny_weight(name, cfg.cache_dir)
     env = next(f.metadata["env"] for f in dataclasses.fields(Config) if f.name == name)
-    return Source(value, cli.flag(name), env)
+    return Source(value, cli.flag(name), env, cfg.trust_pickle)
 
 
 def load_clip(cfg: Config, device) -> ClipEmbedder:
@@ -330,12 +352,12 @@ def build_reward(cfg: Config, embedder: ClipEmbedder) -> nn.Module:
 
 
 def load_models(cfg: Config, device, dtype: torch.dtype) -> Models:
-    """Pipeline (frozen, `dtype`; its UNet in float32 when `unet_dtypes` says so), LoRA (float32), g_φ
-    (float32), CLIP and reward (float32)."""
+    """Pipeline (frozen, `dtype`; its UNet in float32 when `unet_dtypes` says so, its VAE in
+    --vae-precision), LoRA (float32), g_φ (float32), CLIP and reward (float32)."""
     unet_dtype, fast_dtype = unet_dtypes(cfg, torch.device(device))
     pipe = load_pipeline(cfg, unet_dtype)
     with quiet_library_logs():
-        pipe.vae.to(dtype), pipe.text_encoder.to(dtype)
+        pipe.vae.to(weight_dtype(cfg.vae_precision, device)), pipe.text_encoder.to(dtype)
     pipe.to(device)
     multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     if cfg.resolution % multiple:
@@ -345,7 +367,24 @@ def load_models(cfg: Config, device, dtype: torch.dtype) -> Models:
     reward = build_reward(cfg, embedder)
     lora = add_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha)
     flow = None if cfg.no_flow else build_flow_net(pipe.unet, cfg.flow_widths).to(device)
-    return Models(pipe, lora, flow, embedder, reward, encode_prompts(pipe, [""]), fast_dtype)
+    models = Models(pipe, lora, flow, embedder, reward, encode_prompts(pipe, [""]), fast_dtype, cfg.reward_chunk)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(models)
+    return models
+
+
+def download_weights(cfg: Config) -> None:
+    """--download-only: load (so fetch into the caches) every weight the flags need, on the CPU, and exit."""
+    pipe = load_pipeline(cfg, torch.bfloat16)
+    embedder = load_clip(cfg, "cpu")
+    build_reward(cfg, embedder)
+    if cfg.eval:
+        evaluator = sd_metrics.load_evaluator(embedder, weight_source(cfg, "dreamsim"), weight_source(cfg, "fid_weights"),
+                                              cfg.cache_dir, "cpu")
+        if evaluator.unavailable:
+            raise MissingWeights("; ".join(f"eval: {k} unavailable: {v}" for k, v in evaluator.unavailable.items()))
+    print(f"--download-only: {cfg.model} ({type(pipe).__name__}), {cfg.clip_model} and the {cfg.reward} reward's "
+          f"weights{' and the eval models' if cfg.eval else ''} are cached")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,8 +456,6 @@ def assert_replicas_in_sync(models: Models, accelerator: Accelerator) -> None:
         raise RuntimeError(f"processes hold different weights (checksums {sums.tolist()})")
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # Session: what one run holds
 # ----------------------------------------------------------------------------------------------
@@ -431,36 +468,6 @@ def read_prompts(path: str, default: Sequence[str]) -> List[str]:
     if not prompts:
         raise UsageError(f"prompt file {path!r} is empty")
     return prompts
-
-
-def weight_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-
-
-def unet_dtypes(cfg: Config, device: torch.device) -> Tuple[torch.dtype, Optional[torch.dtype]]:
-    """(dtype the UNet's weights are held in, autocast dtype of sampling and the adjoint sweep or None).
-
-    Why (README 'Numerics'): the forward residual (μ_θ − μ♯)/σ² is the difference of two UNet passes
-    over σ² (down to ~4e-4); computed in bf16, each pass's rounding (~2⁻⁹ relative, on every layer) is
-    larger than what a small LoRA changes, so the residual is rounding noise (tiny pipeline, bf16: the
-    forward term at update 2 was 23.9 against 0.31 in fp32). With --residual-precision fp32/tf32 the
-    loss's passes run on float32 weights without autocast; sampling, which takes no differences, keeps
-    the cheaper --precision through autocast.
-    """
-    weights = weight_dtype(cfg.precision, device)
-    if cfg.residual_precision == "same" or weights == torch.float32:
-        return weights, None
-    return torch.float32, weights
-
-
-def set_float32_matmul(residual_precision: str) -> None:
-    """IEEE float32 (fp32) or TF32 (tf32) matmuls and convolutions on CUDA; cuDNN's default is TF32."""
-    if residual_precision != "same":
-        mode = "ieee" if residual_precision == "fp32" else "tf32"
-        torch.backends.cuda.matmul.fp32_precision = mode
-        torch.backends.cudnn.conv.fp32_precision = mode
 
 
 @dataclass
@@ -493,15 +500,18 @@ class Session:
 
 def make_accelerator(cfg: Config) -> Accelerator:
     """accelerate, with the --report-to tracker (its files under --out) when one is asked for."""
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))]
     if cfg.report_to == "none":
-        return Accelerator()
+        return Accelerator(kwargs_handlers=handlers)
     if importlib.util.find_spec("wandb" if cfg.report_to == "wandb" else "tensorboard") is None:
         raise UsageError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to}")
-    return Accelerator(log_with=cfg.report_to, project_dir=cfg.out)
+    return Accelerator(log_with=cfg.report_to, project_dir=cfg.out, kwargs_handlers=handlers)
 
 
 def start_session(cfg: Config) -> Session:
     """Load everything, resume from the last checkpoint with --resume, write config.json, start trackers."""
+    if cfg.model != TINY and not cfg.allow_cpu and no_gpu_reason():
+        raise UsageError(no_gpu_reason())
     accelerator = make_accelerator(cfg)
     plan = make_plan(cfg, accelerator.num_processes)
     if not cfg.resume and (Path(cfg.out) / "config.json").exists():
@@ -719,6 +729,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     transformers.utils.logging.disable_progress_bar()
     try:
         cfg = parse_config(argv)
+        if cfg.download_only:
+            return download_weights(cfg)
         session = start_session(cfg)
         train(session)
         if cfg.eval:

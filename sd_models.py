@@ -55,10 +55,69 @@ class Models:
     reward: nn.Module
     uncond: Tensor  # (1, L, D) embedding of the empty negative prompt
     fast_dtype: Optional[torch.dtype] = None  # autocast dtype of sampling and the adjoint sweep (`unet_dtypes`)
+    reward_chunk: int = 0  # rows per decode + score on the reward-gradient path (`latent_log_reward`); 0 = all
 
     @property
     def unet(self) -> UNet2DConditionModel:
         return self.pipe.unet
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and precision
+# ----------------------------------------------------------------------------------------------
+
+# Linux driver each CUDA major's torch build needs (NVIDIA's CUDA release notes: 13.0 GA ≥ 580.65.06,
+# 12.0 GA ≥ 525.60.13; later minor versions of the same major run on these through minor-version compatibility).
+CUDA_MIN_DRIVER = {"13": "580.65.06", "12": "525.60.13"}
+
+
+def no_gpu_reason() -> Optional[str]:
+    """None when a CUDA (or MPS) device is usable; else one line saying why not and what to do."""
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        return None
+    cuda = torch.version.cuda
+    if cuda is None:
+        cause = f"the installed torch {torch.__version__} is a CPU-only build (install a CUDA build of torch)"
+    else:
+        driver = CUDA_MIN_DRIVER.get(cuda.split(".")[0], f"the one CUDA {cuda} requires")
+        cause = (f"the installed torch {torch.__version__} is a CUDA {cuda} build, which needs an NVIDIA driver "
+                 f">= {driver} (nvidia-smi shows yours), or this machine has no NVIDIA GPU")
+    return (f"no CUDA device found: {cause}; real Stable Diffusion on the CPU takes days, so this stops here: "
+            f"pass --allow-cpu to run anyway, or --model tiny for a smoke run")
+
+
+def weight_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def unet_dtypes(cfg, device: torch.device) -> Tuple[torch.dtype, Optional[torch.dtype]]:
+    """(dtype the UNet's weights are held in, autocast dtype of sampling and the adjoint sweep or None).
+
+    Why (docs/stable_diffusion.md, 'Numerics'): the forward residual (μ_θ − μ♯)/σ² is the difference of two UNet passes
+    over σ² (down to ~4e-4); computed in bf16, each pass's rounding (~2⁻⁹ relative, on every layer) is
+    larger than what a small LoRA changes, so the residual is rounding noise (tiny pipeline, bf16: the
+    forward term at update 2 was 23.9 against 0.31 in fp32). With --residual-precision fp32/tf32 the
+    loss's passes run on float32 weights without autocast; sampling, which takes no differences, keeps
+    the cheaper --precision through autocast.
+    """
+    weights = weight_dtype(cfg.precision, device)
+    if cfg.residual_precision == "same" or weights == torch.float32:
+        return weights, None
+    return torch.float32, weights
+
+
+def set_float32_matmul(residual_precision: str) -> None:
+    """IEEE float32 (fp32) or TF32 (tf32) matmuls and convolutions on CUDA; cuDNN's default is TF32.
+
+    Set through `allow_tf32`, which in torch 2.14 also sets the per-backend `fp32_precision` of matmul,
+    cuDNN conv and cuDNN RNN alike; setting `cudnn.conv.fp32_precision` alone leaves conv and RNN
+    different, after which reading `torch.backends.cudnn.allow_tf32` raises (as any library may do).
+    """
+    if residual_precision != "same":
+        torch.backends.cuda.matmul.allow_tf32 = residual_precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = residual_precision == "tf32"
 
 
 def tiny_weight(name: str, cache_dir: str) -> str:
@@ -246,11 +305,26 @@ def decode_latents(vae: AutoencoderKL, latents: Tensor) -> Tensor:
     return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
 
 
-def latent_log_reward(vae: AutoencoderKL, reward: nn.Module, prompts: Sequence[str]):
-    """LogRewardFn: decode, then score each row with the prompt of its own trajectory, prompts[traj]."""
+def latent_log_reward(vae: AutoencoderKL, reward: nn.Module, prompts: Sequence[str], chunk: int = 0):
+    """LogRewardFn: decode, then score each row with the prompt of its own trajectory, prompts[traj].
+
+    The reward path runs in the VAE's dtype (--vae-precision): float32 (the paper's), or the decoder in
+    bf16 and the reward model under bf16 autocast. chunk > 0 (--reward-chunk): rows in chunks of `chunk`,
+    each checkpointed while a gradient is being built, so that backward recomputes and holds one chunk's
+    decoder and reward graph at a time (at 512² the decoder's graph is ~5.6 GiB per image in float32).
+    Same numbers; one more forward of the decoder and reward model per chunk.
+    """
+    autocast = None if vae.dtype == torch.float32 else vae.dtype
+
+    def score(x0: Tensor, traj: Tensor) -> Tensor:
+        with unet_autocast(x0.device, autocast):
+            return reward(decode_latents(vae, x0), [prompts[i] for i in traj.tolist()]).float()
 
     def log_reward(x0: Tensor, traj: Tensor) -> Tensor:
-        return reward(decode_latents(vae, x0), [prompts[i] for i in traj.tolist()])
+        if chunk <= 0 or len(x0) <= chunk or not (torch.is_grad_enabled() and x0.requires_grad):
+            return score(x0, traj)
+        return torch.cat([torch.utils.checkpoint.checkpoint(score, x0[rows], traj[rows], use_reentrant=False)
+                          for rows in torch.arange(len(x0), device=x0.device).split(chunk)])
 
     return log_reward
 
@@ -265,7 +339,7 @@ def loss_callables(models: Models, cond: Tensor, prompts: Sequence[str], guidanc
     return (
         guided_eps(models.unet, cond, models.uncond, guidance, lora=True),
         guided_eps(models.unet, cond, models.uncond, guidance, lora=False),
-        latent_log_reward(models.pipe.vae, models.reward, prompts),
+        latent_log_reward(models.pipe.vae, models.reward, prompts, models.reward_chunk),
         None if models.flow is None else flow_score(models.flow, cond),
     )
 
@@ -298,7 +372,7 @@ def adjoint_sweep(models: Models, schedule: StepSchedule, trajectory: Trajectory
                                autocast=models.fast_dtype)
     else:
         reference = conditional_eps(models.unet, cond, models.fast_dtype)
-    log_reward = latent_log_reward(models.pipe.vae, models.reward, prompts)
+    log_reward = latent_log_reward(models.pipe.vae, models.reward, prompts, models.reward_chunk)
     rows = torch.arange(len(trajectory.states), device=trajectory.states.device)
     chunks = [nabla_gfn.lean_adjoint(reference, schedule, Trajectory(trajectory.states[r], trajectory.eps[r]),
                                      log_reward, cfg.beta, traj=r)[0] for r in rows.split(cfg.sample_batch_size)]

@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import urllib.error
 from contextlib import contextmanager
@@ -92,6 +93,7 @@ class Source:
     value: str
     flag: str
     env: str
+    trust_pickle: bool = False  # --trust-pickle: torch.load with weights_only=False (runs a pickle's code)
 
     def hint(self) -> str:
         return f"pass {self.flag} or set {self.env}"
@@ -152,12 +154,25 @@ def from_pretrained(cls, source: Source, what: str, default_id: str, **kwargs):
             f"or download the hub id {default_id!r} while online (HF_HUB_OFFLINE=1 forbids it)") from None
 
 
-def load_state(path: Path, what: str) -> Dict[str, Tensor]:
-    """A checkpoint's tensors (weights_only), unwrapped from {'state_dict': ...} and DDP's 'module.'."""
+def torch_load(path: Path, what: str, trust_pickle: bool = False):
+    """torch.load(path) with weights_only=True; a file that needs more (a pickle of other objects, whose
+    loading can run code) stops with one line naming --trust-pickle, never a silent fallback."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as err:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if refused is None:  # a corrupt file, not a refused one
+            raise MissingWeights(f"{what} {str(path)!r} does not load (a broken or non-torch file)") from None
+        raise MissingWeights(f"{what} {str(path)!r} does not load with torch.load(weights_only=True): it pickles "
+                             f"{refused.group(1)}, and loading a pickle can run code; if you trust the file, pass "
+                             f"--trust-pickle") from None
     except Exception as err:  # a truncated download or another format: one line, not a traceback
         raise MissingWeights(f"{what} {str(path)!r} does not load ({type(err).__name__}: {err})") from None
+
+
+def load_state(path: Path, what: str, trust_pickle: bool = False) -> Dict[str, Tensor]:
+    """A checkpoint's tensors (`torch_load`), unwrapped from {'state_dict': ...} and DDP's 'module.'."""
+    state = torch_load(path, what, trust_pickle)
     state = state.get("state_dict", state)
     return {k.removeprefix("module."): v for k, v in state.items()}
 
@@ -253,9 +268,9 @@ class AestheticHead(nn.Module):
         return self.layers(embeds).squeeze(-1)
 
     @classmethod
-    def from_file(cls, path, embed_dim: int) -> "AestheticHead":
+    def from_file(cls, path, embed_dim: int, trust_pickle: bool = False) -> "AestheticHead":
         head = cls(embed_dim)
-        head.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        head.load_state_dict(torch_load(path, "aesthetic head", trust_pickle), strict=True)
         return head.eval().requires_grad_(False)
 
 
@@ -386,7 +401,7 @@ def load_hpsv2(source: Source, device) -> HPSv2Reward:
     path = hub_file(source, HPSV2_FILE, "the HPSv2.1 checkpoint")
     arch_file = path.parent / "open_clip_config.json"
     arch = json.loads(arch_file.read_text())["model_cfg"] if arch_file.is_file() else open_clip.get_model_config(HPSV2_ARCH)
-    model = load_strict(open_clip.model.CLIP(**arch), load_state(path, "HPSv2 checkpoint"), path, "HPSv2 (open_clip)")
+    model = load_strict(open_clip.model.CLIP(**arch), load_state(path, "HPSv2 checkpoint", source.trust_pickle), path, "HPSv2 (open_clip)")
     return HPSv2Reward(model, open_clip.get_tokenizer(HPSV2_ARCH, context_length=arch["text_cfg"]["context_length"])).to(device)
 
 
@@ -511,7 +526,7 @@ def load_imagereward(model: Source, tokenizer: Source, device) -> ImageReward:
     vision = json.loads(vision_file.read_text()) if vision_file.is_file() else IMAGEREWARD_VIT_L
     with quiet_library_logs():
         net = ImageRewardNet(*imagereward_configs(med_config, vision))
-    state = imagereward_state_dict(load_state(path, "ImageReward checkpoint"), path)
+    state = imagereward_state_dict(load_state(path, "ImageReward checkpoint", model.trust_pickle), path)
     load_strict(net, state, path, "ImageReward v1.0")
     return ImageReward(net, imagereward_tokenizer(tokenizer)).to(device)
 
@@ -530,8 +545,9 @@ def load_reward(name: str, sources: Mapping[str, Source], embedder: ClipEmbedder
     """
     device = module_device(embedder)
     if name == "aesthetic":
-        head = AestheticHead.from_file(aesthetic_head_file(sources["aesthetic_head"], cache_dir),
-                                       embedder.clip.config.projection_dim)
+        source = sources["aesthetic_head"]
+        head = AestheticHead.from_file(aesthetic_head_file(source, cache_dir), embedder.clip.config.projection_dim,
+                                       source.trust_pickle)
         return AestheticReward(embedder, head.to(device))
     if name == "clip-score":
         return ClipScoreReward(embedder)

@@ -192,7 +192,7 @@ def test_report_to_tensorboard_writes_the_loss_parts_and_reward(cache, tmp_path)
 
 
 def test_missing_hub_weights_offline_give_one_line(env, tmp_path):
-    result = run_script(["--out", tmp_path / "run"], {**env, "NABLA_GFN_MODEL": sd.SD15_HUB_ID})
+    result = run_script(["--out", tmp_path / "run", "--allow-cpu"], {**env, "NABLA_GFN_MODEL": sd.SD15_HUB_ID})
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -256,7 +256,7 @@ def test_report_to_wandb_without_the_package_gives_one_line(capsys, tmp_path):
 ])
 def test_missing_weights_give_one_line_naming_the_remedy(flags, names, cache, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        sd.main(["--preset", "smoke", "--cache-dir", str(cache), "--out", str(tmp_path / "run"), *flags])
+        sd.main(["--preset", "smoke", "--cache-dir", str(cache), "--out", str(tmp_path / "run"), "--allow-cpu", *flags])
     assert exit_.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and all(name in err[0] for name in names), err
@@ -365,8 +365,9 @@ def test_guess_from_reaches_the_loss(cache, tmp_path):
 
 def test_each_trajectory_reward_gets_its_own_prompt(cache, tmp_path):
     """Every reward call nabla_db_loss makes (terminal rows, forward-looking guesses on subsets of
-    rows) receives, row by row, the prompt of that row's trajectory."""
-    cfg = smoke_config(cache, tmp_path, "--reward", "clip-score")
+    rows) receives, row by row, the prompt of that row's trajectory. (One reward call per log-reward
+    call: --reward-chunk 0; chunks route alike, test_sd_memory_flags.py.)"""
+    cfg = smoke_config(cache, tmp_path, "--reward", "clip-score", "--reward-chunk", "0")
     models = perturbed_models(cfg)
     prompts = ["cat", "owl", "zebra", "frog"]
     batch, cond = shuffled_transitions(models, cfg, prompts)
