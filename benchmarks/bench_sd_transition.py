@@ -120,7 +120,8 @@ def sd15_random_models(cfg: sd.Config, device: torch.device, dtype: torch.dtype,
         head = AestheticHead(768 // reduce).eval().requires_grad_(False)
     with quiet_library_logs():  # diffusers warns on .to(dtype) even with nothing to keep in float32
         unet_dtype, fast_dtype = sd.unet_dtypes(cfg, torch.device("cuda" if device == "meta" else device))
-        for module, module_dtype in ((vae, dtype), (text_encoder, dtype), (unet, unet_dtype)):
+        vae_dtype = sd.weight_dtype(cfg.vae_precision, torch.device("cuda" if device == "meta" else device))
+        for module, module_dtype in ((vae, vae_dtype), (text_encoder, dtype), (unet, unet_dtype)):
             module.requires_grad_(False).to(module_dtype)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=tiny_models.sd_scheduler(), safety_checker=None, feature_extractor=None,
@@ -130,7 +131,7 @@ def sd15_random_models(cfg: sd.Config, device: torch.device, dtype: torch.dtype,
     with torch.device(device):
         flow = sd.build_flow_net(unet, cfg.flow_widths)
     return sd.Models(pipe, lora, flow, embedder, AestheticReward(embedder, head), sd.encode_prompts(pipe, [""]),
-                     fast_dtype)
+                     fast_dtype, cfg.reward_chunk)  # gradient checkpointing: the caller's (sdm.enable_...)
 
 
 def transition_batch(models: sd.Models, schedule, step: int, n: int, resolution: int, generator):

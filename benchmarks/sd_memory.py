@@ -90,6 +90,7 @@ def measure_one(gradient_checkpointing: bool, batch: int, resolution: int, devic
     device = torch.device(device)
     flags = ["--precision", "bf16", "--resolution", str(resolution), "--cache-dir", cache_dir]
     flags += ["--flow-channels", "32,64"] if reduce > 1 else []
+    flags += [] if gradient_checkpointing else ["--reward-chunk", "0"]  # off: all rows' reward graphs at once
     cfg = sd.parse_config(flags)
     torch.manual_seed(0)
     models = bench.sd15_random_models(cfg, device, sd.weight_dtype(cfg.precision, device), reduce)
@@ -157,7 +158,7 @@ def predict(rows, resolution: int = 512) -> list:
     cfg, measured = sd.Config(), max(r["resolution"] for r in rows)
     weights = rows[0]["weight_bytes"]
     vae_params = weights["vae"] // (2 if rows[0]["vae_dtype"] == "bfloat16" else 4)
-    vae_bytes = vae_params * (4 if getattr(cfg, "vae_precision", "bf16") == "fp32" else 2)  # as held on a GPU
+    vae_bytes = vae_params * (4 if cfg.vae_precision == "fp32" else 2)  # as held on a GPU
     base = weights["unet"] + weights["text_encoder"] + weights["reward_clip_l"] + weights.get("flow", 0) + vae_bytes
     held = cfg.trajectories_per_epoch * (2 * cfg.steps + 1) * 4 * (resolution // 8) ** 2 * 4  # states, ε (float32)
     scale = (resolution / measured) ** 2
@@ -173,7 +174,8 @@ def predict(rows, resolution: int = 512) -> list:
             table.append(dict(reward=reward, gradient_checkpointing=checkpointing, resolution=resolution,
                               train_batch_size=cfg.train_batch_size, weights_bytes=base + extra_weights,
                               trajectories_bytes=held, fixed_bytes=fixed, per_transition_bytes=per_transition,
-                              peak_bytes=total))
+                              peak_bytes=total, peak_bytes_by_train_batch_size={
+                                  n: total + (n - cfg.train_batch_size) * per_transition for n in (1, 2, 4, 8)}))
     return table
 
 
@@ -192,14 +194,15 @@ def print_tables(result: dict) -> None:
         print(f"\nCPU-measured prediction (not a GPU measurement): GPU peak of the default run at "
               f"{p[0]['resolution']}², --train-batch-size {p[0]['train_batch_size']} (GiB)")
         print("| reward | checkpointing | weights | trajectories | batch-independent | per transition | "
-              "predicted peak | ≤ 24 GB |")
-        print("|---|---|---|---|---|---|---|---|")
+              "predicted peak | ≤ 24 GiB | at --train-batch-size 1 / 2 / 4 / 8 |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for row in p:
             print(f"| {row['reward']} | {'on' if row['gradient_checkpointing'] else 'off'} | "
                   f"{row['weights_bytes'] / GIB:.1f} | {row['trajectories_bytes'] / GIB:.2f} | "
                   f"{row['fixed_bytes'] / GIB:.2f} | "
                   f"{row['per_transition_bytes'] / GIB:.2f} | {row['peak_bytes'] / GIB:.1f} | "
-                  f"{'yes' if row['peak_bytes'] <= 24e9 else 'no'} |")
+                  f"{'yes' if row['peak_bytes'] <= 24 * GIB else 'no'} | "
+                  + " / ".join(f"{v / GIB:.1f}" for v in row["peak_bytes_by_train_batch_size"].values()) + " |")
 
 
 def main(argv=None) -> dict:
