@@ -19,22 +19,26 @@ How the peak is measured. Each configuration runs in a fresh subprocess, so peak
         not the process's peak.)
   CUDA: torch.cuda.max_memory_allocated − memory_allocated before the step.
 
-The prediction for the default run at 512² (a CPU-measured prediction, not a GPU measurement): the
-per-transition peak m(P) = a + b·P in the pixel count P is fitted to the two measured resolutions
-(a: what does not grow with the image, chiefly the reward model's graph at its fixed 224² input;
-b·P: UNet, g_φ and VAE decoder graphs), then
+The prediction for the default run at 512² (a CPU-measured prediction, not a GPU measurement): each
+step's peak at the measured resolution (batch 1 and 2) is split into the reward model's graph as the
+step holds it (all rows, or one chunk with --reward-chunk; measured alone beside the step, CLIP at its
+fixed 224² input: kept as is), the trainable parameters' gradients (kept as is) and the rest (UNet,
+g_φ and VAE decoder graphs: scaled by the pixel ratio to 512²); the two batches then give the bytes
+per transition and the batch-independent part at 512², and
 
-    peak(reward) = weights(reward) + trajectories held + train_batch_size × m(512²)
+    peak(reward) = weights(reward) + trajectories held + batch-independent part + train_batch_size × m(512²)
 
-with the weights as sd_finetune holds them on a GPU (UNet float32, VAE and text encoder bf16/--vae-
-precision, g_φ and every reward model float32; HPSv2 and PickScore add an open_clip ViT-H-14,
-986.1M parameters, beside the CLIP ViT-L/14 that is always loaded, and their graph's a is scaled
-by the towers' activation ratio (32 × 1280) / (24 × 1024)). Not included: AdamW state of the LoRA
-and g_φ (< 0.1 GiB), the CUDA context and cuDNN workspaces (≈ 0.5–1 GiB).
+with the weights as sd_finetune holds them on a GPU (UNet float32, VAE --vae-precision, text encoder
+bf16, g_φ and every reward model float32; HPSv2 and PickScore add an open_clip ViT-H-14, 986.1M
+parameters, beside the CLIP ViT-L/14 that is always loaded, and their graph is the ViT-L's scaled by
+the towers' activation ratio (32 × 1280) / (24 × 1024)). Not included: AdamW state of the LoRA and
+g_φ (< 0.1 GiB), the CUDA context and cuDNN workspaces (≈ 0.5–1 GiB).
+"Off" is --no-gradient-checkpointing --reward-chunk 0 (the loss before issue 19); "on" is the
+default: sd_models.enable_gradient_checkpointing and --reward-chunk 1.
 
-Run (CPU; one configuration at a time, ≤ 12 GB each; ~40 min on 2 shared cores):
-    nice python benchmarks/sd_memory.py --json docs/results/sd_memory.json
-    python benchmarks/sd_memory.py --quick --json /tmp/m.json        # reduced widths, 64²/128², ~1 min
+Run (CPU; one configuration at a time, ≤ 8 GB each; ~30 min on 2 busy cores):
+    nice python benchmarks/sd_memory.py --json docs/results/sd_memory.json    # SD-1.5 size, 128², batch 1 and 2
+    python benchmarks/sd_memory.py --quick --json /tmp/m.json        # widths / 4, 64², batch 1 and 2 (the test)
     python benchmarks/sd_memory.py --device cuda --resolutions 512    # on a GPU (benchmarks/gpu_check.py)
 """
 
@@ -74,7 +78,9 @@ def rss_kib(field: str) -> int:
 
 
 def module_bytes(module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    """Bytes of a module's parameters and buffers (or of a list of parameters)."""
+    tensors = module if isinstance(module, list) else [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def weight_bytes(models: sd.Models) -> dict:
@@ -104,11 +110,12 @@ def measure_one(gradient_checkpointing: bool, batch: int, resolution: int, devic
     started = time.perf_counter()
     peak = peak_of(lambda: step.loss("bootstrap (paper)"), device)
     seconds = round(time.perf_counter() - started, 1)
-    images = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
-    reward_graph = peak_of(lambda: torch.autograd.grad(models.reward(images.requires_grad_(True), ["cat"] * batch)
-                                                       .sum(), images), device)
+    rows = min(batch, cfg.reward_chunk) if cfg.reward_chunk > 0 else batch  # images whose graph lives at once
+    images = (torch.rand(rows, 3, resolution, resolution, device=device) * 2 - 1).requires_grad_(True)
+    reward_graph = peak_of(lambda: torch.autograd.grad(models.reward(images, ["cat"] * rows).sum(), images), device)
     return dict(gradient_checkpointing=gradient_checkpointing, batch=batch, resolution=resolution,
                 peak_bytes=peak, peak_bytes_per_transition=peak / batch, reward_model_graph_bytes=reward_graph,
+                trainable_bytes=sum(module_bytes(p) for p in sdm.parameter_groups(models).values()),
                 step_seconds=seconds, weight_bytes=weight_bytes(models), device=device.type, reduce=reduce,
                 vae_dtype=str(models.pipe.vae.dtype).removeprefix("torch."))
 
@@ -164,12 +171,19 @@ def predict(rows, resolution: int = 512) -> list:
     scale = (resolution / measured) ** 2
     table = []
     for checkpointing in (False, True):
-        per, fixed = marginal(rows, measured, checkpointing)
-        reward_graph, _ = marginal(rows, measured, checkpointing, "reward_model_graph_bytes")
-        for reward, extra_weights, graph in (("aesthetic (CLIP ViT-L/14)", 0.0, reward_graph),
-                                             ("hpsv2 (+ ViT-H-14)", 4 * VIT_H_PARAMS, reward_graph * VIT_H_GRAPH),
-                                             ("pickscore (+ CLIP-H)", 4 * VIT_H_PARAMS, reward_graph * VIT_H_GRAPH)):
-            per_transition = graph + (per - reward_graph) * scale
+        step = {r["batch"]: r for r in rows if r["resolution"] == measured and r["gradient_checkpointing"] == checkpointing}
+        for reward, extra_weights, graph_scale in (("aesthetic (CLIP ViT-L/14)", 0.0, 1.0),
+                                                   ("hpsv2 (+ ViT-H-14)", 4 * VIT_H_PARAMS, VIT_H_GRAPH),
+                                                   ("pickscore (+ CLIP-H)", 4 * VIT_H_PARAMS, VIT_H_GRAPH)):
+            at_512 = {}  # peak(batch) at 512²: reward graph and gradients as measured, the rest × pixel ratio
+            for batch in sorted(step)[:2]:
+                r = step[batch]
+                rest = max(0, r["peak_bytes"] - r["reward_model_graph_bytes"] - r["trainable_bytes"])
+                at_512[batch] = r["reward_model_graph_bytes"] * graph_scale + r["trainable_bytes"] + rest * scale
+            if len(at_512) == 2:
+                per_transition, fixed = at_512[2] - at_512[1], 2 * at_512[1] - at_512[2]
+            else:  # batch 1 only: all of it per transition (an upper bound)
+                per_transition, fixed = at_512[1], 0.0
             total = base + extra_weights + held + fixed + cfg.train_batch_size * per_transition
             table.append(dict(reward=reward, gradient_checkpointing=checkpointing, resolution=resolution,
                               train_batch_size=cfg.train_batch_size, weights_bytes=base + extra_weights,
@@ -208,17 +222,26 @@ def print_tables(result: dict) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=f"widths / {QUICK_REDUCE}, 64² and 128² (the tests)")
+    parser.add_argument("--quick", action="store_true", help=f"widths / {QUICK_REDUCE}, 64² (the test)")
     parser.add_argument("--resolutions", default="128", help="image sizes measured (comma-separated)")
     parser.add_argument("--batches", default="1,2", help="transitions per step measured (comma-separated)")
     parser.add_argument("--device", default="cpu", help="cpu (resident set) or cuda (allocated bytes)")
     parser.add_argument("--cache-dir", default=sd.Config.__dataclass_fields__["cache_dir"].default_factory())
     parser.add_argument("--json", default="", help="also write the result to this file")
+    parser.add_argument("--from-json", default="", help="recompute the tables (and the prediction) from a "
+                        "JSON this script wrote, without measuring")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)  # one configuration, JSON to stdout
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(measure_one(device=args.device, cache_dir=args.cache_dir, **json.loads(args.child))))
         return {}
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        result["prediction"] = predict(result["rows"]) if result["reduce"] == 1 else None
+        print_tables(result)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return result
     reduce, resolutions = (QUICK_REDUCE, [64]) if args.quick else (1, [int(r) for r in args.resolutions.split(",")])
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
@@ -236,7 +259,7 @@ def main(argv=None) -> dict:
         per = {gc: marginal(rows, res, gc)[0] for gc in (False, True)}
         result["marginal_bytes_per_transition"][res] = {"off": per[False], "on": per[True]}
         result["ratios"][res] = per[True] / per[False]
-    if result["ratios"] and reduce == 1:
+    if reduce == 1:
         result["prediction"] = predict(rows)
     print_tables(result)
     if args.json:
