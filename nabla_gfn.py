@@ -475,25 +475,23 @@ class LossConfig:
 
 class StepAtX(NamedTuple):
     """Both models' step at a batch's states x, built once and shared by every term. (N, *S) each."""
-
     x: Tensor  # batch.x; requires grad iff L_B is trained
     out: Dict[str, Tensor]  # {"policy": ε̂_θ(x) (graph to θ), "reference": ε̂^♯(x)}
     mean: Dict[str, Tensor]  # {"policy": μ_θ(x), "reference": μ^♯(x)}
+    reward_grad: Optional[Tensor] = None  # ∇r(x̂_0(x)) of cfg.guess_from's x̂_0, when L_B is trained
 
 
-def reverse_target(batch: Transitions, step: StepAtX, log_reward: LogRewardFn, cfg: LossConfig,
-                   bootstrap_weight: float = 1.0) -> Tensor:
+def reverse_target(batch: Transitions, step: StepAtX, cfg: LossConfig, bootstrap_weight: float = 1.0) -> Tensor:
     """v(x), detached, with L_B = w_φ ‖v(x) + g_φ(x, τ)‖²: the reverse residual ∇-DB (eq. 11). As
     guess(x) + g_φ(x) = ∇ log F̃(x) = −∇_x[log P_F^θ − log P_F^♯](x'|x), with w = bootstrap_weight:
 
         v = w sg[∇_x(log P_F^θ − log P_F^♯)(x'|x)] + sg[β γ_τ ∇_x r(x̂_0(x))].
 
     No second-order gradients (official code): L_B trains only g_φ. One backward pass through both
-    models' graphs to x, the guess riding on its x̂_0's (cfg.guess_from); θ's is kept for L_F. (N, *S).
+    models' graphs to x, the guess riding on its x̂_0's (∇r there: step.reward_grad); θ's kept for L_F. (N, *S)
     """
     x0_hat = affine(batch.x0_coef, step.x, step.out[cfg.guess_from])
-    r_grad, _ = reward_gradient(log_reward, x0_hat, batch.traj)  # the reward's graph is freed here
-    guess_grad = _per_row(cfg.beta * gamma_weight(batch.alpha_bar, cfg.gamma), step.x) * r_grad
+    guess_grad = _per_row(cfg.beta * gamma_weight(batch.alpha_bar, cfg.gamma), step.x) * step.reward_grad
     log_ratio = (gaussian_log_prob(batch.x_next, step.mean["policy"], batch.sigma)
                  - gaussian_log_prob(batch.x_next, step.mean["reference"], batch.sigma))
     # ∇_x[w log-ratio] + (∂x̂_0/∂x)ᵀ β γ_τ ∇r(x̂_0)
@@ -509,7 +507,7 @@ def reverse_target(batch: Transitions, step: StepAtX, log_reward: LogRewardFn, c
 def bootstrap_targets(batch, step, residual, log_reward, cfg, adjoint) -> Tuple[Tensor, Optional[Tensor]]:
     """The paper: g_φ(x') fits θ's own residual sg[δ] (L_F seen from g_φ, a one-link bootstrap), and
     L_B fits g_φ(x) to the reverse ∇-DB at x (`reverse_target`)."""
-    return residual.detach(), reverse_target(batch, step, log_reward, cfg)
+    return residual.detach(), reverse_target(batch, step, cfg)
 
 
 def adjoint_targets(batch, step, residual, log_reward, cfg, adjoint) -> Tuple[Tensor, Optional[Tensor]]:
@@ -520,9 +518,8 @@ def adjoint_targets(batch, step, residual, log_reward, cfg, adjoint) -> Tuple[Te
 def mixed_targets(batch, step, residual, log_reward, cfg, adjoint) -> Tuple[Tensor, Optional[Tensor]]:
     """As "bootstrap", with L_B's target blended TD(λ)-like: guess(x) + g_φ(x) fits (1−λ)·(the
     bootstrapped estimate) + λ a_i, i.e. v = (1−λ) sg[∇_x log-ratio] + guess(x) − λ a_i."""
-    lam = cfg.adjoint_lambda
-    reverse = reverse_target(batch, step, log_reward, cfg, bootstrap_weight=1.0 - lam)
-    return residual.detach(), reverse - lam * adjoint_rows(adjoint, batch, 0)
+    reverse = reverse_target(batch, step, cfg, bootstrap_weight=1.0 - cfg.adjoint_lambda)
+    return residual.detach(), reverse - cfg.adjoint_lambda * adjoint_rows(adjoint, batch, 0)
 
 
 FLOW_TARGETS = {"bootstrap": bootstrap_targets, "adjoint": adjoint_targets, "mixed": mixed_targets}
@@ -535,15 +532,18 @@ def _sq(v: Tensor) -> Tensor:
 
 
 def _residuals_at_x(batch, models, log_reward, cfg, use_flow, adjoint):
-    """ε̂_θ(x), θ's forward residual δ and, with g_φ, the flow target's (fit(x'), v(x)). One forward of
-    each model at x; ε̂^♯(x) has no graph to its weights, and a graph to x only when L_B needs ∇_x. Run
-    after the guess at x' (nabla_db_loss): θ's graph at x, kept for backward, never sits beside the guess's."""
+    """ε̂_θ(x), θ's forward residual δ and, with g_φ, the flow target's (fit(x'), v(x)). One forward of each
+    model at x (ε̂^♯: no graph to its weights, one to x only for L_B), after the guess at x' (nabla_db_loss);
+    the guess's model first, then L_B's ∇r(x̂_0(x)): a reward graph never sits beside two model graphs."""
     graph_to_x = use_flow and cfg.trains_reverse
     x = batch.x.detach().requires_grad_(graph_to_x)
-    out = {"policy": models["policy"](x, batch.t, batch.traj)}
-    with nullcontext() if graph_to_x else torch.no_grad():
-        out["reference"] = models["reference"](x, batch.t, batch.traj)
-    step = StepAtX(x, out, {name: affine(batch.mean_coef, x, o) for name, o in out.items()})
+    out, reward_grad = {}, None
+    for name in sorted(models, key=lambda n: n != cfg.guess_from):  # the guess's model first
+        with nullcontext() if graph_to_x or name == "policy" else torch.no_grad():
+            out[name] = models[name](x, batch.t, batch.traj)
+        if graph_to_x and reward_grad is None:  # L_B's ∇r(x̂_0(x)), its graph freed before the other model's
+            reward_grad = reward_gradient(log_reward, affine(batch.x0_coef, x, out[name]), batch.traj)[0]
+    step = StepAtX(x, out, {name: affine(batch.mean_coef, x, o) for name, o in out.items()}, reward_grad)
     # δ = (μ_θ(x) − sg[μ^♯(x)]) / σ²
     residual = forward_residual(step.mean["policy"], step.mean["reference"].detach(), batch.sigma)
     flow_fit = FLOW_TARGETS[cfg.flow_target](batch, step, residual, log_reward, cfg, adjoint) if use_flow else None

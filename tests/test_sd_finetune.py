@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]  # conftest.py puts it on sys.path an
 
 SCRIPT = str(ROOT / "sd_finetune.py")
 TIME_KEYS = ("update_seconds", "elapsed_seconds")
+MEMORY_FLAGS = ("--gradient-checkpointing", "--reward-chunk", "1")  # the default run's, off in --preset smoke
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
@@ -60,9 +61,10 @@ def smoke_config(cache, out, *flags):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, env):
-    """`--preset smoke --eval`: one epoch (2 updates) of the tiny pipeline, then evaluation."""
+    """`--preset smoke --eval`: one epoch (2 updates) of the tiny pipeline, then evaluation, with the
+    default run's memory settings (the smoke preset turns them off)."""
     out = tmp_path_factory.mktemp("runs") / "smoke"
-    result = run_script(["--preset", "smoke", "--eval", "--out", out], env)
+    result = run_script(["--preset", "smoke", "--eval", "--out", out, *MEMORY_FLAGS], env)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -78,6 +80,7 @@ def test_one_epoch_writes_every_output(smoke_run, cache):
 
     saved = json.loads((out / "config.json").read_text())
     assert saved["config"]["model"] == "tiny" and saved["config"]["reward"] == "aesthetic"
+    assert saved["config"]["gradient_checkpointing"] and saved["config"]["reward_chunk"] == 1  # MEMORY_FLAGS
     assert saved["derived"] == {"trajectories": 4, "transitions_per_trajectory": 2, "grad_accum": 2,
                                 "updates_per_epoch": 2, "processes": 1, "weight_dtype": "torch.float32",
                                 "sampling_autocast": "none"}
@@ -130,7 +133,7 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(smoke_run, e
         f.write(json.dumps({"update": 3, "epoch": 1, "loss": 123.0}) + "\n")
     resumed = run_script(["--resume", interrupted, "--epochs", 2], env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight = run_script(["--preset", "smoke", "--epochs", 2, "--out", tmp_path / "straight"], env)
+    straight = run_script(["--preset", "smoke", "--epochs", 2, "--out", tmp_path / "straight", *MEMORY_FLAGS], env)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     metrics = read_jsonl(interrupted / "metrics.jsonl")
