@@ -25,6 +25,7 @@ Run:
     nice -n 5 python benchmarks/bench_sd_numerics.py --size sd15 --batch 1 --timesteps 981,501,21,1 \
         --targets forward --precisions bf16,fp16,tf32             # SD-1.5 size on CPU (~1 h on 1 thread)
     python benchmarks/bench_sd_numerics.py --size sd15 --batch 2 --reference fp64 --device cuda   # GPU
+    nice python benchmarks/bench_sd_numerics.py --reward-gradient --resolution 256 --batch 2  # VAE bf16?
 """
 
 from __future__ import annotations
@@ -237,6 +238,46 @@ def measure(args) -> dict:
     return result
 
 
+# ----------------------------------------------------------------------------------------------
+# The reward gradient: VAE decoder and reward model in bf16 vs float32 (--reward-gradient)
+# ----------------------------------------------------------------------------------------------
+
+REWARD_PRECISIONS = {  # name → (VAE decoder dtype, reward model under bf16 autocast); fp32 is the reference
+    "fp32": (torch.float32, False), "vae bf16": (torch.bfloat16, False), "vae + reward bf16": (torch.bfloat16, True)}
+
+
+def reward_gradient_errors(args) -> dict:
+    """∇_x r(decode(x)) of the aesthetic reward (CLIP ViT-L/14 + MLP, random weights) through SD-1.5's
+    VAE decoder (random weights) at --resolution, per precision of REWARD_PRECISIONS: relative error
+    and cosine of the gradient, and the relative error of r, against float32 (no float64 reference: the
+    reward's preprocessing casts images to float32). x ~ N(0, 1) latents (SD's latents are scaled to
+    unit variance before decoding)."""
+    import bench_sd_transition
+    from sd_rewards import AestheticHead, AestheticReward, ClipEmbedder
+
+    torch.manual_seed(args.seed)
+    vae, clip = bench_sd_transition.sd15_vae(), bench_sd_transition.sd15_clip()
+    head = AestheticHead(768)
+    tokenizer = tiny_models.build_tiny_tokenizer(Path(args.cache_dir) / "bench-vocab")
+    latent = args.resolution // 8
+    x = torch.randn(args.batch, 4, latent, latent, generator=torch.Generator().manual_seed(args.seed))
+    reward = AestheticReward(ClipEmbedder(clip, tokenizer), head).to(args.device)  # float32
+    results, started = {}, time.time()
+    for name, (vae_dtype, reward_bf16) in REWARD_PRECISIONS.items():
+        with quiet_library_logs():
+            vae.to(args.device, vae_dtype).requires_grad_(False)
+        xi = x.to(args.device).requires_grad_(True)
+        with torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=reward_bf16):
+            r = reward(sdm.decode_latents(vae, xi), ["cat"] * args.batch)
+        (grad,) = torch.autograd.grad(r.sum(), xi)
+        results[name] = (grad.detach().double().cpu(), r.detach().double().cpu())
+        print(f"reward gradient, {name}: {time.time() - started:.0f} s", flush=True)
+    ref_grad, ref_r = results["fp32"]
+    return {name: dict(gradient=relative_error(g, ref_grad),
+                       cosine=float(F.cosine_similarity(g.flatten(), ref_grad.flatten(), dim=0)),
+                       reward=relative_error(r, ref_r)) for name, (g, r) in results.items() if name != "fp32"}
+
+
 def print_tables(result: dict) -> None:
     """Markdown: the init check, then one table per target (rows timesteps, columns precisions)."""
     cfg, names = result["config"], [n for n in result["perturbed"][result["timesteps"][0]] if n in DTYPES]
@@ -272,6 +313,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=sd.Config.__dataclass_fields__["cache_dir"].default_factory())
     parser.add_argument("--json", default="", help="also write the result to this file")
+    parser.add_argument("--reward-gradient", action="store_true", help="instead: error of ∇_x r(decode(x)) with "
+                        "the VAE decoder (and the reward model) in bf16, SD-1.5-sized, at --resolution")
+    parser.add_argument("--resolution", type=int, default=256, help="image size of --reward-gradient")
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.reference, args.batch, args.init_timesteps = "tiny", "fp64", 2, 99
@@ -284,8 +328,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    result = measure(args)
-    print_tables(result)
+    if args.reward_gradient:
+        result = {"config": vars(args), "reward_gradient": reward_gradient_errors(args)}
+        print(f"\nreward gradient ∇_x r(decode(x)), SD-1.5 VAE + CLIP ViT-L/14 aesthetic (random weights), "
+              f"{args.resolution}², batch {args.batch}, vs fp32:")
+        print("| precision | ‖∇ − ∇_ref‖/‖∇_ref‖ | cosine | ‖r − r_ref‖/‖r_ref‖ |\n|---|---|---|---|")
+        for name, row in result["reward_gradient"].items():
+            print(f"| {name} | {row['gradient']:.3g} | {row['cosine']:.6f} | {row['reward']:.3g} |")
+    else:
+        result = measure(args)
+        print_tables(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return result

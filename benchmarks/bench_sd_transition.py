@@ -74,32 +74,54 @@ MIX = nabla_gfn.subsample_steps(50, 0.1, 1, torch.Generator()).shape[1]  # paper
 # ----------------------------------------------------------------------------------------------
 
 
-def sd15_text_config() -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                          num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+def narrow(channels: int, reduce: int) -> int:
+    """channels / reduce, rounded down to a multiple of 32 (GroupNorm's groups), at least 32."""
+    return max(32, channels // reduce // 32 * 32)
+
+
+def sd15_text_config(reduce: int = 1) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=49408, hidden_size=768 // reduce, intermediate_size=3072 // reduce,
+                          num_hidden_layers=12 // reduce, num_attention_heads=12 // reduce,
+                          max_position_embeddings=77, hidden_act="quick_gelu",
                           bos_token_id=512, eos_token_id=513, pad_token_id=513)
 
 
-def sd15_random_models(cfg: sd.Config, device: torch.device, dtype: torch.dtype) -> sd.Models:
+def sd15_vae(reduce: int = 1) -> AutoencoderKL:
+    """SD-1.5's VAE architecture (83.7M parameters at reduce=1), random weights, on the current device."""
+    return AutoencoderKL(block_out_channels=tuple(narrow(c, reduce) for c in (128, 256, 512, 512)),
+                         layers_per_block=2, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
+
+
+def sd15_clip(reduce: int = 1) -> CLIPModel:
+    """CLIP ViT-L/14 (the aesthetic reward's, 428M parameters at reduce=1), random weights; reduce > 1
+    also shrinks its input (224² / reduce), so that its graph stays as small a share as at 512²."""
+    return CLIPModel(CLIPConfig(
+        text_config=sd15_text_config(reduce).to_dict(),
+        vision_config=dict(hidden_size=1024 // reduce, intermediate_size=4096 // reduce,
+                           num_hidden_layers=24 // reduce, num_attention_heads=16 // reduce, image_size=224 // reduce,
+                           patch_size=14, hidden_act="quick_gelu"),
+        projection_dim=768 // reduce,
+    ))
+
+
+def sd15_random_models(cfg: sd.Config, device: torch.device, dtype: torch.dtype, reduce: int = 1) -> sd.Models:
     """SD-1.5-sized pipeline and CLIP ViT-L/14 with random weights, assembled like sd.load_models.
-    Modules are created directly on `device` (which may be "meta")."""
+    Modules are created directly on `device` (which may be "meta"). reduce > 1: the same architectures
+    with every width (and the CLIP towers' depth) divided by `reduce` (sd_memory.py --quick)."""
     tokenizer = tiny_models.build_tiny_tokenizer(Path(cfg.cache_dir) / "bench-vocab")  # ids < 514: fine for timing
     with torch.device(device):
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            sample_size=512)
-        text_encoder = CLIPTextModel(sd15_text_config())
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # otherwise SD 1.x = the defaults
-        clip = CLIPModel(CLIPConfig(
-            text_config=sd15_text_config().to_dict(),
-            vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                               image_size=224, patch_size=14, hidden_act="quick_gelu"),
-            projection_dim=768,
-        ))
-        head = AestheticHead(768).eval().requires_grad_(False)
+        vae = sd15_vae(reduce)
+        text_encoder = CLIPTextModel(sd15_text_config(reduce))
+        unet = UNet2DConditionModel(  # otherwise SD 1.x = the defaults
+            sample_size=64, cross_attention_dim=768 // reduce,
+            block_out_channels=tuple(narrow(c, reduce) for c in (320, 640, 1280, 1280)))
+        clip = sd15_clip(reduce)
+        head = AestheticHead(768 // reduce).eval().requires_grad_(False)
     with quiet_library_logs():  # diffusers warns on .to(dtype) even with nothing to keep in float32
         unet_dtype, fast_dtype = sd.unet_dtypes(cfg, torch.device("cuda" if device == "meta" else device))
-        for module, module_dtype in ((vae, dtype), (text_encoder, dtype), (unet, unet_dtype)):
+        vae_dtype = sd.weight_dtype(cfg.vae_precision, torch.device("cuda" if device == "meta" else device))
+        for module, module_dtype in ((vae, vae_dtype), (text_encoder, dtype), (unet, unet_dtype)):
             module.requires_grad_(False).to(module_dtype)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=tiny_models.sd_scheduler(), safety_checker=None, feature_extractor=None,
@@ -109,7 +131,7 @@ def sd15_random_models(cfg: sd.Config, device: torch.device, dtype: torch.dtype)
     with torch.device(device):
         flow = sd.build_flow_net(unet, cfg.flow_widths)
     return sd.Models(pipe, lora, flow, embedder, AestheticReward(embedder, head), sd.encode_prompts(pipe, [""]),
-                     fast_dtype)
+                     fast_dtype, cfg.reward_chunk)  # gradient checkpointing: the caller's (sdm.enable_...)
 
 
 def transition_batch(models: sd.Models, schedule, step: int, n: int, resolution: int, generator):

@@ -6,7 +6,9 @@ machine needs no network), 512² images. For the official all-bf16 arithmetic (-
 each flow target (and adjoint matching) and batch 1, 2, 4 transitions: seconds per update (one
 loss + backward on the batch: the cost that --transitions-per-update multiplies), the lean-adjoint
 sweep of as many trajectories (guided and unguided Jacobian), a sampling step, and the peak GPU
-memory; then the numerics table of bench_sd_numerics.py (float64 reference, real TF32).
+memory; the peak memory of one training step at 512², gradient checkpointing off and on, batch 1
+and 2 (benchmarks/sd_memory.py on CUDA: max_memory_allocated, each in a fresh process); then the
+numerics table of bench_sd_numerics.py (float64 reference, real TF32).
 
 Run (≤ 8 minutes on one H200; the --budget-seconds guard skips what would not fit, recorded as skipped):
     python benchmarks/gpu_check.py --out gpu_check.json
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_sd_numerics  # noqa: E402
 import bench_sd_transition as bench  # noqa: E402
+import sd_memory  # noqa: E402
 import nabla_gfn  # noqa: E402
 import sd_finetune as sd  # noqa: E402
 
@@ -107,6 +110,11 @@ def main(argv=None) -> dict:
               "torch": torch.__version__, "reduced": args.reduced, "precisions": {}}
     for name, flags in PRECISIONS.items():
         result["precisions"][name] = check_precision(name, flags, args, device, started)
+    memory = ["--quick", "--batches", "1"] if args.reduced else ["--resolutions", "512", "--batches", "1,2"]
+    if time.time() - started < args.budget_seconds:  # peak of one training step, checkpointing off and on
+        result["memory"] = sd_memory.main([*memory, "--device", device.type, "--cache-dir", args.cache_dir])
+    else:
+        result["memory"] = {"skipped": "time budget"}
     numerics = (["--quick"] if args.reduced else
                 ["--size", "sd15", "--batch", "2", "--reference", "fp64", "--init-timesteps", "4"])
     result["numerics"] = bench_sd_numerics.main([*numerics, "--device", device.type, "--cache-dir", args.cache_dir])

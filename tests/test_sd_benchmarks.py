@@ -80,3 +80,22 @@ def test_gpu_check_reduced_mode_writes_one_json(cache, tmp_path):
             assert all(v["update_seconds"] > 0 and v["peak_memory_mib"] > 0 for v in row["targets"].values())
             assert all(v["seconds"] > 0 for v in row["sweep"].values())
     assert result["numerics"]["init"]["bf16"] == 0.0
+    assert [(r["batch"], r["gradient_checkpointing"]) for r in result["memory"]["rows"]] == [(1, False), (1, True)]
+
+
+def test_sd_memory_quick_mode(cache, tmp_path):
+    """--quick (widths / 4, 64²): one JSON row per configuration with the documented keys, and gradient
+    checkpointing holds at most 40 % of the bytes each added transition costs without it (issue 19)."""
+    import sd_memory
+
+    out = tmp_path / "m.json"
+    sd_memory.main(["--quick", "--json", str(out), "--cache-dir", str(cache)])
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["batch"], r["gradient_checkpointing"]) for r in rows] == [(1, False), (1, True), (2, False), (2, True)]
+    for r in rows:
+        assert {"gradient_checkpointing", "batch", "resolution", "peak_bytes", "peak_bytes_per_transition"} <= set(r)
+        assert r["resolution"] == 64 and r["peak_bytes"] > 0
+        assert r["peak_bytes_per_transition"] == r["peak_bytes"] / r["batch"]
+    marginal = result["marginal_bytes_per_transition"]["64"]
+    assert marginal["off"] > 0 and 0 < marginal["on"] <= 0.4 * marginal["off"], marginal
