@@ -119,12 +119,13 @@ def git_state() -> dict:
     """The commit the numbers came from and the tracked files changed since (empty when clean)."""
     def git(*args):
         try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=ROOT).stdout.strip()
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=ROOT).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
-    return {"commit": git("rev-parse", "HEAD"), "changed": changed}
+    # porcelain lines are "XY path": the status columns may start with a space, so never strip before [3:]
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if line.strip()]
+    return {"commit": git("rev-parse", "HEAD").strip(), "changed": changed}
 
 
 def slug(text: str) -> str:
