@@ -31,6 +31,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+import baselines
 import nabla_gfn
 from nabla_gfn import StepSchedule, Trajectory
 from sd_rewards import TINY, ClipEmbedder, MissingWeights, quiet_library_logs
@@ -342,6 +343,20 @@ def loss_callables(models: Models, cond: Tensor, prompts: Sequence[str], guidanc
         latent_log_reward(models.pipe.vae, models.reward, prompts, models.reward_chunk),
         None if models.flow is None else flow_score(models.flow, cond),
     )
+
+
+def method_trainee(models: Models, schedule: StepSchedule, cond: Tensor, prompts: Sequence[str], groups: Tensor, cfg,
+                   optimizer: torch.optim.Optimizer, backward) -> baselines.Trainee:
+    """The registry's `Trainee` for a batch of B trajectories whose row b has prompt embedding cond[b], text
+    prompts[b] and group id groups[b] (its prompt's index: GRPO's and KL-PG's groups): guided ε̂ of the
+    policy and the reference, decode + reward, latent noise x_T, the LoRA group, the run's optimiser and
+    `backward` (the run's: accelerate's, then the gradient all-reduce). float32 UNet passes (no autocast):
+    the same ε̂ samples and trains, so PPO's π_old is the sampler's step exactly."""
+    policy, reference, log_reward, _ = loss_callables(models, cond, prompts, cfg.guidance_scale)
+    x_T = lambda n, gen: torch.randn(latent_shape(models, n, cfg.resolution), generator=gen, device=gen.device)
+    group_of = lambda traj: groups.to(cond.device)[traj.to(cond.device)]
+    return baselines.Trainee(policy, reference, log_reward, schedule, x_T, parameter_groups(models), optimizer,
+                             backward=backward, group_of=group_of)
 
 
 @torch.no_grad()
