@@ -20,7 +20,8 @@ Run:
     python sd_finetune.py --guess-from reference --out runs/ref-guess      # guess x̂_0 from the frozen model
     python sd_finetune.py --flow-target adjoint --out runs/adjoint         # g_φ fitted to the lean adjoint
     python sd_finetune.py --flow-target mixed --adjoint-lambda 0.5         # L_B's target blended with it
-    python sd_finetune.py --no-flow --flow-target adjoint --out runs/am    # adjoint matching (no g_φ, no guess)
+    python sd_finetune.py --method adjoint-matching --out runs/am          # = --no-flow --flow-target adjoint
+    python sd_finetune.py --method ddpo --out runs/ddpo                    # or draft, refl, grpo, kl-pg, no-flow
 Offline: --model DIR --clip-model DIR --aesthetic-head FILE (and --hpsv2-checkpoint, --pickscore-model,
 --pickscore-processor, --imagereward-model, --imagereward-tokenizer, --dreamsim, --fid-weights), or the
 variables named in --help (NABLA_GFN_MODEL, NABLA_GFN_CLIP, ...; NABLA_GFN_CACHE for the cache folder).
@@ -31,7 +32,8 @@ aim at 20 GiB for aesthetic, 40 GiB for HPSv2/PickScore; on a large GPU --no-gra
 
 One epoch: sample trajectories of the LoRA policy (each with a prompt drawn from the training
 list), then train on a subsample of their transitions (the terminal one plus ~10%, one per equal
-chunk of the chain) with `nabla_gfn.nabla_db_loss`, in updates of one AdamW step each.
+chunk of the chain) with `nabla_gfn.nabla_db_loss`, in updates of one AdamW step each. The other --method's
+(baselines.py): one epoch = one update of the registry's, which samples its batch of the epoch's trajectories.
 
 Deliberate differences from the authors' released code, each also flagged where it lives:
   * one optimiser step per update (theirs: two, with a GradScaler);
@@ -50,14 +52,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import importlib.util
 import json
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -68,7 +68,7 @@ import peft
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, gather_object
+from accelerate.utils import gather_object
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -79,10 +79,11 @@ import sd_rewards
 from cli import FRACTION, NON_NEGATIVE, OPEN_UNIT, POSITIVE, UsageError, opt
 from nabla_gfn import LossConfig, StepSchedule, Trajectory
 from sd_checkpoint import RunFolder, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from sd_models import (SD15_HUB_ID, Models, add_lora, adjoint_sweep, build_flow_net, enable_gradient_checkpointing,
-                       encode_prompts, load_pipeline, lora_parameters, loss_callables, method_trainee, no_gpu_reason,
-                       parameter_groups, recorded_eps, sample_images, sample_trajectories, score_samples, set_float32_matmul, tiny_weight,
-                       unet_dtypes, weight_dtype)
+from sd_models import (SD15_HUB_ID, Models, Plan, add_lora, adjoint_sweep, assert_replicas_in_sync, average_gradients,
+                       build_flow_net, enable_gradient_checkpointing, encode_prompts, load_pipeline, lora_parameters,
+                       loss_callables, make_accelerator, make_optimizer, make_plan, method_config, method_trainee,
+                       no_gpu_reason, optimizer_step, parameter_groups, recorded_eps, sample_images, sample_trajectories,
+                       score_samples, set_float32_matmul, tiny_weight, unet_dtypes, weight_dtype)
 from sd_rewards import AESTHETIC_HEAD_URL, CLIP_HUB_ID, TINY, ClipEmbedder, MissingWeights, Source, quiet_library_logs
 
 PROG = "sd_finetune.py"
@@ -329,7 +330,8 @@ PRESETS: Dict[str, dict] = {
     "smoke": dict(model=TINY, out="runs/smoke", resolution=32, steps=4, epochs=1, trajectories_per_epoch=4,
                   sample_batch_size=4, transitions_per_update=4, train_batch_size=2, flow_channels="32,32",
                   grid_every=1, grid_prompts=2, grid_seeds=2, save_every=1, eval_samples_per_prompt=2,
-                  gradient_checkpointing=False, reward_chunk=0, images_per_prompt=2),  # same numbers without recomputation (tested)
+                  gradient_checkpointing=False, reward_chunk=0,  # same numbers without recomputation (tested)
+                  images_per_prompt=2),
 }
 
 
@@ -422,79 +424,8 @@ def download_weights(cfg: Config) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Optimiser (checkpoints and the run folder live in sd_checkpoint.py)
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Per-process sizes derived from the config and the number of processes."""
-
-    trajectories: int  # sampled per epoch by this process
-    transitions_per_trajectory: int  # terminal + subsampled
-    grad_accum: int  # micro-batches of train_batch_size per update
-    updates_per_epoch: int
-
-
-def make_plan(cfg: Config, num_processes: int) -> Plan:
-    if cfg.trajectories_per_epoch % num_processes:
-        raise UsageError(f"--trajectories-per-epoch must be divisible by the {num_processes} processes "
-                         f"(got {cfg.trajectories_per_epoch})")
-    if cfg.transitions_per_update % (cfg.train_batch_size * num_processes):
-        raise UsageError(f"--transitions-per-update must be a multiple of --train-batch-size × processes = "
-                         f"{cfg.train_batch_size * num_processes} (got {cfg.transitions_per_update})")
-    trajectories = cfg.trajectories_per_epoch // num_processes
-    if cfg.method not in NABLA_DB_METHODS and trajectories % cfg.images_per_prompt:
-        raise UsageError(f"--images-per-prompt must divide the {trajectories} trajectories each process samples per epoch "
-                         f"(got {cfg.images_per_prompt})")
-    per_trajectory = nabla_gfn.subsample_steps(cfg.steps, cfg.subsample_fraction, 1, torch.Generator()).shape[1]
-    grad_accum = cfg.transitions_per_update // (cfg.train_batch_size * num_processes)
-    updates = trajectories * per_trajectory // (cfg.train_batch_size * grad_accum)
-    if updates < 1:
-        raise UsageError(f"--transitions-per-update must be at most the {cfg.trajectories_per_epoch * per_trajectory} "
-                         f"transitions an epoch yields (got {cfg.transitions_per_update})")
-    return Plan(trajectories, per_trajectory, grad_accum, updates)
-
-
-def make_optimizer(models: Models, cfg: Config) -> torch.optim.AdamW:
-    groups = [dict(params=lora_parameters(models.unet), lr=cfg.lr, weight_decay=cfg.weight_decay)]
-    if models.flow is not None:
-        groups.append(dict(params=list(models.flow.parameters()), lr=cfg.flow_lr, weight_decay=cfg.flow_weight_decay))
-    return torch.optim.AdamW(groups, betas=(0.9, cfg.adam_beta2))
-
-
-def average_gradients(params: Sequence[nn.Parameter], accelerator: Accelerator) -> None:
-    """Mean of the gradients over processes, as one flat all-reduce (we do not wrap in DDP: the loss
-    runs the UNet several times and takes input gradients of some runs)."""
-    if accelerator.num_processes == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
-    for p, g in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = g.view_as(p)
-
-
-def optimizer_step(optimizer, models: Models, cfg: Config, accelerator: Accelerator) -> Dict[str, float]:
-    """Average over processes, clip each group separately, ONE AdamW step (official code: two)."""
-    groups = parameter_groups(models)
-    average_gradients([p for ps in groups.values() for p in ps], accelerator)
-    norms = nabla_gfn.clip_grad_norms(groups, cfg.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {f"grad_norm_{name}": value for name, value in norms.items()}
-
-
-def assert_replicas_in_sync(models: Models, accelerator: Accelerator) -> None:
-    """Every process must hold the same trainable weights (synchronised gradients, same init)."""
-    params = [p for ps in parameter_groups(models).values() for p in ps]
-    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
-    sums = accelerator.gather(checksum)
-    if not torch.all(sums == sums[0]):
-        raise RuntimeError(f"processes hold different weights (checksums {sums.tolist()})")
-
-
-# ----------------------------------------------------------------------------------------------
-# Session: what one run holds
+# Session: what one run holds (its Plan, optimiser and processes: sd_models.py; checkpoints and the run
+# folder: sd_checkpoint.py)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -533,16 +464,6 @@ class Session:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
-
-
-def make_accelerator(cfg: Config) -> Accelerator:
-    """accelerate, with the --report-to tracker (its files under --out) when one is asked for."""
-    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))]
-    if cfg.report_to == "none":
-        return Accelerator(kwargs_handlers=handlers)
-    if importlib.util.find_spec("wandb" if cfg.report_to == "wandb" else "tensorboard") is None:
-        raise UsageError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to}")
-    return Accelerator(log_with=cfg.report_to, project_dir=cfg.out, kwargs_handlers=handlers)
 
 
 def start_session(cfg: Config) -> Session:
@@ -687,15 +608,6 @@ def nabla_db_updates(s: Session, trajectory: Trajectory, cond: Tensor, prompts: 
     transitions, order, callables, adjoint = epoch_transitions(s, trajectory, cond, prompts)
     for u in range(s.plan.updates_per_epoch):
         yield update(s, transitions, order[u * per_update: (u + 1) * per_update], callables, adjoint)
-
-
-def method_config(cfg: Config, batch_size: int) -> baselines.MethodConfig:
-    """This rung's fields → the registry's hyper-parameters (the method's loss overrides applied)."""
-    return baselines.MethodConfig(
-        beta=cfg.beta, batch_size=batch_size, fraction=cfg.subsample_fraction, grad_clip=cfg.max_grad_norm,
-        loss=cfg.loss_config(), draft_k=cfg.draft_k, draft_kl=cfg.draft_kl, refl_start=cfg.refl_start,
-        ppo_clip=cfg.ppo_clip, ppo_epochs=cfg.ppo_epochs, ppo_minibatches=cfg.ppo_minibatches,
-        ppo_adv_clip=cfg.ppo_adv_clip, kl_coef=cfg.grpo_kl)
 
 
 def method_updates(s: Session):
