@@ -230,7 +230,7 @@ class Config:
                                 "call on N rows: Adjoint Matching's choice)", choices=("guided", "unguided"))
     # the other methods (baselines.py); defaults from each paper's SD runs
     images_per_prompt: int = opt(4, "draft, refl, ddpo, grpo, kl-pg: trajectories sampled per drawn prompt (GRPO's and "
-                                 "KL-PG's groups; ours, Flow-GRPO samples 16-24 per prompt)", check=POSITIVE)
+                                 "KL-PG's groups; ours: Flow-GRPO's groups are larger)", check=POSITIVE)
     draft_k: int = opt(1, "DRaFT-K: last sampling steps the reward gradient flows through (DRaFT-1, Clark et al.)",
                        check=POSITIVE)
     draft_kl: float = opt(0.0, "DRaFT-K: weight of the per-step KL to P_F♯ on those steps (0 = off, as in DRaFT)",
