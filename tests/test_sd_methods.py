@@ -8,7 +8,10 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +47,19 @@ def test_help_lists_every_registry_method_but_rtb(capsys):
     assert sd.Config.__dataclass_fields__["method"].default == "nabla-db"
     with pytest.raises(SystemExit):  # argparse's one-line "invalid choice"
         sd.parse_config(["--method", "rtb"])
+
+
+def test_the_documented_command_runs_offline(cache, tmp_path):
+    """The bar, as a user types it: `python sd_finetune.py --preset smoke --method M --out D` (here M = grpo)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "NABLA_GFN_CACHE": str(cache)}
+    done = subprocess.run([sys.executable, str(root / "sd_finetune.py"), "--preset", "smoke", "--method", "grpo",
+                           "--out", str(tmp_path / "grpo")], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and math.isfinite(rows[0]["loss"]) and rows[0]["optimizer_steps"] == 4
+    assert (tmp_path / "grpo" / "checkpoints" / "epoch_0001" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def run_method(method, cache, out, monkeypatch, *flags):
