@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,25 @@ def test_the_documented_command_runs_offline(cache, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and math.isfinite(rows[0]["loss"]) and rows[0]["optimizer_steps"] == 4
     assert (tmp_path / "grpo" / "checkpoints" / "epoch_0001" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_two_process_baseline_keeps_the_replicas_in_sync(cache, tmp_path):
+    """accelerate, 2 CPU processes, GRPO: the run's backward all-reduces the gradients inside each of the
+    registry's optimiser steps, so the checkpoint's replica check (identical weights) passes; one log line."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "NABLA_GFN_CACHE": str(cache),
+           "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(root)}
+    launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(port)]
+    out = tmp_path / "two"
+    done = subprocess.run([sys.executable, *launcher, str(root / "sd_finetune.py"), "--preset", "smoke", "--method", "grpo",
+                           "--out", str(out)], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["derived"]["processes"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (out / "checkpoints" / "epoch_0001" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def run_method(method, cache, out, monkeypatch, *flags):
