@@ -228,7 +228,7 @@ def sample_with_grad_tail(
             with torch.no_grad():
                 mean_ref = ng.step_mean(x, reference_eps(x, t, traj), a, a_next, sigma)
             kl = kl + (mean - mean_ref).pow(2).flatten(1).sum(1) / (2 * sigma**2)
-        noise = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
         x = mean + per_row(sigma, x) * noise
     return x, start, kl
 
@@ -253,7 +253,7 @@ def draft_update(trainee: Trainee, hp: MethodConfig, gen: torch.Generator) -> Di
 def refl_step_index(num_steps: int, start_fraction: float, gen: torch.Generator) -> int:
     """A uniform random step in [⌊start_fraction·T⌋, T−1] (ImageReward: 30–39 of 40 steps)."""
     lo = min(int(start_fraction * num_steps), num_steps - 1)
-    return int(torch.randint(lo, num_steps, (1,), generator=gen))
+    return int(torch.randint(lo, num_steps, (1,), generator=gen, device=gen.device))
 
 
 def refl_prediction(policy_eps: ng.EpsFn, schedule: ng.StepSchedule, x_T: Tensor, stop: int,
@@ -320,7 +320,7 @@ def ddpo_update(trainee: Trainee, hp: MethodConfig, gen: torch.Generator) -> Dic
     old_log_prob = ng.gaussian_log_prob(batch.x_next, old_mean, batch.sigma)
     losses, norms, clip_fracs, kls = [], [], [], []
     for _ in range(hp.ppo_epochs):
-        for rows in torch.randperm(len(batch), generator=gen).chunk(hp.ppo_minibatches):
+        for rows in torch.randperm(len(batch), generator=gen, device=gen.device).chunk(hp.ppo_minibatches):
             log_prob = transition_log_prob(trainee.policy_eps, batch.select(rows))
             loss, stats = ppo_clip_loss(log_prob, old_log_prob[rows], row_advantages[rows], hp.ppo_clip)
             norms.append(optimizer_step(trainee, loss, hp.grad_clip))
@@ -404,7 +404,7 @@ def clipped_pg_steps(trainee: Trainee, hp: MethodConfig, gen: torch.Generator, b
     logs: Dict[str, List[float]] = {"loss": [], "clip_fraction": [], "step_kl": []}
     norms = []
     for _ in range(hp.ppo_epochs):
-        for rows in torch.randperm(len(batch), generator=gen).chunk(hp.ppo_minibatches):
+        for rows in torch.randperm(len(batch), generator=gen, device=gen.device).chunk(hp.ppo_minibatches):
             part = batch.select(rows)
             mean = step_mean_of(trainee.policy_eps(part.x, part.t, part.traj), part)
             log_prob = ng.gaussian_log_prob(part.x_next, mean, part.sigma)

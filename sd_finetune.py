@@ -20,7 +20,8 @@ Run:
     python sd_finetune.py --guess-from reference --out runs/ref-guess      # guess x̂_0 from the frozen model
     python sd_finetune.py --flow-target adjoint --out runs/adjoint         # g_φ fitted to the lean adjoint
     python sd_finetune.py --flow-target mixed --adjoint-lambda 0.5         # L_B's target blended with it
-    python sd_finetune.py --no-flow --flow-target adjoint --out runs/am    # adjoint matching (no g_φ, no guess)
+    python sd_finetune.py --method adjoint-matching --out runs/am          # = --no-flow --flow-target adjoint
+    python sd_finetune.py --method ddpo --out runs/ddpo                    # or draft, refl, grpo, kl-pg, no-flow
 Offline: --model DIR --clip-model DIR --aesthetic-head FILE (and --hpsv2-checkpoint, --pickscore-model,
 --pickscore-processor, --imagereward-model, --imagereward-tokenizer, --dreamsim, --fid-weights), or the
 variables named in --help (NABLA_GFN_MODEL, NABLA_GFN_CLIP, ...; NABLA_GFN_CACHE for the cache folder).
@@ -31,7 +32,8 @@ aim at 20 GiB for aesthetic, 40 GiB for HPSv2/PickScore; on a large GPU --no-gra
 
 One epoch: sample trajectories of the LoRA policy (each with a prompt drawn from the training
 list), then train on a subsample of their transitions (the terminal one plus ~10%, one per equal
-chunk of the chain) with `nabla_gfn.nabla_db_loss`, in updates of one AdamW step each.
+chunk of the chain) with `nabla_gfn.nabla_db_loss`, in updates of one AdamW step each. The other --method's
+(baselines.py): one epoch = one update of the registry's, which samples its batch of the epoch's trajectories.
 
 Deliberate differences from the authors' released code, each also flagged where it lives:
   * one optimiser step per update (theirs: two, with a GradScaler);
@@ -50,24 +52,23 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import importlib.util
 import json
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import accelerate
+import baselines
 import diffusers
 import peft
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, gather_object
+from accelerate.utils import gather_object
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -78,10 +79,11 @@ import sd_rewards
 from cli import FRACTION, NON_NEGATIVE, OPEN_UNIT, POSITIVE, UsageError, opt
 from nabla_gfn import LossConfig, StepSchedule, Trajectory
 from sd_checkpoint import RunFolder, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from sd_models import (SD15_HUB_ID, Models, add_lora, adjoint_sweep, build_flow_net, enable_gradient_checkpointing,
-                       encode_prompts, load_pipeline, lora_parameters, loss_callables, no_gpu_reason, parameter_groups,
-                       recorded_eps, sample_images, sample_trajectories, score_samples, set_float32_matmul, tiny_weight,
-                       unet_dtypes, weight_dtype)
+from sd_models import (SD15_HUB_ID, Models, Plan, add_lora, adjoint_sweep, assert_replicas_in_sync, average_gradients,
+                       build_flow_net, enable_gradient_checkpointing, encode_prompts, load_pipeline, lora_parameters,
+                       loss_callables, make_accelerator, make_optimizer, make_plan, method_config, method_trainee,
+                       no_gpu_reason, optimizer_step, parameter_groups, recorded_eps, sample_images, sample_trajectories,
+                       score_samples, set_float32_matmul, tiny_weight, unet_dtypes, weight_dtype)
 from sd_rewards import AESTHETIC_HEAD_URL, CLIP_HUB_ID, TINY, ClipEmbedder, MissingWeights, Source, quiet_library_logs
 
 PROG = "sd_finetune.py"
@@ -93,6 +95,9 @@ ANIMALS = (
     "duck goose bee pig turkey fly llama camel bat gorilla hedgehog kangaroo"
 ).split()
 EVAL_ANIMALS = "elephant giraffe panda penguin owl koala octopus crab".split()
+# --method: the registry's methods but RTB, whose learned log Z sd_checkpoint does not save (resume would lose it).
+METHODS = tuple(name for name in baselines.METHODS if name != "rtb")
+NABLA_DB_METHODS = tuple(n for n in METHODS if baselines.METHODS[n].update is baselines.nabla_db_update)
 
 
 class NonFinite(Exception):
@@ -191,6 +196,10 @@ class Config:
     steps: int = opt(50, "DDIM(η=1) denoising steps T", check=POSITIVE)
     guidance_scale: float = opt(5.0, "classifier-free guidance w (empty negative prompt) of policy and reference",
                                 check=NON_NEGATIVE)
+    method: str = opt("nabla-db", "finetuning method (baselines.METHODS): nabla-db (the paper's), no-flow (= --no-flow), "
+                      "adjoint-matching (= --no-flow --flow-target adjoint), draft, refl, ddpo, grpo, kl-pg; the last five "
+                      "sample one batch of --trajectories-per-epoch per epoch and make one update of it (rtb: not here, "
+                      "its log Z is not checkpointed). docs/stable_diffusion.md 'Baselines'", choices=METHODS)
     # reward and target
     reward: str = opt("aesthetic", "reward r = log R (sd_rewards.py): aesthetic (LAION predictor on CLIP ViT-L/14, "
                       "the paper's), hpsv2 (HPSv2.1), pickscore (PickScore v1), imagereward (ImageReward v1.0), "
@@ -219,6 +228,23 @@ class Config:
     adjoint_jacobian: str = opt("guided", "reference whose step-mean Jacobian the lean-adjoint sweep uses: guided "
                                 "(ε_u + w(ε_c − ε_u), exact for the guided target) or unguided (ε_c alone, one UNet "
                                 "call on N rows: Adjoint Matching's choice)", choices=("guided", "unguided"))
+    # the other methods (baselines.py); defaults from each paper's SD runs
+    images_per_prompt: int = opt(4, "draft, refl, ddpo, grpo, kl-pg: trajectories sampled per drawn prompt (GRPO's and "
+                                 "KL-PG's groups; ours: Flow-GRPO's groups are larger)", check=POSITIVE)
+    draft_k: int = opt(1, "DRaFT-K: last sampling steps the reward gradient flows through (DRaFT-1, Clark et al.)",
+                       check=POSITIVE)
+    draft_kl: float = opt(0.0, "DRaFT-K: weight of the per-step KL to P_F♯ on those steps (0 = off, as in DRaFT)",
+                          check=NON_NEGATIVE)
+    refl_start: float = opt(0.75, "ReFL: stop at a uniform step in [refl_start·T, T−1] (ImageReward: 30–39 of 40)",
+                            check=FRACTION)
+    ppo_clip: float = opt(1e-4, "DDPO, GRPO, KL-PG: PPO clip range of the per-step ratio (DDPO's and Flow-GRPO's 1e-4)",
+                          check=POSITIVE)
+    ppo_epochs: int = opt(1, "DDPO, GRPO, KL-PG: inner epochs over each sampled batch (DDPO's 1)", check=POSITIVE)
+    ppo_minibatches: int = opt(4, "DDPO, GRPO, KL-PG: minibatches of the batch's transitions per inner epoch, one "
+                               "optimiser step each, each in one forward (memory: docs/stable_diffusion.md)", check=POSITIVE)
+    ppo_adv_clip: float = opt(5.0, "DDPO, GRPO: clip of the normalised advantages (DDPO's and Flow-GRPO's 5)",
+                              check=POSITIVE)
+    grpo_kl: float = opt(0.04, "GRPO: weight of the per-step KL to P_F♯ (Flow-GRPO's default on SD3.5)", check=NON_NEGATIVE)
     # policy
     lora_rank: int = opt(8, "LoRA rank on to_q, to_k, to_v, to_out.0 of the UNet", check=POSITIVE)
     lora_alpha: float = opt(8.0, "LoRA alpha (scale = alpha / rank)", check=POSITIVE)
@@ -264,6 +290,13 @@ class Config:
         if self.no_flow and self.flow_target == "mixed":
             raise UsageError("--flow-target mixed blends L_B's target and needs g_φ: drop --no-flow, or use --no-flow "
                              "with --flow-target bootstrap (guess alone) or adjoint (adjoint matching)")
+        if self.no_flow and self.method == "nabla-db":  # the older spelling of the two ∇-DB methods without g_φ
+            self.method = "adjoint-matching" if self.flow_target == "adjoint" else "no-flow"
+        method = baselines.METHODS[self.method]  # its loss_overrides say what no-flow / adjoint-matching mean
+        self.no_flow = method.module != "flow"
+        self.flow_target = method.loss_overrides.get("flow_target", self.flow_target)
+        if self.draft_k > self.steps:
+            raise UsageError(f"--draft-k: must be in 1..--steps ({self.steps}) (got {self.draft_k})")
         for name in ("prompts", "eval_prompts"):
             if getattr(self, name) and not Path(getattr(self, name)).is_file():
                 raise UsageError(f"{cli.flag(name)}: no such file {getattr(self, name)!r}")
@@ -273,14 +306,15 @@ class Config:
         return tuple(int(c) for c in self.flow_channels.split(","))
 
     def loss_config(self) -> LossConfig:
-        return LossConfig(beta=self.beta, trust_region=self.trust_region, reverse_weight=self.reverse_weight,
-                          gamma=self.gamma, weighting=self.weighting, use_flow=not self.no_flow,
-                          guess_from=self.guess_from, flow_target=self.flow_target, adjoint_lambda=self.adjoint_lambda)
+        return baselines.METHODS[self.method].loss_config(LossConfig(
+            beta=self.beta, trust_region=self.trust_region, reverse_weight=self.reverse_weight, gamma=self.gamma,
+            weighting=self.weighting, guess_from=self.guess_from, flow_target=self.flow_target,
+            adjoint_lambda=self.adjoint_lambda))
 
     @property
     def needs_adjoint(self) -> bool:
         """Whether the loss needs the lean adjoint of each trajectory (every target but the paper's)."""
-        return self.flow_target != "bootstrap"
+        return self.method in NABLA_DB_METHODS and self.flow_target != "bootstrap"
 
 
 # The paper's three runs, as deltas of the defaults. aesthetic: β and λ as the paper states them (the
@@ -296,7 +330,8 @@ PRESETS: Dict[str, dict] = {
     "smoke": dict(model=TINY, out="runs/smoke", resolution=32, steps=4, epochs=1, trajectories_per_epoch=4,
                   sample_batch_size=4, transitions_per_update=4, train_batch_size=2, flow_channels="32,32",
                   grid_every=1, grid_prompts=2, grid_seeds=2, save_every=1, eval_samples_per_prompt=2,
-                  gradient_checkpointing=False, reward_chunk=0),  # same numbers without recomputation (tested)
+                  gradient_checkpointing=False, reward_chunk=0,  # same numbers without recomputation (tested)
+                  images_per_prompt=2),
 }
 
 
@@ -389,76 +424,8 @@ def download_weights(cfg: Config) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Optimiser (checkpoints and the run folder live in sd_checkpoint.py)
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Per-process sizes derived from the config and the number of processes."""
-
-    trajectories: int  # sampled per epoch by this process
-    transitions_per_trajectory: int  # terminal + subsampled
-    grad_accum: int  # micro-batches of train_batch_size per update
-    updates_per_epoch: int
-
-
-def make_plan(cfg: Config, num_processes: int) -> Plan:
-    if cfg.trajectories_per_epoch % num_processes:
-        raise UsageError(f"--trajectories-per-epoch must be divisible by the {num_processes} processes "
-                         f"(got {cfg.trajectories_per_epoch})")
-    if cfg.transitions_per_update % (cfg.train_batch_size * num_processes):
-        raise UsageError(f"--transitions-per-update must be a multiple of --train-batch-size × processes = "
-                         f"{cfg.train_batch_size * num_processes} (got {cfg.transitions_per_update})")
-    trajectories = cfg.trajectories_per_epoch // num_processes
-    per_trajectory = nabla_gfn.subsample_steps(cfg.steps, cfg.subsample_fraction, 1, torch.Generator()).shape[1]
-    grad_accum = cfg.transitions_per_update // (cfg.train_batch_size * num_processes)
-    updates = trajectories * per_trajectory // (cfg.train_batch_size * grad_accum)
-    if updates < 1:
-        raise UsageError(f"--transitions-per-update must be at most the {cfg.trajectories_per_epoch * per_trajectory} "
-                         f"transitions an epoch yields (got {cfg.transitions_per_update})")
-    return Plan(trajectories, per_trajectory, grad_accum, updates)
-
-
-def make_optimizer(models: Models, cfg: Config) -> torch.optim.AdamW:
-    groups = [dict(params=lora_parameters(models.unet), lr=cfg.lr, weight_decay=cfg.weight_decay)]
-    if models.flow is not None:
-        groups.append(dict(params=list(models.flow.parameters()), lr=cfg.flow_lr, weight_decay=cfg.flow_weight_decay))
-    return torch.optim.AdamW(groups, betas=(0.9, cfg.adam_beta2))
-
-
-def average_gradients(params: Sequence[nn.Parameter], accelerator: Accelerator) -> None:
-    """Mean of the gradients over processes, as one flat all-reduce (we do not wrap in DDP: the loss
-    runs the UNet several times and takes input gradients of some runs)."""
-    if accelerator.num_processes == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
-    for p, g in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = g.view_as(p)
-
-
-def optimizer_step(optimizer, models: Models, cfg: Config, accelerator: Accelerator) -> Dict[str, float]:
-    """Average over processes, clip each group separately, ONE AdamW step (official code: two)."""
-    groups = parameter_groups(models)
-    average_gradients([p for ps in groups.values() for p in ps], accelerator)
-    norms = nabla_gfn.clip_grad_norms(groups, cfg.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {f"grad_norm_{name}": value for name, value in norms.items()}
-
-
-def assert_replicas_in_sync(models: Models, accelerator: Accelerator) -> None:
-    """Every process must hold the same trainable weights (synchronised gradients, same init)."""
-    params = [p for ps in parameter_groups(models).values() for p in ps]
-    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
-    sums = accelerator.gather(checksum)
-    if not torch.all(sums == sums[0]):
-        raise RuntimeError(f"processes hold different weights (checksums {sums.tolist()})")
-
-
-# ----------------------------------------------------------------------------------------------
-# Session: what one run holds
+# Session: what one run holds (its Plan, optimiser and processes: sd_models.py; checkpoints and the run
+# folder: sd_checkpoint.py)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -497,16 +464,6 @@ class Session:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
-
-
-def make_accelerator(cfg: Config) -> Accelerator:
-    """accelerate, with the --report-to tracker (its files under --out) when one is asked for."""
-    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))]
-    if cfg.report_to == "none":
-        return Accelerator(kwargs_handlers=handlers)
-    if importlib.util.find_spec("wandb" if cfg.report_to == "wandb" else "tensorboard") is None:
-        raise UsageError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to}")
-    return Accelerator(log_with=cfg.report_to, project_dir=cfg.out, kwargs_handlers=handlers)
 
 
 def start_session(cfg: Config) -> Session:
@@ -645,19 +602,55 @@ def update(s: Session, transitions, rows: Tensor, callables, adjoint: Optional[T
     return {**record, **optimizer_step(s.optimizer, s.models, s.cfg, s.accelerator)}
 
 
+def nabla_db_updates(s: Session, trajectory: Trajectory, cond: Tensor, prompts: Sequence[str]):
+    """The ∇-DB methods' epoch: updates on the subsampled transitions of its trajectories (yields each record)."""
+    per_update = s.cfg.train_batch_size * s.plan.grad_accum
+    transitions, order, callables, adjoint = epoch_transitions(s, trajectory, cond, prompts)
+    for u in range(s.plan.updates_per_epoch):
+        yield update(s, transitions, order[u * per_update: (u + 1) * per_update], callables, adjoint)
+
+
+def method_updates(s: Session):
+    """Any other method's epoch: ONE registry update (it samples its batch itself) on this process's
+    trajectories, --images-per-prompt of each drawn prompt (group id = the prompt's index); yields its logs,
+    averaged over processes. Each backward first checks the loss (NonFinite before stepping), then
+    all-reduces the gradients (`average_gradients`)."""
+    n, k = s.plan.trajectories, s.cfg.images_per_prompt
+    prompt_ids = torch.randint(len(s.train_prompts), (n // k,), generator=s.index_gen).repeat_interleave(k)
+    params = [p for ps in parameter_groups(s.models).values() for p in ps]
+
+    def backward(loss: Tensor) -> None:
+        if not math.isfinite(float(s.accelerator.reduce(loss.detach().reshape(1), reduction="mean"))):
+            raise NonFinite(f"non-finite {s.cfg.method} loss ({float(loss)})")
+        s.accelerator.backward(loss)
+        average_gradients(params, s.accelerator)
+
+    trainee = method_trainee(s.models, s.schedule, s.prompt_embeds[prompt_ids.to(s.prompt_embeds.device)],
+                             [s.train_prompts[i] for i in prompt_ids], prompt_ids, s.cfg, s.optimizer, backward)
+    logs = baselines.METHODS[s.cfg.method].update(trainee, method_config(s.cfg, n), s.noise_gen)
+    names = sorted(logs)
+    values = s.accelerator.reduce(torch.tensor([float(logs[k]) for k in names], device=s.accelerator.device), "mean")
+    record = dict(zip(names, values.tolist()))
+    if not all(math.isfinite(v) for v in record.values()):
+        raise NonFinite(f"non-finite {s.cfg.method} update ({', '.join(f'{k}={v}' for k, v in record.items())})")
+    yield record
+
+
 def train(s: Session) -> None:
     """Epochs from the one resumed at to --epochs, with grids, logs and checkpoints; NaN/Inf saves and stops."""
     cfg, start_epoch, started = s.cfg, s.epoch, time.time()
-    per_update, epoch = cfg.train_batch_size * s.plan.grad_accum, start_epoch
+    epoch, nabla_db = start_epoch, cfg.method in NABLA_DB_METHODS
     try:
         for epoch in range(start_epoch, cfg.epochs):
             save_grid(s, epoch)
-            trajectory, cond, prompts, reward_stats = sample_epoch(s, epoch)
-            last = time.time()  # update_seconds: training time (sampling excluded, adjoint sweep included)
-            transitions, order, callables, adjoint = epoch_transitions(s, trajectory, cond, prompts)
-            for u in tqdm(range(s.plan.updates_per_epoch), desc=f"train epoch {epoch}", disable=not s.is_main,
-                          leave=False):
-                record = update(s, transitions, order[u * per_update: (u + 1) * per_update], callables, adjoint)
+            if nabla_db:  # sample this epoch's trajectories, then updates on their transitions
+                trajectory, cond, prompts, reward_stats = sample_epoch(s, epoch)
+                updates = nabla_db_updates(s, trajectory, cond, prompts)
+            else:  # one update that samples its own batch
+                reward_stats, updates = {}, method_updates(s)
+            last = time.time()  # update_seconds: training time (∇-DB: sampling excluded, adjoint sweep included)
+            for record in tqdm(updates, total=s.plan.updates_per_epoch if nabla_db else 1, desc=f"train epoch {epoch}",
+                               disable=not s.is_main, leave=False):
                 s.update, now = s.update + 1, time.time()
                 log_update(s, dict(update=s.update, epoch=epoch, **reward_stats, **record,
                                    update_seconds=round(now - last, 3), elapsed_seconds=round(now - started, 3)))

@@ -11,14 +11,18 @@ Config (only the fields named are read).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.utils.checkpoint
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 # Importing the SD pipeline touches CLIPImageProcessor, whose torchvision backend is missing here and
 # unused (we preprocess in torch): drop only that notice, so that errors stay one line.
@@ -31,8 +35,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+import baselines
 import nabla_gfn
 from nabla_gfn import StepSchedule, Trajectory
+from cli import UsageError
 from sd_rewards import TINY, ClipEmbedder, MissingWeights, quiet_library_logs
 
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -344,6 +350,20 @@ def loss_callables(models: Models, cond: Tensor, prompts: Sequence[str], guidanc
     )
 
 
+def method_trainee(models: Models, schedule: StepSchedule, cond: Tensor, prompts: Sequence[str], groups: Tensor, cfg,
+                   optimizer: torch.optim.Optimizer, backward) -> baselines.Trainee:
+    """The registry's `Trainee` for a batch of B trajectories whose row b has prompt embedding cond[b], text
+    prompts[b] and group id groups[b] (its prompt's index: GRPO's and KL-PG's groups): guided ε̂ of the
+    policy and the reference, decode + reward, latent noise x_T, the LoRA group, the run's optimiser and
+    `backward` (the run's: accelerate's, then the gradient all-reduce). float32 UNet passes (no autocast):
+    the same ε̂ samples and trains, so PPO's π_old is the sampler's step exactly."""
+    policy, reference, log_reward, _ = loss_callables(models, cond, prompts, cfg.guidance_scale)
+    x_T = lambda n, gen: torch.randn(latent_shape(models, n, cfg.resolution), generator=gen, device=gen.device)
+    group_of = lambda traj: groups.to(cond.device)[traj.to(cond.device)]
+    return baselines.Trainee(policy, reference, log_reward, schedule, x_T, parameter_groups(models), optimizer,
+                             backward=backward, group_of=group_of)
+
+
 @torch.no_grad()
 def recorded_eps(policy_eps, transitions, batch: int) -> Tensor:
     """ε̂_θ(x) of the sampling policy (the LoRA before this epoch's first update) in the loss's arithmetic.
@@ -377,6 +397,101 @@ def adjoint_sweep(models: Models, schedule: StepSchedule, trajectory: Trajectory
     chunks = [nabla_gfn.lean_adjoint(reference, schedule, Trajectory(trajectory.states[r], trajectory.eps[r]),
                                      log_reward, cfg.beta, traj=r)[0] for r in rows.split(cfg.sample_batch_size)]
     return torch.cat(chunks)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser and processes (`cfg`: sd_finetune's Config)
+# ----------------------------------------------------------------------------------------------
+
+
+def make_accelerator(cfg) -> Accelerator:
+    """accelerate, with the --report-to tracker (its files under --out) when one is asked for."""
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))]
+    if cfg.report_to == "none":
+        return Accelerator(kwargs_handlers=handlers)
+    if importlib.util.find_spec("wandb" if cfg.report_to == "wandb" else "tensorboard") is None:
+        raise UsageError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to}")
+    return Accelerator(log_with=cfg.report_to, project_dir=cfg.out, kwargs_handlers=handlers)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per-process sizes derived from the config and the number of processes."""
+
+    trajectories: int  # sampled per epoch by this process
+    transitions_per_trajectory: int  # terminal + subsampled
+    grad_accum: int  # micro-batches of train_batch_size per update
+    updates_per_epoch: int
+
+
+def make_plan(cfg, num_processes: int) -> Plan:
+    """The ∇-DB methods' sizes; another method makes one update per epoch on all this process's trajectories
+    (--transitions-per-update and --train-batch-size do not apply: Plan(trajectories, steps, 1, 1))."""
+    if cfg.trajectories_per_epoch % num_processes:
+        raise UsageError(f"--trajectories-per-epoch must be divisible by the {num_processes} processes "
+                         f"(got {cfg.trajectories_per_epoch})")
+    trajectories = cfg.trajectories_per_epoch // num_processes
+    if baselines.METHODS[cfg.method].update is not baselines.nabla_db_update:
+        if trajectories % cfg.images_per_prompt:
+            raise UsageError(f"--images-per-prompt must divide the {trajectories} trajectories each process samples "
+                             f"per epoch (got {cfg.images_per_prompt})")
+        return Plan(trajectories, cfg.steps, 1, 1)
+    if cfg.transitions_per_update % (cfg.train_batch_size * num_processes):
+        raise UsageError(f"--transitions-per-update must be a multiple of --train-batch-size × processes = "
+                         f"{cfg.train_batch_size * num_processes} (got {cfg.transitions_per_update})")
+    per_trajectory = nabla_gfn.subsample_steps(cfg.steps, cfg.subsample_fraction, 1, torch.Generator()).shape[1]
+    grad_accum = cfg.transitions_per_update // (cfg.train_batch_size * num_processes)
+    updates = trajectories * per_trajectory // (cfg.train_batch_size * grad_accum)
+    if updates < 1:
+        raise UsageError(f"--transitions-per-update must be at most the {cfg.trajectories_per_epoch * per_trajectory} "
+                         f"transitions an epoch yields (got {cfg.transitions_per_update})")
+    return Plan(trajectories, per_trajectory, grad_accum, updates)
+
+
+def make_optimizer(models: Models, cfg) -> torch.optim.AdamW:
+    groups = [dict(params=lora_parameters(models.unet), lr=cfg.lr, weight_decay=cfg.weight_decay)]
+    if models.flow is not None:
+        groups.append(dict(params=list(models.flow.parameters()), lr=cfg.flow_lr, weight_decay=cfg.flow_weight_decay))
+    return torch.optim.AdamW(groups, betas=(0.9, cfg.adam_beta2))
+
+
+def average_gradients(params: Sequence[nn.Parameter], accelerator: Accelerator) -> None:
+    """Mean of the gradients over processes, as one flat all-reduce (we do not wrap in DDP: the loss
+    runs the UNet several times and takes input gradients of some runs)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+
+
+def optimizer_step(optimizer, models: Models, cfg, accelerator: Accelerator) -> Dict[str, float]:
+    """Average over processes, clip each group separately, ONE AdamW step (official code: two)."""
+    groups = parameter_groups(models)
+    average_gradients([p for ps in groups.values() for p in ps], accelerator)
+    norms = nabla_gfn.clip_grad_norms(groups, cfg.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {f"grad_norm_{name}": value for name, value in norms.items()}
+
+
+def assert_replicas_in_sync(models: Models, accelerator: Accelerator) -> None:
+    """Every process must hold the same trainable weights (synchronised gradients, same init)."""
+    params = [p for ps in parameter_groups(models).values() for p in ps]
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
+    sums = accelerator.gather(checksum)
+    if not torch.all(sums == sums[0]):
+        raise RuntimeError(f"processes hold different weights (checksums {sums.tolist()})")
+
+
+def method_config(cfg, batch_size: int) -> baselines.MethodConfig:
+    """This rung's fields → the registry's hyper-parameters (the method's loss overrides applied)."""
+    return baselines.MethodConfig(
+        beta=cfg.beta, batch_size=batch_size, fraction=cfg.subsample_fraction, grad_clip=cfg.max_grad_norm,
+        loss=cfg.loss_config(), draft_k=cfg.draft_k, draft_kl=cfg.draft_kl, refl_start=cfg.refl_start,
+        ppo_clip=cfg.ppo_clip, ppo_epochs=cfg.ppo_epochs, ppo_minibatches=cfg.ppo_minibatches,
+        ppo_adv_clip=cfg.ppo_adv_clip, kl_coef=cfg.grpo_kl)
 
 
 # ----------------------------------------------------------------------------------------------
