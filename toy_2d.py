@@ -52,13 +52,16 @@ from gmm import (GMM, PRIOR_PRESETS, REWARD_PRESETS, mode_tv, mode_weights, pars
 
 METHOD_NAMES = tuple(bl.METHODS)  # every --method comes from the one registry
 AT_LEAST_1 = (lambda v: v >= 1, "must be ≥ 1")
+# --preset: named settings applied before the flags; "paper" is the paper's ∇-DB loss, defined here once
+PRESETS = {"default": {}, "paper": {"flow_target": "bootstrap", "weighting": "plain", "gamma": "alpha_bar", "guess_from": "policy"}}
 
 
 @dataclass
 class ToyConfig:
-    """Every setting of a run, one --flag each (cli.py); written to config.json beside the outputs.
-    A bad value is a one-line cli.UsageError at construction (--method: `check_method`)."""
+    """Every setting of a run, one --flag each (cli.py; a bad value is one line), saved as config.json."""
 
+    preset: str = opt("default", "named settings applied before the flags: default, or paper (the paper's ∇-DB)",
+                      choices=tuple(PRESETS))
     prior: str = opt("ring8", f"prior preset {sorted(PRIOR_PRESETS)} or GMM JSON (gmm.py)")
     reward: str = opt("bump", f"reward preset {sorted(REWARD_PRESETS)} or JSON (gmm.py)")
     dim: int = opt(2, "dimension D: the prior's modes in the first two coordinates, fixed offsets in the others",
@@ -425,7 +428,7 @@ def run(cfg: ToyConfig, log_reward: Optional[Callable[[Tensor], Tensor]] = None,
 def parse_args(argv=None, methods: Tuple[str, ...] = METHOD_NAMES) -> ToyConfig:
     """argv → a checked ToyConfig; a bad flag exits with one line `prog: error: --flag: ...`."""
     try:
-        return check_method(cli.parse(ToyConfig, argv, description=__doc__.split("\n\n")[0]), methods)
+        return check_method(cli.parse(ToyConfig, argv, presets=PRESETS, description=__doc__.split("\n\n")[0]), methods)
     except cli.UsageError as err:
         cli.OneLineParser().error(str(err))
 

@@ -63,7 +63,7 @@ class CompareConfig:
 QUICK = dict(updates=6, batch_size=16, num_steps=10, eval_every=2, eval_samples=200, pretrain_iters=200, pretrain_batch=256)
 
 
-PAPER = {"flow_target": "bootstrap", "weighting": "plain", "gamma": "alpha_bar", "guess_from": "policy"}  # the paper's ∇-DB
+PAPER = toy_2d.PRESETS["paper"]  # the paper's ∇-DB
 
 
 def variants(base: toy_2d.ToyConfig) -> Dict[str, dict]:

@@ -177,3 +177,11 @@ def test_the_rung_imports_nothing_from_experiments_and_offers_only_registry_meth
     assert res.returncode == 0, res.stderr
     out = run_cli("--method", "exact-flow", "--updates", "1")  # a diagnostic: experiments/toy_diagnostics.py
     assert out.returncode != 0 and "--method: must be one of nabla-db" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_preset_paper_is_the_papers_loss_and_flags_override_it():
+    cfg = T.parse_args(["--preset", "paper"])
+    loss = cfg.loss_config
+    assert (loss.flow_target, loss.weighting, loss.gamma, loss.guess_from) == ("bootstrap", "plain", "alpha_bar", "policy")
+    assert T.parse_args(["--gamma", "sqrt_alpha_bar", "--preset", "paper"]).gamma == "sqrt_alpha_bar"  # a flag wins anywhere
+    assert T.parse_args([]).loss_config.flow_target == "adjoint"  # the toy's default is not the paper's
