@@ -32,3 +32,30 @@ def tiny_sd_cache(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd-cache")
     tiny_models.tiny_assets(str(folder))
     return folder
+
+
+@pytest.fixture(scope="module")
+def small():
+    """The toy's small test setup (6 steps, batch 8, width 16): schedule, frozen reference, config, task."""
+    import nabla_gfn as ng
+    import toy_2d as T
+
+    schedule = ng.ddim_schedule(T.sd_scheduler(), 6)
+    torch.manual_seed(0)
+    reference = T.TimeMLP(hidden=16).requires_grad_(False).eval()
+    cfg = T.ToyConfig(batch_size=8, num_steps=6, hidden=16, flow_hidden=16, eval_every=100)
+    return schedule, reference, cfg, T.build_task(cfg)
+
+
+def shuffled_transitions(models, cfg, prompts, seed=0):
+    """Every transition of len(prompts) sampled trajectories, rows shuffled across trajectories."""
+    import nabla_gfn
+    import sd_finetune as sd
+
+    generator = torch.Generator().manual_seed(seed)
+    schedule = nabla_gfn.ddim_schedule(models.pipe.scheduler, cfg.steps)
+    cond = sd.encode_prompts(models.pipe, prompts)
+    trajectory = sd.sample_trajectories(models, schedule, cond, cfg, generator)
+    steps = nabla_gfn.subsample_steps(cfg.steps, 1.0, len(prompts), generator)
+    batch = nabla_gfn.gather_transitions(trajectory, schedule, steps)
+    return batch.select(torch.randperm(len(batch), generator=generator)), cond

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import nabla_gfn
+from conftest import shuffled_transitions
 import sd_finetune as sd
 import sd_models as sdm
 
@@ -302,17 +303,6 @@ def pretrained_unet(cache):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel.from_pretrained(Path(cache) / "tiny-v1" / "pipeline", subfolder="unet").requires_grad_(False)
-
-
-def shuffled_transitions(models, cfg, prompts, seed=0):
-    """Every transition of len(prompts) sampled trajectories, rows shuffled across trajectories."""
-    generator = torch.Generator().manual_seed(seed)
-    schedule = nabla_gfn.ddim_schedule(models.pipe.scheduler, cfg.steps)
-    cond = sd.encode_prompts(models.pipe, prompts)
-    trajectory = sd.sample_trajectories(models, schedule, cond, cfg, generator)
-    steps = nabla_gfn.subsample_steps(cfg.steps, 1.0, len(prompts), generator)
-    batch = nabla_gfn.gather_transitions(trajectory, schedule, steps)
-    return batch.select(torch.randperm(len(batch), generator=generator)), cond
 
 
 def test_transition_loss_equals_nabla_gfn_with_independent_callables(cache, tmp_path):

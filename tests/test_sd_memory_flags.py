@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import nabla_gfn
+from conftest import shuffled_transitions
 import sd_finetune as sd
 import sd_models as sdm
 import sd_rewards
@@ -41,16 +42,6 @@ def perturbed_models(cfg, seed=0):
             p.copy_(0.2 * torch.randn(p.shape, generator=generator))
         models.flow.conv_out.weight.copy_(0.05 * torch.randn(models.flow.conv_out.weight.shape, generator=generator))
     return models
-
-
-def transitions(models, cfg, prompts, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    schedule = nabla_gfn.ddim_schedule(models.pipe.scheduler, cfg.steps)
-    cond = sd.encode_prompts(models.pipe, prompts)
-    trajectory = sd.sample_trajectories(models, schedule, cond, cfg, generator)
-    steps = nabla_gfn.subsample_steps(cfg.steps, 1.0, len(prompts), generator)
-    batch = nabla_gfn.gather_transitions(trajectory, schedule, steps)
-    return batch.select(torch.randperm(len(batch), generator=generator)), cond
 
 
 def saved_bytes(fn):
@@ -95,7 +86,7 @@ def test_checkpointing_and_reward_chunks_change_no_number(cache, tmp_path):
                        "--reward-chunk", "0")
     models = perturbed_models(cfg)
     prompts = ["cat", "owl"]
-    batch, cond = transitions(models, cfg, prompts)
+    batch, cond = shuffled_transitions(models, cfg, prompts)
     plain = loss_and_gradients(models, batch, cond, prompts, cfg)
     sdm.enable_gradient_checkpointing(models)
     checkpointed = loss_and_gradients(models, batch, cond, prompts, cfg)

@@ -101,14 +101,6 @@ def test_end_to_end_fast_config_reaches_its_tv_bound(tmp_path):
 NUM_STEPS, BATCH = 6, 8
 
 
-@pytest.fixture(scope="module")
-def small():
-    schedule = ng.ddim_schedule(T.sd_scheduler(), NUM_STEPS)
-    torch.manual_seed(0)
-    reference = T.TimeMLP(hidden=16).requires_grad_(False).eval()
-    cfg = T.ToyConfig(batch_size=BATCH, num_steps=NUM_STEPS, hidden=16, flow_hidden=16, eval_every=100)
-    return schedule, reference, cfg, T.build_task(cfg)
-
 
 def test_baselines_imports_no_rung():
     """The method registry lives in baselines.py, which depends on nabla_gfn only (no import circle)."""

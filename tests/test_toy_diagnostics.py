@@ -22,14 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NUM_STEPS, BATCH = 6, 8
 
 
-@pytest.fixture(scope="module")
-def small():
-    schedule = ng.ddim_schedule(T.sd_scheduler(), NUM_STEPS)
-    torch.manual_seed(0)
-    reference = T.TimeMLP(hidden=16).requires_grad_(False).eval()
-    cfg = T.ToyConfig(batch_size=BATCH, num_steps=NUM_STEPS, hidden=16, flow_hidden=16, eval_every=100)
-    return schedule, reference, cfg, T.build_task(cfg)
-
 
 def test_adjoint_matching_costs_one_sweep_and_one_reward_gradient_per_trajectory(small):
     """Per update: B·T reference VJPs (the sweep) + one policy row per trained transition; B ∇r calls."""
