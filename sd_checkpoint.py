@@ -19,10 +19,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft, make_image_grid
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from torch import Tensor
+from torch import Tensor, nn
 
 from cli import UsageError
 
@@ -32,6 +32,21 @@ COMPLETE_MARKER = "training_state.pt"  # written last: a checkpoint folder witho
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
+
+
+def lora_format(denoiser: nn.Module) -> Tuple[type, str]:
+    """(pipeline class whose save_lora_weights / lora_state_dict write and read the LoRA, its key prefix)."""
+    if isinstance(denoiser, SD3Transformer2DModel):
+        return StableDiffusion3Pipeline, "transformer"
+    return StableDiffusionPipeline, "unet"
+
+
+def lora_state_dict(denoiser: nn.Module) -> dict:
+    """The adapter's weights in the key format its pipeline's load_lora_weights reads: SD's UNet the diffusers
+    names (lora.down / lora.up), SD3's transformer peft's own (lora_A / lora_B), as diffusers' SD3 LoRA
+    training script saves them (SD's conversion would rename only some of SD3's layers)."""
+    state = get_peft_model_state_dict(denoiser)
+    return state if isinstance(denoiser, SD3Transformer2DModel) else convert_state_dict_to_diffusers(state)
 
 
 def rng_state(generators: Sequence[torch.Generator]) -> dict:
@@ -58,9 +73,9 @@ def save_checkpoint(path: Path, models, optimizer, generators, epoch: int, updat
         partial = path.parent / f".partial-{path.name}"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(models.unet))
-        StableDiffusionPipeline.save_lora_weights(partial, unet_lora_layers=lora_state,
-                                                  unet_lora_adapter_metadata=models.lora.to_dict())
+        pipeline, prefix = lora_format(models.unet)
+        pipeline.save_lora_weights(partial, **{f"{prefix}_lora_layers": lora_state_dict(models.unet),
+                                               f"{prefix}_lora_adapter_metadata": models.lora.to_dict()})
         if models.flow is not None:
             models.flow.save_pretrained(partial / "flow")
         torch.save({"epoch": epoch, "update": update, "optimizer": optimizer.state_dict(), "rng": rng,
@@ -87,10 +102,11 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
             shutil.rmtree(path)
 
 
-def load_lora(unet: UNet2DConditionModel, path: Path) -> None:
-    """Load a checkpoint's diffusers-format LoRA into the peft adapter of `unet` (exact copy)."""
-    state, _ = StableDiffusionPipeline.lora_state_dict(str(path))
-    unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+def load_lora(unet: nn.Module, path: Path) -> None:
+    """Load a checkpoint's diffusers-format LoRA into the peft adapter of `unet` (SD3: the transformer; exact copy)."""
+    pipeline, prefix = lora_format(unet)
+    state = pipeline.lora_state_dict(str(path), return_lora_metadata=True)[0]
+    unet_state = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
     result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state))
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"{path}: LoRA keys do not match the model: {result.unexpected_keys[:3]} ...")

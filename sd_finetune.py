@@ -7,7 +7,8 @@ unchanged; this script holds the config, the loop, logging and evaluation. Besid
 logs), `sd_rewards.py` (the rewards), `sd_metrics.py` (eval metrics), `tiny_models.py` (the tiny random
 builds of `--model tiny`), `cli.py` (flags from the Config dataclass). The defaults are the paper's aesthetic-reward run
 (β = 1e4, λ = 2e3, 50 DDIM steps, guidance 5, LoRA rank 8, 200 updates of 64 transitions);
---preset aesthetic|hpsv2|imagereward names the paper's three runs.
+--preset aesthetic|hpsv2|imagereward names the paper's three runs. --model takes any StableDiffusion3Pipeline
+too (SD3.5: --preset sd3, the flow SDE instead of DDIM; docs/stable_diffusion.md 'Stable Diffusion 3.5').
 
 Run:
     python sd_finetune.py --reward aesthetic --out runs/aesthetic          # the paper's run, one GPU
@@ -45,7 +46,7 @@ Deliberate differences from the authors' released code, each also flagged where 
   * g_φ's architecture is ours (a 2-level conditional UNet, width set by --flow-channels).
 Not in the paper: --guess-from reference, --weighting other than plain, and the flow targets adjoint
 and mixed (and adjoint matching), which need one lean-adjoint sweep per trajectory (`adjoint_sweep`,
-see nabla_gfn.lean_adjoint). Not implemented: other samplers than DDIM(η=1), text-encoder LoRA.
+see nabla_gfn.lean_adjoint). Not implemented: other samplers than DDIM(η=1) / the flow SDE, text-encoder LoRA.
 """
 
 from __future__ import annotations
@@ -79,11 +80,12 @@ import sd_rewards
 from cli import FRACTION, NON_NEGATIVE, OPEN_UNIT, POSITIVE, UsageError, opt
 from nabla_gfn import LossConfig, StepSchedule, Trajectory
 from sd_checkpoint import RunFolder, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from sd_models import (SD15_HUB_ID, Models, Plan, add_lora, adjoint_sweep, assert_replicas_in_sync, average_gradients,
-                       build_flow_net, enable_gradient_checkpointing, encode_prompts, load_pipeline, lora_parameters,
-                       loss_callables, make_accelerator, make_optimizer, make_plan, method_config, method_trainee,
-                       no_gpu_reason, optimizer_step, parameter_groups, recorded_eps, sample_images, sample_trajectories,
-                       score_samples, set_float32_matmul, tiny_weight, unet_dtypes, weight_dtype)
+from sd_models import (SD15_HUB_ID, SD35_PRESET, TINY_MODELS, Models, Plan, add_lora, adjoint_sweep, assert_replicas_in_sync,
+                       average_gradients, build_flow_net, denoiser_dtype, enable_gradient_checkpointing, encode_prompts,
+                       load_pipeline, lora_parameters, loss_callables, make_accelerator, make_optimizer, make_plan,
+                       method_config, method_trainee, no_gpu_reason, optimizer_step, parameter_groups, recorded_eps,
+                       resolution_multiple, sample_images, sample_trajectories, score_samples, set_float32_matmul,
+                       step_schedule, text_encoders, tiny_weight, unet_dtypes, weight_dtype)
 from sd_rewards import AESTHETIC_HEAD_URL, CLIP_HUB_ID, TINY, ClipEmbedder, MissingWeights, Source, quiet_library_logs
 
 PROG = "sd_finetune.py"
@@ -123,9 +125,9 @@ class Config:
     # run
     preset: str = opt("paper", "named settings applied before the other flags: 'paper' = 'aesthetic' = the "
                       "defaults below (the paper's aesthetic run); 'hpsv2', 'imagereward' = its other two runs "
-                      "(reward, β, λ; see PRESETS); 'smoke' = --model tiny at 32x32, 4 steps, 1 epoch (a CPU "
-                      "smoke run of seconds; combine with any --reward)", choices=("paper", "aesthetic", "hpsv2",
-                                                                                "imagereward", "smoke"))
+                      "(reward, β, λ; see PRESETS); 'sd3' = SD3.5-Medium as Flow-GRPO trains it; 'smoke' = --model tiny at "
+                      "32x32, 4 steps, 1 epoch (a CPU smoke run of seconds; with any --reward, or --model tiny-sd3)",
+                      choices=("paper", "aesthetic", "hpsv2", "imagereward", "sd3", "smoke"))
     out: str = opt("runs/sd", "run folder: config.json, metrics.jsonl, trajectories.jsonl, samples/, "
                    "checkpoints/, eval.json")
     resume: str = opt("", "continue the run in this folder from its last checkpoint (flags given now "
@@ -145,9 +147,11 @@ class Config:
     report_to: str = opt("none", "also log each update's metrics to TensorBoard (under --out) or Weights & Biases "
                          "(pip install wandb), through accelerate's trackers", choices=("none", "tensorboard", "wandb"))
     # models
-    model: str = opt(SD15_HUB_ID, "diffusers hub id or local folder of a Stable Diffusion pipeline "
-                     "($NABLA_GFN_MODEL overrides the default); 'tiny' builds a random tiny pipeline for "
-                     "smoke tests", env="NABLA_GFN_MODEL")
+    model: str = opt(SD15_HUB_ID, "diffusers hub id or local folder of a Stable Diffusion (1.x/2.x) or Stable Diffusion 3 "
+                     "pipeline, e.g. stabilityai/stable-diffusion-3.5-medium ($NABLA_GFN_MODEL overrides the default); "
+                     "'tiny' / 'tiny-sd3' build a random tiny SD / SD3 pipeline for smoke tests", env="NABLA_GFN_MODEL")
+    t5: bool = opt(True, "SD3: load the T5 text encoder; --no-t5 loads text_encoder_3=None (T5-XXL is most of the "
+                   "weights' memory; the pipeline then feeds zeros for its tokens)")
     # Weights: a hub id, a local folder or file; $NABLA_GFN_... overrides each default; 'tiny' (implied by
     # --model tiny) = a tiny random build of the same architecture, or a random stand-in for the eval models.
     clip_model: str = opt(CLIP_HUB_ID, "CLIP ViT-L/14 of the aesthetic and clip-score rewards and the CLIP eval "
@@ -193,7 +197,8 @@ class Config:
     # sampler
     resolution: int = opt(512, "image height and width in pixels", check=(lambda v: v > 0 and v % 8 == 0,
                                                                         "must be a positive multiple of 8"))
-    steps: int = opt(50, "DDIM(η=1) denoising steps T", check=POSITIVE)
+    steps: int = opt(50, "denoising steps T (DDIM(η=1); SD3: flow-SDE steps on the scheduler's shifted grid)", check=POSITIVE)
+    noise_level: float = opt(0.7, "SD3: a of the flow SDE's σ_t = a√(t/(1−t)) (Flow-GRPO's 0.7)", check=POSITIVE)
     guidance_scale: float = opt(5.0, "classifier-free guidance w (empty negative prompt) of policy and reference",
                                 check=NON_NEGATIVE)
     method: str = opt("nabla-db", "finetuning method (baselines.METHODS): nabla-db (the paper's), no-flow (= --no-flow), "
@@ -332,6 +337,7 @@ PRESETS: Dict[str, dict] = {
                   grid_every=1, grid_prompts=2, grid_seeds=2, save_every=1, eval_samples_per_prompt=2,
                   gradient_checkpointing=False, reward_chunk=0,  # same numbers without recomputation (tested)
                   images_per_prompt=2),
+    "sd3": SD35_PRESET,  # sources and guesses: sd_models.SD35_PRESET
 }
 
 
@@ -348,7 +354,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
         values = {**json.loads(saved.read_text())["config"], **given, "out": given["resume"]}
     else:
         values = cli.with_preset(Config, PRESETS, given)
-        if values["model"] == TINY:
+        if values["model"] in TINY_MODELS:
             values.update({k: TINY for k in WEIGHT_FIELDS if k not in given})
     return Config(**values)
 
@@ -393,17 +399,17 @@ def load_models(cfg: Config, device, dtype: torch.dtype) -> Models:
     unet_dtype, fast_dtype = unet_dtypes(cfg, torch.device(device))
     pipe = load_pipeline(cfg, unet_dtype)
     with quiet_library_logs():
-        pipe.vae.to(weight_dtype(cfg.vae_precision, device)), pipe.text_encoder.to(dtype)
+        pipe.vae.to(weight_dtype(cfg.vae_precision, device)), [encoder.to(dtype) for encoder in text_encoders(pipe)]
     pipe.to(device)
-    multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    multiple = resolution_multiple(pipe)
     if cfg.resolution % multiple:
         raise UsageError(f"--resolution must be a multiple of {multiple} for this model (VAE × UNet downsampling; "
                          f"got {cfg.resolution})")
     embedder = load_clip(cfg, device)
     reward = build_reward(cfg, embedder)
-    lora = add_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha)
-    flow = None if cfg.no_flow else build_flow_net(pipe.unet, cfg.flow_widths).to(device)
-    models = Models(pipe, lora, flow, embedder, reward, encode_prompts(pipe, [""]), fast_dtype, cfg.reward_chunk)
+    models = Models(pipe, None, None, embedder, reward, encode_prompts(pipe, [""]), fast_dtype, cfg.reward_chunk)
+    models.lora = add_lora(models.unet, cfg.lora_rank, cfg.lora_alpha)
+    models.flow = None if cfg.no_flow else build_flow_net(models.unet, cfg.flow_widths).to(device)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(models)
     return models
@@ -468,7 +474,7 @@ class Session:
 
 def start_session(cfg: Config) -> Session:
     """Load everything, resume from the last checkpoint with --resume, write config.json, start trackers."""
-    if cfg.model != TINY and not cfg.allow_cpu and no_gpu_reason():
+    if cfg.model not in TINY_MODELS and not cfg.allow_cpu and no_gpu_reason():
         raise UsageError(no_gpu_reason())
     accelerator = make_accelerator(cfg)
     plan = make_plan(cfg, accelerator.num_processes)
@@ -482,14 +488,14 @@ def start_session(cfg: Config) -> Session:
     with accelerator.main_process_first():  # the tiny builds and downloads are made once
         models = load_models(cfg, device, weight_dtype(cfg.precision, device))
     set_float32_matmul(cfg.residual_precision)
-    if cfg.model == TINY and accelerator.is_main_process:
-        print(f"--model tiny: a tiny randomly initialised pipeline for smoke tests, not a real model "
-              f"(cached in {Path(tiny_weight('model', cfg.cache_dir)).parent})")
+    if cfg.model in TINY_MODELS and accelerator.is_main_process:
+        print(f"--model {cfg.model}: a tiny randomly initialised pipeline for smoke tests, not a real model "
+              f"(cached in {cfg.cache_dir})")
     # Process r draws noise, prompts, subsamples and shuffles from seed + r. On CPU one generator
     # serves both; on GPU the noise comes from a CUDA generator.
     noise_gen = torch.Generator(device).manual_seed(cfg.seed + accelerator.process_index)
     index_gen = noise_gen if device.type == "cpu" else torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
-    session = Session(cfg, accelerator, plan, models, nabla_gfn.ddim_schedule(models.pipe.scheduler, cfg.steps),
+    session = Session(cfg, accelerator, plan, models, step_schedule(models.pipe, cfg.steps, cfg.noise_level),
                       make_optimizer(models, cfg), noise_gen, index_gen, train_prompts,
                       encode_prompts(models.pipe, train_prompts), eval_prompts,
                       RunFolder(Path(cfg.out), accelerator.is_main_process))
@@ -498,7 +504,7 @@ def start_session(cfg: Config) -> Session:
     if session.is_main:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
     derived = {**dataclasses.asdict(plan), "processes": accelerator.num_processes,
-               "weight_dtype": str(models.unet.conv_in.weight.dtype),
+               "weight_dtype": str(denoiser_dtype(models.unet)),
                "sampling_autocast": str(models.fast_dtype) if models.fast_dtype else "none"}
     session.folder.write_json("config.json", {"config": dataclasses.asdict(cfg), "derived": derived,
                                               "command": sys.argv, "versions": _versions()})

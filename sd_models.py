@@ -2,6 +2,14 @@
 latents, the lean-adjoint sweep and sampling. sd_finetune.py trains with them; the notebooks and
 benchmarks call them directly.
 
+Two model families, told apart by the loaded pipeline's class (`FAMILIES`): Stable Diffusion 1.x/2.x
+(`StableDiffusionPipeline`: a UNet predicting ε, sampled by DDIM(η = 1)) and Stable Diffusion 3 / 3.5
+(`StableDiffusion3Pipeline`: an MMDiT transformer predicting the velocity v of the rectified flow
+x_t = (1 − t) x_0 + t ε, sampled by the flow SDE with the marginals of its ODE, `flow_schedule`). Both steps
+are Gaussian and affine in the model's output, so the loss, the sampler and the adjoint are the same
+functions; only the model call (`denoise`), the prompt encoding and the schedule differ. `Models.unet` is
+the denoiser of either family (SD3: the transformer); "ε̂" below is the model's output (SD3: v̂).
+
 The policy P_F^θ is the pipeline's UNet with a LoRA on its attention projections; the reference P_F♯ is
 the same UNet with the adapters switched off (`lora_disabled`), so no second copy of SD is held. Every
 callable routes row n to its own trajectory's prompt through `traj` (the row's trajectory index), which
@@ -28,7 +36,8 @@ from accelerate.utils import InitProcessGroupKwargs
 # unused (we preprocess in torch): drop only that notice, so that errors stay one line.
 logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "torchvision" not in r.getMessage())
 
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, SD3Transformer2DModel, StableDiffusion3Pipeline,
+                       StableDiffusionPipeline, UNet2DConditionModel)
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -42,7 +51,36 @@ from cli import UsageError
 from sd_rewards import TINY, ClipEmbedder, MissingWeights, quiet_library_logs
 
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SD35_HUB_ID = "stabilityai/stable-diffusion-3.5-medium"
+TINY_SD3 = "tiny-sd3"
+TINY_PIPELINES = {TINY: "model", TINY_SD3: "model_sd3"}  # --model value → its tiny build (tiny_models.TINY_WEIGHTS)
+TINY_MODELS = tuple(TINY_PIPELINES)
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# SD3's joint attention: the image stream's projections (as SD-1.5's) plus the text stream's
+# add_{q,k,v}_proj and its output to_add_out, as Flow-GRPO's SD3.5 LoRA (yifan123/flow_grpo, train_sd3.py).
+SD3_LORA_TARGETS = LORA_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the model families this rung trains (keyed by the pipeline's class name)."""
+
+    pipeline: type
+    denoiser: str  # the pipeline's attribute holding the network the LoRA adapts
+    hub_id: str  # the usual checkpoint, named in the missing-weights error
+    load_kwargs: Tuple[Tuple[str, object], ...] = ()  # from_pretrained's extra arguments
+
+
+FAMILIES = {
+    "StableDiffusionPipeline": Family(StableDiffusionPipeline, "unet", SD15_HUB_ID,
+                                      (("safety_checker", None), ("requires_safety_checker", False))),
+    "StableDiffusion3Pipeline": Family(StableDiffusion3Pipeline, "transformer", SD35_HUB_ID),
+}
+# SD3.5-Medium as Flow-GRPO trains it (yifan123/flow_grpo, config/grpo.py, e.g. pickscore_sd3; sde_step_with_logprob):
+# 512², 10 sampling steps for training (40 for its evaluation), guidance 4.5, noise level a = 0.7, LoRA rank 32,
+# alpha 64. β and λ of ∇-DB on SD3 have no published value: the SD-1.5 aesthetic run's are kept (a guess).
+SD35_PRESET = dict(model=SD35_HUB_ID, resolution=512, steps=10, guidance_scale=4.5, noise_level=0.7, lora_rank=32,
+                   lora_alpha=64.0, out="runs/sd3")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,8 +102,31 @@ class Models:
     reward_chunk: int = 0  # rows per decode + score on the reward-gradient path (`latent_log_reward`); 0 = all
 
     @property
-    def unet(self) -> UNet2DConditionModel:
-        return self.pipe.unet
+    def unet(self) -> nn.Module:
+        """The denoiser the LoRA adapts: SD's UNet, SD3's transformer."""
+        return denoiser(self.pipe)
+
+
+def is_flow(pipe) -> bool:
+    """Whether the pipeline's model is a rectified flow (SD3: velocity, flow SDE) rather than ε-prediction."""
+    return isinstance(pipe, StableDiffusion3Pipeline)
+
+
+def denoiser(pipe) -> nn.Module:
+    return pipe.transformer if is_flow(pipe) else pipe.unet
+
+
+def text_encoders(pipe) -> List[nn.Module]:
+    """The pipeline's text encoders that are loaded (SD3 without T5: the two CLIPs)."""
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    return [getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None]
+
+
+def resolution_multiple(pipe) -> int:
+    """--resolution must be a multiple of this: the VAE's downsampling times the UNet's (SD3: the patch size)."""
+    net = denoiser(pipe)
+    inner = net.config.patch_size if is_flow(pipe) else 2 ** (len(net.config.block_out_channels) - 1)
+    return pipe.vae_scale_factor * inner
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,31 +194,111 @@ def tiny_weight(name: str, cache_dir: str) -> str:
     return str(tiny_models.TINY_WEIGHTS[name](cache_dir))
 
 
-def load_pipeline(cfg, dtype: torch.dtype) -> StableDiffusionPipeline:
-    """StableDiffusionPipeline.from_pretrained(--model), frozen, with a DDIM scheduler of its config."""
-    source = tiny_weight("model", cfg.cache_dir) if cfg.model == TINY else cfg.model
+def _missing_pipeline(cfg, err: Exception, family: Optional[Family]) -> MissingWeights:
+    hub_id = family.hub_id if family else (SD35_HUB_ID if "diffusion-3" in cfg.model else SD15_HUB_ID)
+    gated = " (gated: accept its licence on the hub page, then `hf auth login`)" if hub_id == SD35_HUB_ID else ""
+    return MissingWeights(
+        f"cannot load the Stable Diffusion pipeline {cfg.model!r} ({type(err).__name__}): pass --model with a local "
+        f"diffusers folder or set NABLA_GFN_MODEL, or download the hub id {hub_id!r}{gated} while online "
+        f"(HF_HUB_OFFLINE=1 forbids it); --model tiny (SD-1.5) or tiny-sd3 builds a random pipeline for smoke tests")
+
+
+def load_pipeline(cfg, dtype: torch.dtype):
+    """The diffusers pipeline of --model, its family read from its model_index.json (`FAMILIES`), frozen.
+
+    SD: a DDIM scheduler of its config. SD3: its own FlowMatchEulerDiscreteScheduler (shifted timesteps),
+    without T5 (text_encoder_3 = None, the pipeline's zero T5 tokens) with --no-t5. Reads cfg.model,
+    cfg.cache_dir, cfg.t5 and cfg.method (SD3 takes only the ∇-DB methods, `check_method`).
+    """
+    source = tiny_weight(TINY_PIPELINES[cfg.model], cfg.cache_dir) if cfg.model in TINY_PIPELINES else cfg.model
     try:
         with quiet_library_logs():
-            pipe = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None,
-                                                           requires_safety_checker=False)
+            name = DiffusionPipeline.load_config(source)["_class_name"]
     except (OSError, ValueError) as err:
-        raise MissingWeights(
-            f"cannot load the Stable Diffusion pipeline {cfg.model!r} ({type(err).__name__}): pass --model with a "
-            f"local diffusers folder or set NABLA_GFN_MODEL, or download the hub id {SD15_HUB_ID!r} while online "
-            f"(HF_HUB_OFFLINE=1 forbids it); --model tiny builds a random pipeline for smoke tests"
-        ) from None
-    # DDIM(η=1) steps are Gaussian only without sample clipping; SD never clips its latents.
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        raise _missing_pipeline(cfg, err, None) from None
+    if name not in FAMILIES:
+        raise UsageError(f"--model {cfg.model!r} is a {name}; accepted: {', '.join(FAMILIES)}")
+    family = FAMILIES[name]
+    check_method(cfg.method, family)
+    no_t5 = family.denoiser == "transformer" and not cfg.t5
+    try:
+        with quiet_library_logs():
+            pipe = family.pipeline.from_pretrained(source, dtype=dtype, **dict(family.load_kwargs), **(
+                dict(text_encoder_3=None, tokenizer_3=None) if no_t5 else {}))
+    except (OSError, ValueError) as err:
+        raise _missing_pipeline(cfg, err, family) from None
+    if not is_flow(pipe):  # DDIM(η=1) steps are Gaussian only without sample clipping; SD never clips its latents.
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    for module in (denoiser(pipe), pipe.vae, *text_encoders(pipe)):
         module.requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float) -> LoraConfig:
+def check_method(method: str, family: Family) -> None:
+    """SD3 trains with the ∇-DB methods only: the other methods' updates (baselines.py) write the step as
+    DDIM's ε step (`nabla_gfn.step_mean`, `x0_prediction`), not as the schedule's affine coefficients."""
+    if family.denoiser == "transformer" and baselines.METHODS[method].update is not baselines.nabla_db_update:
+        raise UsageError(f"--method {method}: not available for SD3 (flow) models yet, its update in baselines.py "
+                         f"uses the DDIM ε step; accepted here: nabla-db, no-flow, adjoint-matching")
+
+
+# ----------------------------------------------------------------------------------------------
+# The step: DDIM(η = 1) for SD, the flow SDE for SD3
+# ----------------------------------------------------------------------------------------------
+
+
+def _flow_step_coefficients(t: Tensor, t_next: Tensor, noise_level: float, t_after_one: Tensor):
+    """(mean_coef, x0_coef, x0_coef_next, σ) of the flow SDE's Euler–Maruyama step t → t_next, as
+    `nabla_gfn.StepSchedule` holds them (float64), for a velocity model v of x_t = (1 − t) x_0 + t ε.
+
+    μ = x + [v + σ_t²/(2t)·(x + (1 − t) v)]·Δt = (1 + σ_t² Δt/(2t)) x + Δt (1 + σ_t² (1 − t)/(2t)) v,
+    std σ_t √|Δt| (Δt = t_next − t < 0), σ_t = a √(t/(1 − t)) (Flow-GRPO's; at t = 1 the 1 − t of the
+    denominator is 1 − t_after_one, the next grid point, as Flow-GRPO does), x̂_0 = x − t v.
+    """
+    # TODO(lead): replace with nabla_gfn.<name> when the flow step lands
+    t, t_next = t.double(), t_next.double()
+    dt = t_next - t
+    sde_sigma = noise_level * (t / (1 - torch.where(t == 1, t_after_one.double(), t))).sqrt()
+    drift = sde_sigma**2 / (2 * t)
+    mean_coef = torch.stack([1 + drift * dt, dt * (1 + drift * (1 - t))], -1)
+    x0_coef, x0_coef_next = (torch.stack([torch.ones_like(s), -s], -1) for s in (t, t_next))
+    return mean_coef, x0_coef, x0_coef_next, sde_sigma * (-dt).sqrt()
+
+
+def flow_schedule(scheduler, num_steps: int, noise_level: float) -> StepSchedule:
+    """The flow SDE's schedule on a diffusers FlowMatchEulerDiscreteScheduler's shifted grid (its public
+    `sigmas` t_0 = 1 > … > t_T = 0 and `timesteps` = 1000 t after `set_timesteps`, SD3.5's shift 3).
+
+    ᾱ, which sets the guess's damping γ_τ, is the variance-preserving equivalent of x_t: x_t/√((1−t)² + t²)
+    has signal fraction ᾱ = (1 − t)²/((1 − t)² + t²) (our choice; 0 at pure noise, 1 at t = 0).
+    """
+    if scheduler.config.get("use_dynamic_shifting") or scheduler.config.get("invert_sigmas"):
+        raise ValueError("flow_schedule takes a static shift (SD3's); dynamic shifting / inverted sigmas are not supported")
+    scheduler.set_timesteps(num_steps)
+    sigmas = scheduler.sigmas.double().cpu()
+    t, t_next = sigmas[:-1], sigmas[1:]
+    mean_coef, x0_coef, x0_coef_next, sigma = _flow_step_coefficients(t, t_next, noise_level, sigmas[1])
+    alpha_bar = lambda s: (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
+    scale = scheduler.config.num_train_timesteps
+    return StepSchedule(timesteps=scheduler.timesteps.float().cpu(), next_timesteps=(t_next * scale).float(),
+                        alpha_bar=alpha_bar(t).float(), alpha_bar_next=alpha_bar(t_next).float(), sigma=sigma.float(),
+                        mean_coef=mean_coef, x0_coef=x0_coef, x0_coef_next=x0_coef_next)
+
+
+def step_schedule(pipe, num_steps: int, noise_level: float) -> StepSchedule:
+    """The Gaussian step of the pipeline's family: SD's DDIM(η = 1), SD3's flow SDE with noise level a."""
+    if is_flow(pipe):
+        return flow_schedule(pipe.scheduler, num_steps, noise_level)
+    return nabla_gfn.ddim_schedule(pipe.scheduler, num_steps)
+
+
+def add_lora(unet: nn.Module, rank: int, alpha: float) -> LoraConfig:
     """LoRA on the attention projections (peft, Gaussian init: A ~ N(0, 1/r), B = 0, so the policy
-    starts exactly at the pretrained model). LoRA weights are float32 whatever the UNet's dtype."""
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+    starts exactly at the pretrained model): LORA_TARGETS of SD's UNet, SD3_LORA_TARGETS of SD3's
+    transformer. LoRA weights are float32 whatever the denoiser's dtype."""
+    targets = SD3_LORA_TARGETS if isinstance(unet, SD3Transformer2DModel) else LORA_TARGETS
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
     unet.add_adapter(config)
     cast_training_params(unet, dtype=torch.float32)
     return config
@@ -246,18 +387,20 @@ def enable_gradient_checkpointing(models: "Models") -> None:
             module.enable_gradient_checkpointing(checkpoint_block)
 
 
-def build_flow_net(unet: UNet2DConditionModel, widths: Sequence[int]) -> UNet2DConditionModel:
+def build_flow_net(unet: nn.Module, widths: Sequence[int]) -> UNet2DConditionModel:
     """g_φ(x, τ, prompt): a small conditional UNet over latents, output layer zeroed (g_φ ≡ 0 at init).
 
     Our architecture (the official one is not specified in the paper): one level per width, self- and
-    cross-attention on all but the full-resolution level, timestep embedding as in SD.
+    cross-attention on all but the full-resolution level, timestep embedding as in SD. For SD3 it
+    cross-attends to the packed prompt tokens (`encode_prompts`: the pooled embedding is one more token).
     """
+    config = unet.config
     net = UNet2DConditionModel(
-        sample_size=unet.config.sample_size, in_channels=unet.config.in_channels,
-        out_channels=unet.config.out_channels, block_out_channels=tuple(widths), layers_per_block=1,
+        sample_size=config.sample_size, in_channels=config.in_channels,
+        out_channels=config.out_channels, block_out_channels=tuple(widths), layers_per_block=1,
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(widths) - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (len(widths) - 1) + ("UpBlock2D",),
-        cross_attention_dim=unet.config.cross_attention_dim, attention_head_dim=8,
+        cross_attention_dim=config.get("cross_attention_dim") or config.joint_attention_dim, attention_head_dim=8,
     )
     return nabla_gfn.zero_output_layer(net, net.conv_out)
 
@@ -268,9 +411,35 @@ def build_flow_net(unet: UNet2DConditionModel, widths: Sequence[int]) -> UNet2DC
 
 
 @torch.no_grad()
-def encode_prompts(pipe: StableDiffusionPipeline, prompts: Sequence[str]) -> Tensor:
-    """(P, L, D) text-encoder embeddings, in the text encoder's dtype."""
-    return pipe.encode_prompt(list(prompts), pipe.device, 1, False)[0]
+def encode_prompts(pipe, prompts: Sequence[str]) -> Tensor:
+    """(P, L, D) text-encoder embeddings, in the text encoder's dtype. SD3: its encode_prompt's tokens
+    (CLIP-L and CLIP-G, then T5 or zeros) and pooled (P, D') embedding packed into one tensor (P, L + 1, D),
+    the pooled one zero-padded as the last token (`unpack_sd3`), so that one row index selects both."""
+    if not is_flow(pipe):
+        return pipe.encode_prompt(list(prompts), pipe.device, 1, False)[0]
+    tokens, _, pooled, _ = pipe.encode_prompt(list(prompts), None, None, pipe.device, 1, False)
+    if pooled.shape[-1] > tokens.shape[-1]:
+        raise ValueError(f"SD3 pooled embedding ({pooled.shape[-1]}) wider than its tokens ({tokens.shape[-1]})")
+    return torch.cat([tokens, nn.functional.pad(pooled, (0, tokens.shape[-1] - pooled.shape[-1]))[:, None]], 1)
+
+
+def unpack_sd3(context: Tensor, pooled_dim: int) -> Tuple[Tensor, Tensor]:
+    """`encode_prompts`' SD3 packing undone: (N, L + 1, D) → tokens (N, L, D), pooled (N, pooled_dim)."""
+    return context[:, :-1], context[:, -1, :pooled_dim]
+
+
+def denoiser_dtype(unet: nn.Module) -> torch.dtype:
+    """The dtype of the frozen denoiser's weights (LoRA weights are float32)."""
+    return (unet.pos_embed.proj if isinstance(unet, SD3Transformer2DModel) else unet.conv_in).weight.dtype
+
+
+def denoise(unet: nn.Module, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    """One call of the denoiser on rows x (N, C, h, w) at timesteps t (N,) with context (N, L, D) from
+    `encode_prompts`: SD's UNet ε̂; SD3's transformer v̂ (t = 1000·σ, the scheduler's timesteps)."""
+    if isinstance(unet, SD3Transformer2DModel):
+        tokens, pooled = unpack_sd3(context, unet.config.pooled_projection_dim)
+        return unet(hidden_states=x, timestep=t, encoder_hidden_states=tokens, pooled_projections=pooled).sample
+    return unet(x, t, encoder_hidden_states=context).sample
 
 
 def unet_autocast(device: torch.device, dtype: Optional[torch.dtype]):
@@ -278,37 +447,41 @@ def unet_autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def guided_eps(unet: UNet2DConditionModel, cond: Tensor, uncond: Tensor, scale: float, lora: bool = True,
+def guided_eps(unet: nn.Module, cond: Tensor, uncond: Tensor, scale: float, lora: bool = True,
                autocast: Optional[torch.dtype] = None):
     """EpsFn of the guided policy (lora=True) or reference (lora=False) for rows whose prompt embedding
     is cond[traj]: one UNet call on [uncond; cond] rows, then ε̂ = ε_u + w (ε_c − ε_u), in float32.
+    SD3 guides its velocity the same way (v̂ = v_u + w (v_c − v_u), its pipeline's CFG, the empty
+    negative prompt's tokens and pooled embedding as uncond).
     The UNet runs in its weights' dtype, or under autocast to `autocast` when given."""
-    dtype, layers = unet.conv_in.weight.dtype, [] if lora else lora_layers(unet)
+    dtype, layers = denoiser_dtype(unet), [] if lora else lora_layers(unet)
 
     def eps_fn(x: Tensor, t: Tensor, traj: Tensor) -> Tensor:
         context = torch.cat([uncond.expand(len(x), -1, -1), cond[traj]]).to(dtype)
         with lora_disabled(layers), unet_autocast(x.device, autocast):
-            eps = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), encoder_hidden_states=context).sample
+            eps = denoise(unet, torch.cat([x, x]).to(dtype), torch.cat([t, t]), context)
         eps_uncond, eps_cond = eps.float().chunk(2)
         return nabla_gfn.classifier_free_guidance(eps_uncond, eps_cond, scale)
 
     return eps_fn
 
 
-def conditional_eps(unet: UNet2DConditionModel, cond: Tensor, autocast: Optional[torch.dtype] = None):
+def conditional_eps(unet: nn.Module, cond: Tensor, autocast: Optional[torch.dtype] = None):
     """EpsFn of the unguided reference ε_c(x, prompt) (adapters off): one UNet call on N rows, float32."""
-    dtype, layers = unet.conv_in.weight.dtype, lora_layers(unet)
+    dtype, layers = denoiser_dtype(unet), lora_layers(unet)
 
     def eps_fn(x: Tensor, t: Tensor, traj: Tensor) -> Tensor:
         with lora_disabled(layers), unet_autocast(x.device, autocast):
-            return unet(x.to(dtype), t, encoder_hidden_states=cond[traj].to(dtype)).sample.float()
+            return denoise(unet, x.to(dtype), t, cond[traj].to(dtype)).float()
 
     return eps_fn
 
 
 def decode_latents(vae: AutoencoderKL, latents: Tensor) -> Tensor:
-    """Latents (N, 4, h, w) → images (N, 3, H, W) in [-1, 1], float32 (differentiable)."""
-    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
+    """Latents (N, C, h, w) → images (N, 3, H, W) in [-1, 1], float32 (differentiable). SD3's VAE also
+    has a shift: z / scaling_factor + shift_factor, as its pipeline decodes."""
+    shift = vae.config.get("shift_factor") or 0.0
+    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample.float()
 
 
 def latent_log_reward(vae: AutoencoderKL, reward: nn.Module, prompts: Sequence[str], chunk: int = 0):

@@ -1,7 +1,8 @@
 """Tiny random builds of every model sd_finetune.py loads, for smoke tests and CPU benchmarks.
 
 `--model tiny` (and `--preset smoke`) make sd_finetune.py load these instead of the real weights: a
-Stable Diffusion pipeline with SD's component classes and scheduler config, a CLIP, the LAION aesthetic
+Stable Diffusion pipeline with SD's component classes and scheduler config (`--model tiny-sd3`: an SD3
+pipeline with SD3.5-Medium's component classes and scheduler config), a CLIP, the LAION aesthetic
 head, HPSv2's open_clip model, PickScore and ImageReward, each at toy size and random, saved in its real
 format and loaded by the same functions as the real weights (sd_rewards.py). Nothing is downloaded.
 Each build is made once under the cache folder (`build_once`), seeded, so every process and run sees the
@@ -17,9 +18,11 @@ from pathlib import Path
 from typing import Callable, List
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline,
+                       StableDiffusionPipeline, UNet2DConditionModel)
 from transformers import (BertTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
-                          CLIPTextModel, CLIPTokenizer)
+                          CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel,
+                          T5TokenizerFast)
 
 from sd_rewards import (HPSV2_FILE, IMAGEREWARD_FILE, IMAGEREWARD_KEYS, IMAGEREWARD_MED_CONFIG, AestheticHead,
                         ImageRewardNet, imagereward_configs, quiet_library_logs, rename_key)
@@ -62,6 +65,23 @@ def build_tiny_tokenizer(folder: Path) -> CLIPTokenizer:
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def build_tiny_t5_tokenizer(folder: Path) -> T5TokenizerFast:
+    """A T5 tokenizer (SentencePiece-style unigram over letters and digits, '▁' marking a word start, </s>
+    appended), built with the tokenizers library and saved as tokenizer.json: no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,'-")
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0), *((c, -2.0) for c in chars),
+             *(("▁" + c, -1.5) for c in chars)]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                extra_ids=0)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
 
 
 def tiny_clip_text_config(vocab_size: int) -> CLIPTextConfig:
@@ -176,10 +196,44 @@ def _build_tiny_pipeline(folder: Path) -> None:
     torch.save(AestheticHead(clip.config.projection_dim).state_dict(), folder / "aesthetic_head.pth")
 
 
+def tiny_sd3_assets(cache_dir: str) -> Path:
+    """Build once (under cache_dir/tiny-sd3-v1) and return a tiny random SD3 pipeline (`_build_tiny_sd3_pipeline`)."""
+    return build_once(Path(cache_dir) / "tiny-sd3-v1", _build_tiny_sd3_pipeline)
+
+
+def _build_tiny_sd3_pipeline(folder: Path) -> None:
+    """SD3.5-Medium's classes at toy size: an MMDiT with its dual attention (first block) and RMS QK-norm,
+    two CLIP text encoders with projection, a T5 encoder, a 16-channel VAE with SD3's scaling and shift,
+    and FlowMatchEulerDiscreteScheduler with SD3's shift 3. Its tokens are 64 wide (the pipeline pads the two
+    32-wide CLIP states to the T5 width), its pooled embedding 2 × 32."""
+    tokenizer = build_tiny_tokenizer(folder / "vocab")
+    clip_config = tiny_clip_text_config(len(tokenizer))
+    clip_config.projection_dim = 32
+    t5_tokenizer = build_tiny_t5_tokenizer(folder / "t5")
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(sample_size=4, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                          attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                          caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=8,
+                                          dual_attention_layers=(0,), qk_norm="rms_norm"),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=16,
+                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                          sample_size=32, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                          use_post_quant_conv=False),
+        text_encoder=CLIPTextModelWithProjection(clip_config), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(clip_config), tokenizer_2=tokenizer,
+        text_encoder_3=T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=64, d_kv=8, d_ff=64, num_layers=1,
+                                               num_heads=2)),
+        tokenizer_3=t5_tokenizer,
+    )
+    pipe.save_pretrained(folder / "pipeline")
+
+
 # Config field of sd_finetune.py → the local folder or file of its tiny build (the eval stand-ins of
 # --dreamsim / --fid-weights are not builds: sd_metrics.py makes them when it reads 'tiny').
 TINY_WEIGHTS = {
     "model": lambda cache: tiny_assets(cache) / "pipeline",
+    "model_sd3": lambda cache: tiny_sd3_assets(cache) / "pipeline",  # --model tiny-sd3
     "clip_model": lambda cache: tiny_assets(cache) / "clip",
     "aesthetic_head": lambda cache: tiny_assets(cache) / "aesthetic_head.pth",
     "hpsv2_checkpoint": lambda cache: tiny_reward_assets(cache, "hpsv2"),
