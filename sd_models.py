@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import warnings
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -212,7 +213,8 @@ def load_pipeline(cfg, dtype: torch.dtype):
     """
     source = tiny_weight(TINY_PIPELINES[cfg.model], cfg.cache_dir) if cfg.model in TINY_PIPELINES else cfg.model
     try:
-        with quiet_library_logs():
+        with quiet_library_logs(), warnings.catch_warnings():  # diffusers passes hf_hub a deprecated argument
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks")
             name = DiffusionPipeline.load_config(source)["_class_name"]
     except (OSError, ValueError) as err:
         raise _missing_pipeline(cfg, err, None) from None
