@@ -8,6 +8,7 @@ saved LoRA through `StableDiffusion3Pipeline.load_lora_weights`; the CLI end to 
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -164,9 +165,13 @@ def test_noiseless_sampler_reproduces_the_pipelines_latents(cache, tmp_path):
     eps_fn = sdm.guided_eps(models.unet, sd.encode_prompts(models.pipe, ["owl"]), models.uncond, 4.5, lora=False)
     ours = nabla_gfn.sample_trajectory(eps_fn, schedule, x_T).final
     pipe = tiny_sd3_pipeline(cache)
-    theirs = pipe("owl", num_inference_steps=5, guidance_scale=4.5, latents=x_T.clone(), height=32, width=32,
-                  output_type="latent").images
+    call = dict(num_inference_steps=5, guidance_scale=4.5, height=32, width=32)
+    theirs = pipe("owl", latents=x_T.clone(), output_type="latent", **call).images
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    images = pipe("owl", latents=x_T.clone(), output_type="pt", **call).images  # decoded with SD3's VAE shift, in [0, 1]
+    with torch.no_grad():
+        decoded = sdm.decode_latents(models.pipe.vae, ours)
+    torch.testing.assert_close((decoded / 2 + 0.5).clamp(0, 1), images, rtol=1e-5, atol=1e-5)
 
 
 def test_no_t5_loads_without_the_third_text_encoder(cache, tmp_path):
@@ -219,17 +224,63 @@ def test_saved_lora_loads_into_the_sd3_pipeline_and_reproduces_the_transformer(c
     assert all(torch.equal(p, q) for p, q in zip(sd.lora_parameters(fresh.unet), sd.lora_parameters(models.unet)))
 
 
+def test_checkpointing_changes_no_number_on_sd3(cache, tmp_path):
+    """--gradient-checkpointing on the transformer (sd_models.checkpoint_block through its blocks): the ∇-DB
+    loss and every trainable gradient are bitwise those without it, with a non-zero LoRA and g_φ, while the
+    graph kept for backward is smaller."""
+    cfg = sd3_config(cache, tmp_path, "--reward", "clip-score", "--trust-region", "10", "--no-gradient-checkpointing")
+    models = sd.load_models(cfg, torch.device("cpu"), torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in sd.lora_parameters(models.unet):
+            p.copy_(0.2 * torch.randn(p.shape, generator=generator))
+        models.flow.conv_out.weight.copy_(0.05 * torch.randn(models.flow.conv_out.weight.shape, generator=generator))
+    schedule = sdm.step_schedule(models.pipe, cfg.steps, cfg.noise_level)
+    prompts = ["cat", "owl"]
+    cond = sd.encode_prompts(models.pipe, prompts)
+    trajectory = sd.sample_trajectories(models, schedule, cond, cfg, generator)
+    batch = nabla_gfn.gather_transitions(trajectory, schedule, nabla_gfn.subsample_steps(cfg.steps, 1.0, 2, generator))
+    params = [p for ps in sdm.parameter_groups(models).values() for p in ps]
+
+    def loss_and_gradients():
+        saved = [0]
+
+        def pack(tensor):
+            saved[0] += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss, parts = nabla_gfn.nabla_db_loss(batch, *sd.loss_callables(models, cond, prompts, cfg.guidance_scale),
+                                                  cfg.loss_config())
+        return parts, torch.autograd.grad(loss, params), saved[0]
+
+    plain = loss_and_gradients()
+    sdm.enable_gradient_checkpointing(models)
+    checkpointed = loss_and_gradients()
+    assert all(torch.equal(plain[0][k], checkpointed[0][k]) for k in plain[0])
+    assert all(torch.equal(a, b) for a, b in zip(plain[1], checkpointed[1]))
+    assert all(plain[0][k] > 0 for k in ("forward", "reverse", "trust_region"))
+    assert checkpointed[2] < 0.5 * plain[2], (checkpointed[2], plain[2])
+
+
 # ----------------------------------------------------------------------------------------------
 # The CLI end to end
 # ----------------------------------------------------------------------------------------------
 
 
-def test_smoke_eval_run_writes_lora_grids_and_eval(env, cache, tmp_path):
-    """The bar: `--model tiny-sd3 --preset smoke --eval --out D` offline on a CPU, and the LoRA it writes
-    loads into the tiny SD3 pipeline through load_lora_weights."""
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, env):
+    """The bar's command: `--model tiny-sd3 --preset smoke --eval --out D`, offline on a CPU."""
+    out = tmp_path_factory.mktemp("runs") / "smoke-sd3"
     result = run_script(["--model", "tiny-sd3", "--preset", "smoke", "--eval", "--out", out], env)
     assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_smoke_eval_run_writes_lora_grids_and_eval(smoke_run, cache):
+    """The bar: the smoke run writes grids, metrics, eval.json and a LoRA that loads into the tiny SD3
+    pipeline through load_lora_weights."""
+    out = smoke_run
     assert {p.name for p in (out / "samples").iterdir()} == {"epoch_0000.png", "epoch_0001.png"}
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["update"] for m in metrics] == [1, 2] and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
@@ -243,6 +294,23 @@ def test_smoke_eval_run_writes_lora_grids_and_eval(env, cache, tmp_path):
     pipe = tiny_sd3_pipeline(cache)
     pipe.load_lora_weights(out / "checkpoints" / "epoch_0001")
     assert len(sdm.lora_layers(pipe.transformer)) == sum(k.endswith("lora_A.weight") for k in saved) > 0
+
+
+def test_resumed_sd3_run_reproduces_the_uninterrupted_run(smoke_run, env, tmp_path):
+    """--resume of the one-epoch smoke run to --epochs 2 = a straight two-epoch run: metrics and LoRA bit for bit."""
+    from safetensors.torch import load_file
+
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    shutil.copytree(smoke_run, resumed)
+    assert run_script(["--resume", resumed, "--epochs", 2], env).returncode == 0
+    result = run_script(["--model", "tiny-sd3", "--preset", "smoke", "--epochs", 2, "--out", straight], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    drop = ("update_seconds", "elapsed_seconds")
+    metrics = [[{k: v for k, v in json.loads(line).items() if k not in drop}
+                for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (resumed, straight)]
+    assert metrics[0] == metrics[1] and len(metrics[0]) == 4
+    lora = [load_file(run / "checkpoints" / "epoch_0002" / "pytorch_lora_weights.safetensors") for run in (resumed, straight)]
+    assert lora[0].keys() == lora[1].keys() and all(torch.equal(lora[0][k], lora[1][k]) for k in lora[0])
 
 
 @pytest.mark.parametrize("method", ["no-flow", "adjoint-matching"])
