@@ -67,15 +67,15 @@ class Family:
     """What differs between the model families this rung trains (keyed by the pipeline's class name)."""
 
     pipeline: type
-    denoiser: str  # the pipeline's attribute holding the network the LoRA adapts
+    flow: bool  # velocity model sampled by the flow SDE (`is_flow`), else ε-model sampled by DDIM(η = 1)
     hub_id: str  # the usual checkpoint, named in the missing-weights error
     load_kwargs: Tuple[Tuple[str, object], ...] = ()  # from_pretrained's extra arguments
 
 
 FAMILIES = {
-    "StableDiffusionPipeline": Family(StableDiffusionPipeline, "unet", SD15_HUB_ID,
+    "StableDiffusionPipeline": Family(StableDiffusionPipeline, False, SD15_HUB_ID,
                                       (("safety_checker", None), ("requires_safety_checker", False))),
-    "StableDiffusion3Pipeline": Family(StableDiffusion3Pipeline, "transformer", SD35_HUB_ID),
+    "StableDiffusion3Pipeline": Family(StableDiffusion3Pipeline, True, SD35_HUB_ID),
 }
 # SD3.5-Medium as Flow-GRPO trains it (yifan123/flow_grpo, config/grpo.py, e.g. pickscore_sd3; sde_step_with_logprob):
 # 512², 10 sampling steps for training (40 for its evaluation), guidance 4.5, noise level a = 0.7, LoRA rank 32,
@@ -98,7 +98,7 @@ class Models:
     flow: Optional[UNet2DConditionModel]  # g_φ, None for --no-flow
     embedder: ClipEmbedder
     reward: nn.Module
-    uncond: Tensor  # (1, L, D) embedding of the empty negative prompt
+    uncond: Tensor  # (1, L, D) embedding of the empty negative prompt (SD3: packed, `encode_prompts`)
     fast_dtype: Optional[torch.dtype] = None  # autocast dtype of sampling and the adjoint sweep (`unet_dtypes`)
     reward_chunk: int = 0  # rows per decode + score on the reward-gradient path (`latent_log_reward`); 0 = all
 
@@ -222,7 +222,7 @@ def load_pipeline(cfg, dtype: torch.dtype):
         raise UsageError(f"--model {cfg.model!r} is a {name}; accepted: {', '.join(FAMILIES)}")
     family = FAMILIES[name]
     check_method(cfg.method, family)
-    no_t5 = family.denoiser == "transformer" and not cfg.t5
+    no_t5 = family.flow and not cfg.t5
     try:
         with quiet_library_logs():
             pipe = family.pipeline.from_pretrained(source, dtype=dtype, **dict(family.load_kwargs), **(
@@ -240,7 +240,7 @@ def load_pipeline(cfg, dtype: torch.dtype):
 def check_method(method: str, family: Family) -> None:
     """SD3 trains with the ∇-DB methods only: the other methods' updates (baselines.py) write the step as
     DDIM's ε step (`nabla_gfn.step_mean`, `x0_prediction`), not as the schedule's affine coefficients."""
-    if family.denoiser == "transformer" and baselines.METHODS[method].update is not baselines.nabla_db_update:
+    if family.flow and baselines.METHODS[method].update is not baselines.nabla_db_update:
         raise UsageError(f"--method {method}: not available for SD3 (flow) models yet, its update in baselines.py "
                          f"uses the DDIM ε step; accepted here: nabla-db, no-flow, adjoint-matching")
 
