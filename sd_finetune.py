@@ -80,12 +80,13 @@ import sd_rewards
 from cli import FRACTION, NON_NEGATIVE, OPEN_UNIT, POSITIVE, UsageError, opt
 from nabla_gfn import LossConfig, StepSchedule, Trajectory
 from sd_checkpoint import RunFolder, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from sd_models import (SD15_HUB_ID, SD35_PRESET, TINY_MODELS, Models, Plan, add_lora, adjoint_sweep, assert_replicas_in_sync,
-                       average_gradients, build_flow_net, denoiser_dtype, enable_gradient_checkpointing, encode_prompts,
-                       load_pipeline, lora_parameters, loss_callables, make_accelerator, make_optimizer, make_plan,
-                       method_config, method_trainee, no_gpu_reason, optimizer_step, parameter_groups, recorded_eps,
-                       resolution_multiple, sample_images, sample_trajectories, score_samples, set_float32_matmul,
-                       step_schedule, text_encoders, tiny_weight, unet_dtypes, weight_dtype)
+from sd_models import (SD15_HUB_ID, SD35_PRESET, TINY_MODELS, Models, Plan, add_lora, adjoint_sweep,
+                       assert_replicas_in_sync, average_gradients, build_flow_net, denoiser, denoiser_dtype,
+                       enable_gradient_checkpointing, encode_prompts, load_pipeline, lora_parameters, loss_callables,
+                       make_accelerator, make_optimizer, make_plan, method_config, method_trainee, no_gpu_reason,
+                       optimizer_step, parameter_groups, recorded_eps, resolution_multiple, sample_images,
+                       sample_trajectories, score_samples, set_float32_matmul, step_schedule, text_encoders,
+                       tiny_weight, unet_dtypes, weight_dtype)
 from sd_rewards import AESTHETIC_HEAD_URL, CLIP_HUB_ID, TINY, ClipEmbedder, MissingWeights, Source, quiet_library_logs
 
 PROG = "sd_finetune.py"
@@ -407,9 +408,9 @@ def load_models(cfg: Config, device, dtype: torch.dtype) -> Models:
                          f"got {cfg.resolution})")
     embedder = load_clip(cfg, device)
     reward = build_reward(cfg, embedder)
-    models = Models(pipe, None, None, embedder, reward, encode_prompts(pipe, [""]), fast_dtype, cfg.reward_chunk)
-    models.lora = add_lora(models.unet, cfg.lora_rank, cfg.lora_alpha)
-    models.flow = None if cfg.no_flow else build_flow_net(models.unet, cfg.flow_widths).to(device)
+    lora = add_lora(denoiser(pipe), cfg.lora_rank, cfg.lora_alpha)
+    flow = None if cfg.no_flow else build_flow_net(denoiser(pipe), cfg.flow_widths).to(device)
+    models = Models(pipe, lora, flow, embedder, reward, encode_prompts(pipe, [""]), fast_dtype, cfg.reward_chunk)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(models)
     return models

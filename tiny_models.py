@@ -205,7 +205,7 @@ def _build_tiny_sd3_pipeline(folder: Path) -> None:
     """SD3.5-Medium's classes at toy size: an MMDiT with its dual attention (first block) and RMS QK-norm,
     two CLIP text encoders with projection, a T5 encoder, a 16-channel VAE with SD3's scaling and shift,
     and FlowMatchEulerDiscreteScheduler with SD3's shift 3. Its tokens are 64 wide (the pipeline pads the two
-    32-wide CLIP states to the T5 width), its pooled embedding 2 × 32."""
+    32-wide CLIP states to the T5 width), its pooled embedding 2 × 32; positions for images up to 1024²."""
     tokenizer = build_tiny_tokenizer(folder / "vocab")
     clip_config = tiny_clip_text_config(len(tokenizer))
     clip_config.projection_dim = 32
@@ -213,7 +213,7 @@ def _build_tiny_sd3_pipeline(folder: Path) -> None:
     pipe = StableDiffusion3Pipeline(
         transformer=SD3Transformer2DModel(sample_size=4, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
                                           attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
-                                          caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=8,
+                                          caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=64,
                                           dual_attention_layers=(0,), qk_norm="rms_norm"),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=16,
