@@ -23,8 +23,9 @@ def flow_schedule(scheduler, num_steps: int, noise_level: float = math.sqrt(2)) 
 
     a → 0 is the scheduler's Euler step; a = √2 is memoryless (σ_t² = 2t/(1 − t) makes the SDE's forward
     kernel the path's own N((1 − t) x_0, t² I), so x_1 ⟂ x_0 and the untilted start N(0, I) is exact).
-    At t = 1, 1 − t in σ_t is 1 − t_1, the grid's second point (Flow-GRPO). `alpha_bar` is the squared
-    signal coefficient (1 − t)², so γ = √ᾱ = 1 − t; `timesteps` are the scheduler's floats t·1000.
+    At t = 1, 1 − t in σ_t is 1 − t_1, the grid's second point (Flow-GRPO). `alpha_bar` is the ᾱ of equal
+    signal-to-noise ratio, ᾱ/(1 − ᾱ) = (1 − t)²/t², so γ_τ means at t what it means for DDPM at that noise
+    level (measured better on the toy than ᾱ = (1 − t)²); `timesteps` are the scheduler's floats t·1000.
     """
     if noise_level <= 0:
         raise ValueError(f"noise_level must be > 0 (the step needs σ > 0), got {noise_level}")
@@ -37,8 +38,9 @@ def flow_schedule(scheduler, num_steps: int, noise_level: float = math.sqrt(2)) 
     mean_coef = torch.stack([1 + drift * dt, (1 + drift * (1 - t)) * dt], -1)
     # x̂_0 = x − t v̂ at x (t) and at x' (t')
     x0_coef, x0_coef_next = (torch.stack([torch.ones_like(s), -s], -1) for s in (t, t_next))
+    alpha_bar = lambda s: ((1 - s) ** 2 / ((1 - s) ** 2 + s**2)).float()
     timesteps = scheduler.timesteps.float().cpu()  # t · num_train_timesteps, what the model is fed
     return StepSchedule(timesteps=timesteps, next_timesteps=torch.cat([timesteps[1:], timesteps.new_zeros(1)]),
-                        alpha_bar=((1 - t) ** 2).float(), alpha_bar_next=((1 - t_next) ** 2).float(),
+                        alpha_bar=alpha_bar(t), alpha_bar_next=alpha_bar(t_next),
                         sigma=(sigma_t * dt.abs().sqrt()).float(), mean_coef=mean_coef, x0_coef=x0_coef,
                         x0_coef_next=x0_coef_next)

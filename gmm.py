@@ -4,7 +4,8 @@ For a Gaussian-mixture prior p♯ = Σ_k w_k N(m_k, diag(s²)) and a Gaussian or
 tilted target p*(x_0) ∝ p♯(x_0) R(x_0)^β is again a mixture (`GaussianReward.tilt`, `LinearReward.tilt`),
 both are Gaussian mixtures at every noise level of x_τ = √ᾱ x_0 + √(1−ᾱ) ε (`GMM.noised`), and so the
 residual flow score ∇ log F̃_τ = ∇ log p*_τ − ∇ log p♯_τ is exact (`exact_flow_score`). The same holds on
-the rectified-flow path x_t = (1 − t) x_0 + t ε (`path="flow"`, ᾱ = (1 − t)²), with the exact velocity
+the rectified-flow path x_t = (1 − t) x_0 + t ε (`path="flow"`, keyed by the ᾱ of equal signal-to-noise
+ratio), with the exact velocity
 (`exact_velocity`). toy_2d.py uses this as its prior, target and metrics; experiments/toy_diagnostics.py
 as an oracle for the learned flow.
 
@@ -50,9 +51,20 @@ OFFSET_NORM, OFFSET_SEED = 2.0, 0
 
 # ---------------------------------------------------------------------------------------------- GMM, rewards, exact flow
 
-# The forward path x_τ = √ᾱ x_0 + √ν ε: its noise variance ν as a function of ᾱ (the squared signal coefficient).
-# "ddpm": variance-preserving, ν = 1 − ᾱ; "flow": rectified flow x_t = (1 − t) x_0 + t ε, ᾱ = (1 − t)², ν = t².
-PATH_NOISE_VAR = {"ddpm": lambda a: 1 - a, "flow": lambda a: (1 - a.sqrt()) ** 2}
+# The forward path x_τ = c x_0 + √ν ε as (c, c², ν) from the noise level ᾱ. "ddpm": variance-preserving, c = √ᾱ,
+# ν = 1 − ᾱ; "flow": rectified flow x_t = (1 − t) x_0 + t ε at the ᾱ of the same signal-to-noise ratio,
+# ᾱ/(1 − ᾱ) = (1 − t)²/t², i.e. t = √(1−ᾱ)/(√ᾱ + √(1−ᾱ)) (`flow_alpha_bar`; the flow schedule's ᾱ).
+def _flow_path(a: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    t = (1 - a).sqrt() / (a.sqrt() + (1 - a).sqrt())
+    return 1 - t, (1 - t) ** 2, t**2
+
+
+PATHS = {"ddpm": lambda a: (a.sqrt(), a, 1 - a), "flow": _flow_path}
+
+
+def flow_alpha_bar(t: Tensor) -> Tensor:
+    """The ᾱ that keys time t of the flow path: (1 − t)² / ((1 − t)² + t²)."""
+    return (1 - t) ** 2 / ((1 - t) ** 2 + t**2)
 
 @dataclass
 class GMM:
@@ -77,13 +89,12 @@ class GMM:
         return GMM(self.means[:, :coords], self.weights, std)
 
     def noised(self, alpha_bar: Tensor, path: str = "ddpm") -> Tuple[Tensor, Tensor]:
-        """Marginal under x_τ = √ᾱ x_0 + √ν ε (ν from `PATH_NOISE_VAR[path]`), per row: means (N, K, D),
-        variance (N,) or (N, D) if diagonal."""
-        a = alpha_bar.to(self.means.dtype)
-        noise = PATH_NOISE_VAR[path](a)
+        """Marginal under x_τ = c x_0 + √ν ε (`PATHS[path]`), per row: means (N, K, D), variance (N,) or (N, D)
+        if diagonal."""
+        scale, scale2, noise = PATHS[path](alpha_bar.to(self.means.dtype))
         if isinstance(self.std, Tensor):
-            return a.sqrt()[:, None, None] * self.means, a[:, None] * self.std.to(a) ** 2 + noise[:, None]
-        return a.sqrt()[:, None, None] * self.means, a * self.std**2 + noise
+            return scale[:, None, None] * self.means, scale2[:, None] * self.std.to(scale) ** 2 + noise[:, None]
+        return scale[:, None, None] * self.means, scale2 * self.std**2 + noise
 
     def _log_resp_terms(self, x: Tensor, alpha_bar: Tensor, path: str = "ddpm") -> Tuple[Tensor, Tensor, Tensor]:
         means, var = self.noised(alpha_bar, path)
@@ -190,7 +201,7 @@ def exact_velocity(gmm: GMM, x: Tensor, t: Tensor) -> Tensor:
     x̂_0 = (x + t² s)/(1 − t) (Tweedie) and ε̂ = −t s, so v = ε̂ − x̂_0 = −(x + t s)/(1 − t). At t = 1,
     x_1 ⟂ x_0 and v = x − E[x_0] (the limit). t in [0, 1], (N,) or a scalar. float64 inside, differentiable."""
     x64, t64 = x.double(), t.double().expand(len(x))[:, None]
-    v = -(x64 + t64 * gmm.score(x64, (1 - t64[:, 0]) ** 2, "flow")) / (1 - t64).clamp(min=1e-12)
+    v = -(x64 + t64 * gmm.score(x64, flow_alpha_bar(t64[:, 0]), "flow")) / (1 - t64).clamp(min=1e-12)
     return torch.where(t64 == 1, x64 - gmm.weights @ gmm.means, v).to(x.dtype)
 
 

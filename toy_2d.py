@@ -144,7 +144,7 @@ class Task:
     reward: Callable[[Tensor], Tensor]
     beta: float
     target: Optional[GMM]
-    model: str = "ddpm"  # the pretrained family, and so the forward path of the exact marginals (gmm.PATH_NOISE_VAR)
+    model: str = "ddpm"  # the pretrained family, and so the forward path of the exact marginals (gmm.PATHS)
 
     @property
     def dim(self) -> int:

@@ -37,6 +37,11 @@ def make_schedule(kind, num_steps=NUM_STEPS, noise_level=SQRT2, shift=1.0):
     return flow_schedule(FlowMatchEulerDiscreteScheduler(shift=shift), num_steps, noise_level)
 
 
+def snr_alpha_bar(t):
+    """The ᾱ of equal signal-to-noise ratio: ᾱ/(1 − ᾱ) = (1 − t)²/t²."""
+    return (1 - t) ** 2 / ((1 - t) ** 2 + t**2)
+
+
 def flow_time(timesteps):
     """t ∈ [0, 1] of the flow schedule's timesteps (t · 1000)."""
     return timesteps.to(F64) / 1000
@@ -80,7 +85,7 @@ def test_flow_step_is_the_euler_maruyama_step_of_the_reverse_sde(noise_level, sh
         t, dt = grid[i], grid[i + 1] - grid[i]
         x, z = 2 * torch.randn(2, 64, 2, generator=generator, dtype=F64)
         v = gmm.exact_velocity(prior, x, t)
-        score = prior.score(x, ((1 - t) ** 2).expand(64), "flow")
+        score = prior.score(x, snr_alpha_bar(t).expand(64), "flow")
         s_t = sigma_t(grid, i, noise_level)
         expected = x + (v - s_t**2 / 2 * score) * dt + s_t * (-dt).sqrt() * z
         got = affine(schedule.mean_coef[i].expand(64, 2), x, v) + schedule.sigma[i].to(F64) * z
@@ -97,7 +102,7 @@ def test_flow_schedule_rejects_a_noise_level_that_is_not_positive():
 @pytest.mark.parametrize("kind", ["ddim", "flow"])
 def test_x0_coefficients_invert_the_forward_path(kind):
     """x̂_0 = c x + d out recovers x_0 from x_τ and the exact output (ε, or v = ε − x_0 on x_t = (1 − t) x_0 + t ε)
-    at τ_i (x0_coef) and at τ'_i (x0_coef_next); ᾱ is the squared signal coefficient of the path."""
+    at τ_i (x0_coef) and at τ'_i (x0_coef_next); the flow's ᾱ has the path's signal-to-noise ratio."""
     schedule = make_schedule(kind, shift=3.0)
     x0, eps = torch.randn(2, NUM_STEPS, *IMAGE_SHAPE, dtype=F64)
     for timesteps, alpha_bar, coef in ((schedule.timesteps, schedule.alpha_bar, schedule.x0_coef),
@@ -108,7 +113,7 @@ def test_x0_coefficients_invert_the_forward_path(kind):
         else:
             t = flow_time(timesteps)
             x_t, out = rows(1 - t, x0) * x0 + rows(t, x0) * eps, eps - x0
-            torch.testing.assert_close(alpha_bar.to(F64), (1 - t) ** 2, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(alpha_bar.to(F64), snr_alpha_bar(t), rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(affine(coef, x_t, out), x0, rtol=1e-6, atol=1e-6)
 
 
@@ -202,14 +207,14 @@ def test_loss_is_exactly_zero_at_the_reference_with_constant_reward(kind, use_fl
 
 @pytest.mark.parametrize("gamma", ["alpha_bar", "sqrt_alpha_bar"])
 def test_forward_looking_score_of_a_velocity_model(gamma):
-    """β γ_t ∇_x r(x − t v(x)), γ = (1 − t)² or 1 − t, by autograd with t read off the timesteps."""
+    """β γ_t ∇_x r(x − t v(x)), γ = ᾱ or √ᾱ at the equal-SNR ᾱ, by autograd with t read off the timesteps."""
     schedule, policy = make_schedule("flow"), TinyNet(seed=1)
     x, traj = torch.randn(NUM_STEPS, 2, dtype=F64), torch.zeros(NUM_STEPS, dtype=torch.long)
     t = flow_time(schedule.timesteps)
     guess, _ = forward_looking_score(policy, smooth_reward, x, schedule.timesteps, schedule.alpha_bar, traj, 1.5, gamma,
                                      schedule.x0_coef)
     auto = grad_of(lambda x_: smooth_reward(x_ - rows(t, x_) * policy(x_, schedule.timesteps, traj), traj), x)
-    gamma_t = (1 - t) ** 2 if gamma == "alpha_bar" else 1 - t
+    gamma_t = snr_alpha_bar(t) if gamma == "alpha_bar" else snr_alpha_bar(t).sqrt()
     torch.testing.assert_close(guess, 1.5 * rows(gamma_t, x) * auto, rtol=1e-6, atol=1e-8)  # ᾱ is float32
 
 

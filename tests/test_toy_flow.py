@@ -36,7 +36,7 @@ def test_flow_marginal_score_and_velocity_against_torch_and_autograd(t):
     posterior means E[ε − x_0 | x, k] = (t − (1 − t) s²)/V (x − (1 − t) m_k) − m_k, weighted by responsibilities."""
     prior = gmm.parse_prior("ring8")
     x = 3 * torch.randn(256, 2, dtype=F64)
-    a = torch.full((256,), (1 - t) ** 2, dtype=F64)
+    a = torch.full((256,), (1 - t) ** 2 / ((1 - t) ** 2 + t**2), dtype=F64)  # the ᾱ of equal signal-to-noise ratio
     marginal = flow_marginal(prior, t)
     torch.testing.assert_close(prior.log_prob(x, a, "flow"), marginal.log_prob(x))
     xg = x.clone().requires_grad_(True)
