@@ -158,8 +158,7 @@ def all_transitions(trajectory: ng.Trajectory, schedule: ng.StepSchedule) -> ng.
 def transition_log_prob(eps_fn: ng.EpsFn, batch: ng.Transitions) -> Tensor:
     """log P_F(x'|x) = log N(x'; μ(x), σ²) of each transition under the policy `eps_fn`. (N,)."""
     eps = eps_fn(batch.x, batch.t, batch.traj)
-    mean = ng.step_mean(batch.x, eps, batch.alpha_bar, batch.alpha_bar_next, batch.sigma)
-    return ng.gaussian_log_prob(batch.x_next, mean, batch.sigma)
+    return ng.gaussian_log_prob(batch.x_next, step_mean_of(eps, batch), batch.sigma)
 
 
 def trajectory_log_prob(eps_fn: ng.EpsFn, batch: ng.Transitions, num_trajectories: int) -> Tensor:
@@ -222,11 +221,11 @@ def sample_with_grad_tail(
     x, kl = start, x_T.new_zeros(B)
     for i in range(T - k, T):
         t = schedule.timesteps[i].expand(B)
-        a, a_next, sigma = step_coefficients(schedule, i, B)
-        mean = ng.step_mean(x, policy_eps(x, t, traj), a, a_next, sigma)
+        sigma, mean_coef = step_coefficients(schedule, i, B)[2], schedule.mean_coef[i].expand(B, 2)
+        mean = ng.affine(mean_coef, x, policy_eps(x, t, traj))
         if with_kl:  # KL of two Gaussians with the same σ: ‖μ_θ − μ^♯‖² / (2σ²)
             with torch.no_grad():
-                mean_ref = ng.step_mean(x, reference_eps(x, t, traj), a, a_next, sigma)
+                mean_ref = ng.affine(mean_coef, x, reference_eps(x, t, traj))
             kl = kl + (mean - mean_ref).pow(2).flatten(1).sum(1) / (2 * sigma**2)
         noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
         x = mean + per_row(sigma, x) * noise
@@ -265,7 +264,7 @@ def refl_prediction(policy_eps: ng.EpsFn, schedule: ng.StepSchedule, x_T: Tensor
     x = sample_prefix(policy_eps, schedule, x_T, stop, gen)
     B = len(x)
     t = schedule.timesteps[stop].expand(B)
-    x0_hat = ng.x0_prediction(x, policy_eps(x, t, torch.arange(B)), schedule.alpha_bar[stop].expand(B))
+    x0_hat = ng.affine(schedule.x0_coef[stop].expand(B, 2), x, policy_eps(x, t, torch.arange(B)))
     return x0_hat, x
 
 
@@ -316,7 +315,7 @@ def ddpo_update(trainee: Trainee, hp: MethodConfig, gen: torch.Generator) -> Dic
     batch = all_transitions(trajectory, trainee.schedule)
     row_advantages = normalised_advantages(hp.beta * reward, hp.ppo_adv_clip)[batch.traj]
     # π_old: the Gaussian step the sampler actually took, from the ε̂ it recorded.
-    old_mean = ng.step_mean(batch.x, batch.eps_old, batch.alpha_bar, batch.alpha_bar_next, batch.sigma)
+    old_mean = step_mean_of(batch.eps_old, batch)
     old_log_prob = ng.gaussian_log_prob(batch.x_next, old_mean, batch.sigma)
     losses, norms, clip_fracs, kls = [], [], [], []
     for _ in range(hp.ppo_epochs):

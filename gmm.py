@@ -3,8 +3,11 @@
 For a Gaussian-mixture prior p♯ = Σ_k w_k N(m_k, diag(s²)) and a Gaussian or linear log-reward r, the
 tilted target p*(x_0) ∝ p♯(x_0) R(x_0)^β is again a mixture (`GaussianReward.tilt`, `LinearReward.tilt`),
 both are Gaussian mixtures at every noise level of x_τ = √ᾱ x_0 + √(1−ᾱ) ε (`GMM.noised`), and so the
-residual flow score ∇ log F̃_τ = ∇ log p*_τ − ∇ log p♯_τ is exact (`exact_flow_score`). toy_2d.py uses
-this as its prior, target and metrics; experiments/toy_diagnostics.py as an oracle for the learned flow.
+residual flow score ∇ log F̃_τ = ∇ log p*_τ − ∇ log p♯_τ is exact (`exact_flow_score`). The same holds on
+the rectified-flow path x_t = (1 − t) x_0 + t ε (`path="flow"`, keyed by the ᾱ of equal signal-to-noise
+ratio), with the exact velocity
+(`exact_velocity`). toy_2d.py uses this as its prior, target and metrics; experiments/toy_diagnostics.py
+as an oracle for the learned flow.
 
 Priors and rewards are named presets or JSON (`parse_prior`, `parse_reward`). In D > 2 dimensions a
 preset's modes stay in the first two coordinates and get one fixed offset each in the others (`mode_offsets`).
@@ -48,6 +51,21 @@ OFFSET_NORM, OFFSET_SEED = 2.0, 0
 
 # ---------------------------------------------------------------------------------------------- GMM, rewards, exact flow
 
+# The forward path x_τ = c x_0 + √ν ε as (c, c², ν) from the noise level ᾱ. "ddpm": variance-preserving, c = √ᾱ,
+# ν = 1 − ᾱ; "flow": rectified flow x_t = (1 − t) x_0 + t ε at the ᾱ of the same signal-to-noise ratio,
+# ᾱ/(1 − ᾱ) = (1 − t)²/t², i.e. t = √(1−ᾱ)/(√ᾱ + √(1−ᾱ)) (`flow_alpha_bar`; the flow schedule's ᾱ).
+def _flow_path(a: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    t = (1 - a).sqrt() / (a.sqrt() + (1 - a).sqrt())
+    return 1 - t, (1 - t) ** 2, t**2
+
+
+PATHS = {"ddpm": lambda a: (a.sqrt(), a, 1 - a), "flow": _flow_path}
+
+
+def flow_alpha_bar(t: Tensor) -> Tensor:
+    """The ᾱ that keys time t of the flow path: (1 − t)² / ((1 − t)² + t²)."""
+    return (1 - t) ** 2 / ((1 - t) ** 2 + t**2)
+
 @dataclass
 class GMM:
     """Σ_k w_k N(m_k, diag(s²)), one covariance for all components. std: a float (isotropic: every prior and
@@ -70,15 +88,16 @@ class GMM:
         std = self.std[:coords] if isinstance(self.std, Tensor) else self.std
         return GMM(self.means[:, :coords], self.weights, std)
 
-    def noised(self, alpha_bar: Tensor) -> Tuple[Tensor, Tensor]:
-        """Marginal under x_τ = √ᾱ x_0 + √(1−ᾱ) ε, per row: means (N, K, D), variance (N,) or (N, D) if diagonal."""
-        a = alpha_bar.to(self.means.dtype)
+    def noised(self, alpha_bar: Tensor, path: str = "ddpm") -> Tuple[Tensor, Tensor]:
+        """Marginal under x_τ = c x_0 + √ν ε (`PATHS[path]`), per row: means (N, K, D), variance (N,) or (N, D)
+        if diagonal."""
+        scale, scale2, noise = PATHS[path](alpha_bar.to(self.means.dtype))
         if isinstance(self.std, Tensor):
-            return a.sqrt()[:, None, None] * self.means, a[:, None] * self.std.to(a) ** 2 + (1 - a)[:, None]
-        return a.sqrt()[:, None, None] * self.means, a * self.std**2 + (1 - a)
+            return scale[:, None, None] * self.means, scale2[:, None] * self.std.to(scale) ** 2 + noise[:, None]
+        return scale[:, None, None] * self.means, scale2 * self.std**2 + noise
 
-    def _log_resp_terms(self, x: Tensor, alpha_bar: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        means, var = self.noised(alpha_bar)
+    def _log_resp_terms(self, x: Tensor, alpha_bar: Tensor, path: str = "ddpm") -> Tuple[Tensor, Tensor, Tensor]:
+        means, var = self.noised(alpha_bar, path)
         diff = x[:, None, :] - means  # (N, K, D)
         if var.ndim == 2:  # diagonal: var (N, D)
             log_comp = (self.weights.log() - 0.5 * (diff.pow(2) / var[:, None, :]).sum(-1)
@@ -89,13 +108,13 @@ class GMM:
                     - 0.5 * self.dim * torch.log(2 * math.pi * var)[:, None])
         return log_comp, diff, var[:, None]
 
-    def log_prob(self, x: Tensor, alpha_bar: Optional[Tensor] = None) -> Tensor:
+    def log_prob(self, x: Tensor, alpha_bar: Optional[Tensor] = None, path: str = "ddpm") -> Tensor:
         alpha_bar = torch.ones(len(x), dtype=x.dtype) if alpha_bar is None else alpha_bar
-        return self._log_resp_terms(x, alpha_bar)[0].logsumexp(-1)
+        return self._log_resp_terms(x, alpha_bar, path)[0].logsumexp(-1)
 
-    def score(self, x: Tensor, alpha_bar: Tensor) -> Tensor:
+    def score(self, x: Tensor, alpha_bar: Tensor, path: str = "ddpm") -> Tensor:
         """∇_x log p_τ(x) in closed form: Σ_k resp_k(x) · (−(x − √ᾱ m_k)/v_τ), v_τ per coordinate. (N, D)."""
-        log_comp, diff, var = self._log_resp_terms(x, alpha_bar)
+        log_comp, diff, var = self._log_resp_terms(x, alpha_bar, path)
         return -(log_comp.softmax(-1)[..., None] * diff).sum(1) / var
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -165,14 +184,25 @@ class LinearReward:
         return float(gmm.weights @ (gmm.means[:, : len(self.w)] @ self.w))
 
 
-def exact_flow_score(prior: GMM, target: GMM, x: Tensor, alpha_bar: Tensor) -> Tensor:
+def exact_flow_score(prior: GMM, target: GMM, x: Tensor, alpha_bar: Tensor, path: str = "ddpm") -> Tensor:
     """Exact ∇ log F̃_τ(x) = ∇ log E♯[R(x_0)^β | x_τ = x] = ∇ log p*_τ(x) − ∇ log p♯_τ(x).
 
     The tilted path measure p♯(x_{0:T}) R(x_0)^β / Z has marginal p*_τ ∝ p♯_τ · E♯[R^β | x_τ], and
     p*_τ is the target GMM noised by the same forward process. At ᾱ = 1 this is β∇r (tested). float64 inside.
+    "flow": exact for the memoryless flow SDE only (a = √2, whose forward kernel is the path's; at other
+    noise levels x_τ | x_0 under the sampler is not N(√ᾱ x_0, ν I) and F̃ has no closed form).
     """
     x64, a = x.double(), alpha_bar.double().expand(len(x))
-    return (target.score(x64, a) - prior.score(x64, a)).to(x.dtype)
+    return (target.score(x64, a, path) - prior.score(x64, a, path)).to(x.dtype)
+
+
+def exact_velocity(gmm: GMM, x: Tensor, t: Tensor) -> Tensor:
+    """E[ε − x_0 | x_t = x] on the path x_t = (1 − t) x_0 + t ε, t (N,) in (0, 1): with the score s,
+    x̂_0 = (x + t² s)/(1 − t) (Tweedie) and ε̂ = −t s, so v = ε̂ − x̂_0 = −(x + t s)/(1 − t). At t = 1,
+    x_1 ⟂ x_0 and v = x − E[x_0] (the limit). t in [0, 1], (N,) or a scalar. float64 inside, differentiable."""
+    x64, t64 = x.double(), t.double().expand(len(x))[:, None]
+    v = -(x64 + t64 * gmm.score(x64, flow_alpha_bar(t64[:, 0]), "flow")) / (1 - t64).clamp(min=1e-12)
+    return torch.where(t64 == 1, x64 - gmm.weights @ gmm.means, v).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- parsing

@@ -6,6 +6,7 @@
     python toy_2d.py --prior '{"means": [[-2, 0], [2, 0]], "weights": [0.5, 0.5], "std": 0.4}'
     python toy_2d.py --dim 32 --reward bump-all        # ring8 in 32 coordinates, a bump that reads all of them
     python toy_2d.py --method kl-pg                    # any method of baselines.METHODS (rtb, grpo, kl-pg, …)
+    python toy_2d.py --model flow                      # a rectified-flow velocity network, the flow SDE (toy_models.py)
     python experiments/toy_diagnostics.py              # + exact-flow oracle, flow errors, cost counters (the
                                                        #   README's figure: its figure.png at these defaults)
 
@@ -36,7 +37,6 @@ from typing import Callable, ContextManager, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -46,6 +46,7 @@ import nabla_gfn as ng
 from cli import opt
 from gmm import (GMM, PRIOR_PRESETS, REWARD_PRESETS, mode_tv, mode_weights, parse_prior, parse_reward,
                  sliced_wasserstein)
+from toy_models import MODELS, make_sampler, sd_scheduler, training_pair
 
 
 # ---------------------------------------------------------------------------------------------- config, task
@@ -67,7 +68,10 @@ class ToyConfig:
     dim: int = opt(2, "dimension D: the prior's modes in the first two coordinates, fixed offsets in the others",
                    check=(lambda v: v >= 2, "must be an integer ≥ 2 (the modes sit in the first two coordinates)"))
     beta: float = opt(1.0, "reward scale β: target p♯·R^β", check=cli.POSITIVE)
-    num_steps: int = opt(50, "DDIM(η=1) sampling steps", check=AT_LEAST_1)
+    num_steps: int = opt(50, "sampling steps", check=AT_LEAST_1)
+    model: str = opt("ddpm", "ddpm (ε-network, DDIM(η=1)) or flow (rectified-flow velocity, flow SDE)", choices=MODELS)
+    noise_level: float = opt(math.sqrt(2), "--model flow: a in the SDE's σ_t = a√(t/(1−t)); √2 is memoryless",
+                             check=cli.POSITIVE)
     # pretraining of the ε-network (cached on disk, keyed by these fields and the prior)
     pretrain_iters: int = opt(3000, "pretraining iterations")
     pretrain_batch: int = opt(512, "pretraining batch size")
@@ -140,6 +144,7 @@ class Task:
     reward: Callable[[Tensor], Tensor]
     beta: float
     target: Optional[GMM]
+    model: str = "ddpm"  # the pretrained family, and so the forward path of the exact marginals (gmm.PATHS)
 
     @property
     def dim(self) -> int:
@@ -153,9 +158,9 @@ def build_task(cfg: ToyConfig, log_reward: Optional[Callable[[Tensor], Tensor]] 
     """Prior and reward from the config; a user callable `log_reward` replaces --reward (no exact target)."""
     prior = parse_prior(cfg.prior, cfg.dim)
     if log_reward is not None:
-        return Task(prior, log_reward, cfg.beta, None)
+        return Task(prior, log_reward, cfg.beta, None, cfg.model)
     reward = parse_reward(cfg.reward, prior)
-    return Task(prior, reward, cfg.beta, reward.tilt(prior, cfg.beta))
+    return Task(prior, reward, cfg.beta, reward.tilt(prior, cfg.beta), cfg.model)
 
 
 # ---------------------------------------------------------------------------------------------- networks, pretraining P_F♯
@@ -195,34 +200,26 @@ def make_flow(cfg: ToyConfig) -> TimeMLP:
     return ng.zero_output_layer(TimeMLP(network_width(cfg.flow_hidden, cfg.dim), cfg.dim))
 
 
-def sd_scheduler() -> DDIMScheduler:
-    """A DDIMScheduler with Stable Diffusion v1.5's config (scaled-linear betas, 1000 steps)."""
-    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-
-
 def pretrain(cfg: ToyConfig, prior: GMM, scheduler, quiet: bool = False) -> TimeMLP:
-    """Denoising score matching on prior samples, E‖ε − ε̂(√ᾱ x_0 + √(1−ᾱ) ε, τ)‖², cached under --cache-dir
-    (else $NABLA_GFN_CACHE, else ~/.cache/nabla-gfn), keyed by the prior and the pretraining fields."""
+    """Regression on prior samples, E‖target − net(x_τ, τ)‖² (`toy_models.training_pair`: ε for ddpm, ε − x_0 for
+    flow), cached under --cache-dir (else $NABLA_GFN_CACHE, else ~/.cache/nabla-gfn), keyed by the prior, the model
+    family and the pretraining fields."""
     width = network_width(cfg.hidden, prior.dim)
     key = {"prior": [prior.means.tolist(), prior.weights.tolist(), prior.std], "hidden": width,
            "iters": cfg.pretrain_iters, "batch": cfg.pretrain_batch, "lr": cfg.pretrain_lr, "seed": cfg.seed}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cfg.cache_dir or os.environ.get("NABLA_GFN_CACHE") or Path.home() / ".cache" / "nabla-gfn")
-    path, net = root / "toy_2d" / f"eps_{digest}.pt", TimeMLP(width, prior.dim)
+    path, net = root / "toy_2d" / f"{'eps' if cfg.model == 'ddpm' else cfg.model}_{digest}.pt", TimeMLP(width, prior.dim)
     if path.exists():
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return net.requires_grad_(False).eval()
     gen = torch.Generator().manual_seed(cfg.seed)
-    alphas_cumprod = scheduler.alphas_cumprod.float()
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.pretrain_iters)
     for _ in tqdm(range(cfg.pretrain_iters), desc="pretrain P_F♯", disable=quiet, leave=False):
         x0 = prior.sample(cfg.pretrain_batch, gen).float()
-        t = torch.randint(0, len(alphas_cumprod), (cfg.pretrain_batch,), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        a = alphas_cumprod[t][:, None]
-        loss = (net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t) - eps).pow(2).mean()
+        x_t, t, target = training_pair(cfg.model, scheduler, x0, gen)
+        loss = (net(x_t, t) - target).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -405,8 +402,7 @@ def run(cfg: ToyConfig, log_reward: Optional[Callable[[Tensor], Tensor]] = None,
     start = time.time()
     torch.manual_seed(cfg.seed)
     task = build_task(cfg, log_reward)
-    scheduler = sd_scheduler()
-    schedule = ng.ddim_schedule(scheduler, cfg.num_steps)
+    scheduler, schedule = make_sampler(cfg.model, cfg.num_steps, cfg.noise_level)
     reference = pretrain(cfg, task.prior, scheduler, quiet)
     pretrain_done = time.time()
     policy, flow, history = finetune(cfg, task, reference, schedule, quiet, hooks)
@@ -414,7 +410,8 @@ def run(cfg: ToyConfig, log_reward: Optional[Callable[[Tensor], Tensor]] = None,
     result["time_s"] = {"pretrain_or_load": pretrain_done - start, "total": time.time() - start}
     prior = cfg.prior if cfg.prior in PRIOR_PRESETS else "custom"
     reward = cfg.reward if cfg.reward in REWARD_PRESETS else "custom"
-    out = Path(cfg.out or f"runs/toy_2d/{prior}_{reward}_{cfg.method}" + (f"_d{cfg.dim}" if cfg.dim != 2 else ""))
+    suffix = (f"_d{cfg.dim}" if cfg.dim != 2 else "") + ("_flow" if cfg.model == "flow" else "")
+    out = Path(cfg.out or f"runs/toy_2d/{prior}_{reward}_{cfg.method}{suffix}")
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "samples.npy", samples["finetuned"].numpy())
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))

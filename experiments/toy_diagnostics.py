@@ -100,6 +100,11 @@ def analytic_eps(prior: T.GMM, alphas_cumprod: Tensor) -> ng.EpsFn:
     return eps_fn
 
 
+def analytic_velocity(prior: T.GMM) -> ng.EpsFn:
+    """The exact velocity model of the prior on the rectified-flow path (`gmm.exact_velocity`), τ = 1000 t."""
+    return lambda x, t, traj: gmm.exact_velocity(prior, x, t.to(torch.float64).cpu().to(x.device) / 1000)
+
+
 def step_index(schedule: ng.StepSchedule, t: Tensor) -> Tensor:
     """The step i of each row's timestep τ_i: (N,) long."""
     return (schedule.timesteps.to(t.device)[None, :] == t[:, None]).long().argmax(1)
@@ -110,17 +115,17 @@ def oracle_eps(task: T.Task, reference_eps: ng.EpsFn, schedule: ng.StepSchedule)
 
     The optimal policy is P_F♯(x'|x) F̃(x') / F̃(x); linearising log F̃ around μ♯ gives this Gaussian
     (the best a Gaussian-step policy can do). step_mean is affine in ε̂, so the ε̂ that shifts the mean
-    by δ is ε̂♯ + δ / slope. Needs a closed-form target.
+    by δ is ε̂♯ + δ / b, with μ = a x + b ε̂. Needs a closed-form target (for --model flow: exact at the
+    memoryless noise level only, `gmm.exact_flow_score`).
     """
 
     def eps_fn(x: Tensor, t: Tensor, traj: Tensor) -> Tensor:
         i = step_index(schedule, t)
-        coef = schedule.alpha_bar[i], schedule.alpha_bar_next[i], schedule.sigma[i]
+        mean_coef, sigma = schedule.mean_coef[i], schedule.sigma[i].to(x.dtype)[:, None]
         eps_sharp = reference_eps(x, t, traj)
-        mean_sharp = ng.step_mean(x, eps_sharp, *coef)
-        shift = coef[2].to(x.dtype)[:, None] ** 2 * gmm.exact_flow_score(task.prior, task.target, mean_sharp, coef[1])
-        slope = ng.step_mean(x, torch.ones_like(x), *coef) - ng.step_mean(x, torch.zeros_like(x), *coef)
-        return eps_sharp + shift / slope
+        mean_sharp = ng.affine(mean_coef, x, eps_sharp)
+        flow = gmm.exact_flow_score(task.prior, task.target, mean_sharp, schedule.alpha_bar_next[i], task.model)
+        return eps_sharp + sigma**2 * flow / mean_coef[:, 1:].to(x.dtype)
 
     return eps_fn
 
@@ -152,10 +157,9 @@ def bootstrap_flow_target(policy: nn.Module, reference: nn.Module, trajectory: n
     """
     x = trajectory.states[:, i].detach().requires_grad_(True)
     x_next, n = trajectory.states[:, i + 1], len(x)
-    coef = schedule.alpha_bar[i].expand(n), schedule.alpha_bar_next[i].expand(n), schedule.sigma[i].expand(n)
-    t = schedule.timesteps[i].expand(n)
-    log_ratio = (ng.gaussian_log_prob(x_next, ng.step_mean(x, policy(x, t), *coef), coef[2])
-                 - ng.gaussian_log_prob(x_next, ng.step_mean(x, reference(x, t), *coef), coef[2]))
+    mean_coef, sigma, t = schedule.mean_coef[i].expand(n, 2), schedule.sigma[i].expand(n), schedule.timesteps[i].expand(n)
+    log_ratio = (ng.gaussian_log_prob(x_next, ng.affine(mean_coef, x, policy(x, t)), sigma)
+                 - ng.gaussian_log_prob(x_next, ng.affine(mean_coef, x, reference(x, t)), sigma))
     return -torch.autograd.grad(log_ratio.sum(), x)[0]
 
 
@@ -177,8 +181,9 @@ def flow_errors(task: T.Task, policy: nn.Module, flow: Optional[nn.Module], traj
         x = trajectory.states[:, i]
         n = len(x)
         t, a = schedule.timesteps[i].expand(n), schedule.alpha_bar[i].expand(n)
-        guess, _ = ng.forward_looking_score(T.as_eps_fn(policy), task.log_reward, x, t, a, torch.arange(n), cfg.beta, cfg.gamma)
-        exact = gmm.exact_flow_score(task.prior, task.target, x, a)
+        guess, _ = ng.forward_looking_score(T.as_eps_fn(policy), task.log_reward, x, t, a, torch.arange(n), cfg.beta,
+                                            cfg.gamma, schedule.x0_coef[i].expand(n, 2))
+        exact = gmm.exact_flow_score(task.prior, task.target, x, a, task.model)
         estimates = {"guess": guess.detach()}
         if reference is not None:
             estimates["adjoint_target"] = adjoint[:, i]
@@ -209,10 +214,10 @@ def exact_flow_update(task: T.Task) -> Callable[[bl.Trainee, bl.MethodConfig, to
         trajectory = bl.sample_policy(trainee, hp.batch_size, gen)
         steps = ng.subsample_steps(trainee.schedule.num_steps, hp.fraction, hp.batch_size, gen)
         b = ng.gather_transitions(trajectory, trainee.schedule, steps)
-        mean_policy = ng.step_mean(b.x, trainee.policy_eps(b.x, b.t, b.traj), b.alpha_bar, b.alpha_bar_next, b.sigma)
+        mean_policy = bl.step_mean_of(trainee.policy_eps(b.x, b.t, b.traj), b)
         with torch.no_grad():
-            mean_reference = ng.step_mean(b.x, trainee.reference_eps(b.x, b.t, b.traj), b.alpha_bar, b.alpha_bar_next, b.sigma)
-            target = gmm.exact_flow_score(task.prior, task.target, b.x_next, b.alpha_bar_next)
+            mean_reference = bl.step_mean_of(trainee.reference_eps(b.x, b.t, b.traj), b)
+            target = gmm.exact_flow_score(task.prior, task.target, b.x_next, b.alpha_bar_next, task.model)
         weight, _ = ng.transition_weights(b.sigma, hp.loss.weighting)
         loss = (weight * (ng.forward_residual(mean_policy, mean_reference, b.sigma) - target).pow(2).mean(1)).mean()
         logs = bl.optimizer_step(trainee, loss, hp.grad_clip)
