@@ -35,16 +35,18 @@ CURVES = (("guess_plus_flow", "guess + g_φ at x_i", "C0"), ("adjoint_target", "
           ("control_variate_target", "a_i − ½[h(x_i) − h(x̃_i)]", "C2"))
 
 
-def run_all(out: Path, quick: bool) -> dict:
+def run_all(out: Path, quick: bool, tasks: str = "FA") -> dict:
     """{task: {"on"/"off": (final mode TV, flow_relative_error)}}, one toy_diagnostics run each."""
     budget = ["--updates", "2", "--eval-samples", "600", "--num-steps", "6"] if quick else []
     results = {}
-    for task, args in TASKS.items():
+    for task, args in ((t, a) for t, a in TASKS.items() if t[0] in tasks):
         for key, flag in (("on", []), ("off", ["--no-control-variate"])):
             name = f"{task.split(':')[0]}_{key}"
             cfg = D.validate(T.parse_args([*args, *budget, *flag, "--no-figure", "--out", str(out / "runs" / name)], D.METHOD_NAMES))
             result = D.run(cfg, quiet=True)
-            results.setdefault(task, {})[key] = (result["finetuned"]["mode_tv"], result["flow_relative_error"])
+            last = json.loads((Path(result["out"]) / "metrics.json").read_text())["history"][-1]
+            cost = {k: last[k] / cfg.updates for k in ("reward_grad_calls", "network_vjps")}  # per update
+            results.setdefault(task, {})[key] = (result["finetuned"]["mode_tv"], result["flow_relative_error"], cost)
     return results
 
 
@@ -55,7 +57,7 @@ def figure(results: dict, path: Path):
 
     fig, axes = plt.subplots(2, 2 * len(results), figsize=(4.4 * 2 * len(results), 7.2), squeeze=False)
     for col, (task, runs) in enumerate((t, r) for t, rs in results.items() for r in rs.items()):
-        (key, (tv, err)), task = runs, task
+        (key, (tv, err, _)), task = runs, task
         for row, prefix in enumerate(("projection_", "")):
             ax = axes[row, col]
             for curve, label, color in CURVES:
@@ -75,15 +77,16 @@ def figure(results: dict, path: Path):
 
 
 def table(results: dict) -> str:
-    lines = ["| task | control variate | final TV | target | projection at steps 1, 10, 20, 30, 40, 49 | relative error at the same steps |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| task | control variate | final TV | ∇r / network VJPs per update | target | projection at steps 1, 10, 20, 30, 40, 49 "
+             "| relative error at the same steps |", "|---|---|---|---|---|---|---|"]
     for task, runs in results.items():
-        for key, (tv, err) in runs.items():
+        for key, (tv, err, cost) in runs.items():
             for curve, label, _ in CURVES:
                 if key == "off" and curve == "control_variate_target":
                     continue
                 pick = lambda v: ", ".join(f"{v[i]:.2f}" for i in (1, 10, 20, 30, 40, 49) if i < len(v))
-                lines.append(f"| {task} | {key} | {tv:.3f} | {label} | {pick(err['projection_' + curve])} | {pick(err[curve])} |")
+                lines.append(f"| {task} | {key} | {tv:.3f} | {cost['reward_grad_calls']:.0f} / {cost['network_vjps']:.0f} | {label} "
+                             f"| {pick(err['projection_' + curve])} | {pick(err[curve])} |")
     return "\n".join(lines)
 
 
@@ -91,11 +94,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", action="store_true", help="write into docs/figures and docs/results")
     parser.add_argument("--quick", action="store_true", help="tiny budget (the test)")
+    parser.add_argument("--tasks", default="FA", help="letters of the tasks to run (F, A)")
     parser.add_argument("--out", default="runs/flow_bias")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = run_all(out, args.quick)
+    results = run_all(out, args.quick, args.tasks)
     figures, docs = (ROOT / "docs" / "figures", ROOT / "docs" / "results") if args.docs else (out, out)
     figure(results, figures / "flow_bias.png")
     header = ("# Where the learned flow's bias sits: θ's target against the exact flow, per step\n\n"
