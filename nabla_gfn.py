@@ -39,21 +39,20 @@ Callables (`traj` names each row's trajectory: a driver conditions the row with 
 
 Implemented: Gaussian steps affine in the model's output (DDIM(η=1) ε-prediction from diffusers);
 sampling, subsampling, the forward-looking guess, the lean adjoint, the loss with its no-flow variant,
-three weightings, two guess sources, three flow targets. Not implemented: model loading, optimisers,
-logging (the rungs); other samplers; parametrisations other than ε (each a `StepSchedule` constructor).
-
-Deliberate differences from the official code: g_φ's output layer is zero-initialised in weights *and*
-bias (official: bias only); subsampling works for any step count and fraction (official: asserts
-divisibility); every callable receives `traj` (official: the reward saw the last batch's prompts).
-Options not in the paper (defaults are the paper's): `weighting` "kl"/"kl-shift", `guess_from`
-"reference", `flow_target` "adjoint"/"mixed".
+three weightings, two guess sources, three flow targets, the antithetic control variate. Not implemented:
+model loading, optimisers, logging (the rungs); other samplers; parametrisations other than ε (each a
+`StepSchedule` constructor). Deliberate differences from the official code: g_φ's output layer is
+zero-initialised in weights *and* bias (official: bias only); subsampling works for any step count and
+fraction (official: asserts divisibility); every callable receives `traj` (official: the reward saw the
+last batch's prompts). Options not in the paper (defaults are the paper's): `weighting` "kl"/"kl-shift",
+`guess_from` "reference", `flow_target` "adjoint"/"mixed", `control_variate`.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, Iterable, NamedTuple, Optional, Tuple
 
 import torch
@@ -90,8 +89,7 @@ def ddim_coefficients(alpha_bar: Tensor, alpha_bar_next: Tensor, sigma: Tensor) 
     # μ = √ᾱ' x̂_0 + √(1 − ᾱ' − σ²) ε̂ = √ᾱ' c x + (√ᾱ' d + √(1 − ᾱ' − σ²)) ε̂, with x̂_0 = c x + d ε̂
     noise_coef = (1 - a_next - sigma.double() ** 2).clamp(min=0).sqrt()
     mean_coef = torch.stack([a_next.sqrt() * x0_coef[:, 0], a_next.sqrt() * x0_coef[:, 1] + noise_coef], -1)
-    # x̂_0 at x' uses ᾱ'
-    return mean_coef, x0_coef, ddim_x0_coef(alpha_bar_next)
+    return mean_coef, x0_coef, ddim_x0_coef(alpha_bar_next)  # x̂_0 at x' uses ᾱ'
 
 
 def _fill_ddim_coefficients(obj) -> None:
@@ -106,10 +104,9 @@ def _fill_ddim_coefficients(obj) -> None:
 class StepSchedule:
     """Per-step constants of a T-step Gaussian sampler P_F(x'|x) = N(x'; μ(x), σ² I), step i: τ_i → τ'_i.
 
-    μ and x̂_0 are affine in the state and the model's output, μ = a x + b out, x̂_0 = c x + d out, so
-    nothing downstream knows the parametrisation: another one (e.g. flow-matching velocity) is a new
-    constructor filling the coefficients. Left as None they are DDIM(η=1) ε-prediction's.
-
+    μ = a x + b out and x̂_0 = c x + d out are affine in the state and the model's output, so nothing
+    downstream knows the parametrisation: another one (e.g. flow-matching velocity) is a new constructor
+    filling the coefficients; left as None they are DDIM(η=1) ε-prediction's.
     timesteps        (T,) long τ_i, decreasing (noisy → clean)
     next_timesteps   (T,) long τ'_i = τ_{i+1}; 0 labels the clean sample after the last step
     alpha_bar(_next) (T,) ᾱ at τ_i (sets γ_τ) and at τ'_i (`final_alpha_cumprod` after the last step)
@@ -130,9 +127,7 @@ class StepSchedule:
     def __post_init__(self):
         _fill_ddim_coefficients(self)
 
-    @property
-    def num_steps(self) -> int:
-        return int(self.timesteps.shape[0])
+    num_steps = property(lambda self: int(self.timesteps.shape[0]))
 
     def to(self, device) -> "StepSchedule":
         return StepSchedule(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
@@ -206,9 +201,7 @@ class Trajectory:
     states: Tensor
     eps: Tensor
 
-    @property
-    def final(self) -> Tensor:
-        return self.states[:, -1]
+    final = property(lambda self: self.states[:, -1])  # (B, *S) the clean samples x_0
 
 
 @torch.no_grad()
@@ -230,9 +223,8 @@ def sample_trajectory(eps_fn: EpsFn, schedule: StepSchedule, x_T: Tensor,
 
 def subsample_steps(num_steps: int, fraction: float, batch_size: int,
                     generator: Optional[torch.Generator] = None) -> Tensor:
-    """Low-variance choice of transitions to train on, per trajectory. Returns (B, K) step indices.
-
-    The terminal step T−1 is always included (its target β∇r(x_0) is exact). The other T−1 steps are
+    """Low-variance choice of transitions to train on, per trajectory. Returns (B, K) step indices. The
+    terminal step T−1 is always included (its target β∇r(x_0) is exact). The other T−1 steps are
     cut into n = max(1, round(fraction · (T−1))) contiguous chunks of (nearly) equal size, and one
     step is drawn uniformly from each, per trajectory (fraction 1: every step; 0: the terminal only).
     """
@@ -281,11 +273,9 @@ class Transitions:
 
 def gather_transitions(trajectory: Trajectory, schedule: StepSchedule, steps: Tensor) -> Transitions:
     """Gather the transitions `steps` (B, K) of each trajectory into one flat batch of N = B·K."""
-    B, K = steps.shape
-    device = trajectory.states.device
+    (B, K), device = steps.shape, trajectory.states.device
     traj = torch.arange(B, device=device)[:, None].expand(B, K).reshape(-1)
-    idx = steps.to(device).reshape(-1)
-    sched = schedule.to(device)
+    idx, sched = steps.to(device).reshape(-1), schedule.to(device)
     return Transitions(
         x=trajectory.states[traj, idx], x_next=trajectory.states[traj, idx + 1],
         t=sched.timesteps[idx], t_next=sched.next_timesteps[idx],
@@ -300,7 +290,6 @@ def gather_transitions(trajectory: Trajectory, schedule: StepSchedule, steps: Te
 
 def forward_residual(mean_policy: Tensor, mean_reference: Tensor, sigma: Tensor) -> Tensor:
     """δ = ∇_{x'}[log P_F^θ(x'|x) − log P_F^♯(x'|x)], the left side of the forward ∇-DB (eq. 10).
-
     ∇_{x'} log N(x'; μ, σ²) = −(x' − μ)/σ²: for a shared σ, x' cancels. (N, *S) → (N, *S); gradient
     flows into both means (callers detach μ^♯)."""
     return (mean_policy - mean_reference) / _per_row(sigma, mean_policy) ** 2
@@ -321,7 +310,6 @@ def forward_looking_score(
     beta: float, gamma: str = "alpha_bar", x0_coef: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """The forward-looking guess β γ_τ ∇_x r(x̂_0(x)) of ∇ log F̃(x) (eq. 12), detached.
-
     x̂_0 = c x + d eps_fn(x), x0_coef (N, 2) (default: DDIM ε-prediction's at alpha_bar). The gradient
     runs through the model (SD: decoder, reward model) to x, then is detached: a target, never a path
     for parameter gradients. x: (N, *S). Returns (guess (N, *S), r(x̂_0) (N,))."""
@@ -381,8 +369,8 @@ def lean_adjoint(
 
     E[a_i | x_i] = ∇ log F̃(x_i) along paths of P* (induction on i); along the policy's it is biased
     (early on it averages ∇r over pretrained continuations), a bias that vanishes as the policy nears
-    P*. Adjoint Matching's recursion (Domingo-Enrich et al., ICLR 2025); the paper's L_B is its one-link
-    bootstrap. `reference_eps` defines J^♯: the guided reference (exact for the guided target) or the
+    P*; it is heavy-tailed (a product of Jacobians). Adjoint Matching's recursion (Domingo-Enrich et
+    al., ICLR 2025); the paper's L_B is its one-link bootstrap. `reference_eps` defines J^♯: the guided reference (exact for the guided target) or the
     unguided one (Adjoint Matching's choice). trajectory.states: (B, T+1, *S); traj: (B,) ids for the
     callables (default arange(B)). Returns (adjoint (B, T+1, *S), r(x_0) (B,)), detached: one VJP
     through the frozen step mean per step, no graph across steps, no parameter gradient."""
@@ -415,8 +403,7 @@ GUESS_CHOICES = ("policy", "reference")  # whose x̂_0 the guess uses: ε̂_θ (
 
 
 def transition_weights(sigma: Tensor, weighting: str) -> Tuple[Tensor, Tensor]:
-    """Per-transition weights (w_θ, w_φ) of the residuals that train θ and g_φ, from sigma (N,).
-
+    """Per-transition weights (w_θ, w_φ) of the residuals that train θ and g_φ, from sigma (N,):
     "plain"     (1, 1): the paper's unweighted residuals.
     "kl"        (σ², σ²): σ² ‖(μ_θ − μ^♯)/σ² − s‖² = ‖μ_θ − (μ^♯ + σ² s)‖²/σ² = 2 KL(P_F^θ ‖ N(μ^♯ + σ² s,
                 σ²)): same minimiser, but high-noise (mode-choosing) steps are no longer down-weighted.
@@ -431,18 +418,19 @@ def transition_weights(sigma: Tensor, weighting: str) -> Tuple[Tensor, Tensor]:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Hyper-parameters of the residual ∇-DB loss.
-
+    """Hyper-parameters of the residual ∇-DB loss:
     beta, trust_region, reverse_weight   β (target p^♯ · R^β); λ of ‖ε̂_θ − ε̂_old‖²; w_B of L_B
     gamma           γ_τ: "alpha_bar" (official default) or "sqrt_alpha_bar" (`gamma_weight`)
     weighting       "plain" (paper), "kl" or "kl-shift" (`transition_weights`)
-    use_flow        False: no g_φ, no L_B; θ fits the guess alone ("no flow", flow_target
-                    "bootstrap") or a_{i+1} (adjoint matching, flow_target "adjoint")
+    use_flow        False: no g_φ, no L_B, no control variate; θ fits the guess alone ("no flow",
+                    flow_target "bootstrap") or a_{i+1} (adjoint matching, flow_target "adjoint")
     guess_from      whose x̂_0 the guess uses: "policy" (ε̂_θ, the paper) or "reference" (ε̂^♯: with
                     "policy" the guess shrinks as x̂_0 looks rewarded, and g_φ must make up the rest)
     flow_target     what g_φ fits (`FLOW_TARGETS`): "bootstrap" (the paper), "adjoint", "mixed";
                     the latter two need `nabla_db_loss(..., adjoint=lean_adjoint(...))`
     adjoint_lambda  λ ∈ (0, 1] of "mixed" (1: L_B fits a_i alone)
+    control_variate with g_φ ("adjoint" only): θ fits a_{i+1} with guess + g_φ as its antithetic
+                    control variate (`antithetic_target`); False: θ fits guess + g_φ itself (the paper)
     """
 
     beta: float = 1.0
@@ -454,6 +442,7 @@ class LossConfig:
     guess_from: str = "policy"
     flow_target: str = "bootstrap"
     adjoint_lambda: float = 0.5
+    control_variate: bool = False
 
     def __post_init__(self):
         menus = {"guess_from": GUESS_CHOICES, "gamma": GAMMA_CHOICES, "weighting": WEIGHTING_CHOICES,
@@ -463,14 +452,13 @@ class LossConfig:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if not 0.0 < self.adjoint_lambda <= 1.0:
             raise ValueError(f"adjoint_lambda must be in (0, 1], got {self.adjoint_lambda}")
+        if self.control_variate and self.use_flow and self.flow_target != "adjoint":
+            raise ValueError(f"control_variate needs flow_target 'adjoint' (a_{{i+1}}), got {self.flow_target!r}")
         if self.flow_target == "mixed" and not self.use_flow:
             raise ValueError("flow_target 'mixed' blends L_B's target and needs g_φ (use_flow=True); "
                              "without g_φ use 'bootstrap' (guess alone) or 'adjoint' (adjoint matching)")
 
-    @property
-    def trains_reverse(self) -> bool:
-        """Whether L_B is part of the loss (it needs a graph from the models' outputs to x)."""
-        return self.use_flow and self.flow_target != "adjoint"
+    trains_reverse = property(lambda self: self.use_flow and self.flow_target != "adjoint")  # L_B in the loss (graph to x)
 
 
 class StepAtX(NamedTuple):
@@ -484,9 +472,7 @@ class StepAtX(NamedTuple):
 def reverse_target(batch: Transitions, step: StepAtX, cfg: LossConfig, bootstrap_weight: float = 1.0) -> Tensor:
     """v(x), detached, with L_B = w_φ ‖v(x) + g_φ(x, τ)‖²: the reverse residual ∇-DB (eq. 11). As
     guess(x) + g_φ(x) = ∇ log F̃(x) = −∇_x[log P_F^θ − log P_F^♯](x'|x), with w = bootstrap_weight:
-
         v = w sg[∇_x(log P_F^θ − log P_F^♯)(x'|x)] + sg[β γ_τ ∇_x r(x̂_0(x))].
-
     No second-order gradients (official code): L_B trains only g_φ. One backward pass through both
     models' graphs to x, the guess riding on its x̂_0's (∇r there: step.reward_grad); θ's kept for L_F. (N, *S)
     """
@@ -502,8 +488,6 @@ def reverse_target(batch: Transitions, step: StepAtX, cfg: LossConfig, bootstrap
 
 # A flow target says what g_φ fits, (fit(x'), v(x)): g_φ's line of L_F is w_φ ‖fit(x') − target(x') −
 # g_φ(x')‖², L_B is w_φ ‖v(x) + g_φ(x)‖² (none when v is None).
-
-
 def bootstrap_targets(batch, step, residual, log_reward, cfg, adjoint) -> Tuple[Tensor, Optional[Tensor]]:
     """The paper: g_φ(x') fits θ's own residual sg[δ] (L_F seen from g_φ, a one-link bootstrap), and
     L_B fits g_φ(x) to the reverse ∇-DB at x (`reverse_target`)."""
@@ -569,14 +553,29 @@ def flow_losses(batch: Transitions, flow: FlowFn, fit_next: Tensor, target_next:
     return flow_next.detach(), {"forward_flow": loss_forward_flow, "reverse": loss_reverse, "terminal": loss_terminal}
 
 
+def antithetic_target(batch: Transitions, guess_eps: EpsFn, log_reward: LogRewardFn, flow: FlowFn, cfg: LossConfig,
+                      adjoint: Tensor, flow_score_next: Tensor) -> Tensor:
+    """θ's target with the learned flow as a control variate of the lean adjoint (not in the paper):
+        y = a_{i+1} − ½ [h(x') − h(x̃')],   h = guess + g_φ (flow_score_next = h(x')),   x̃' = 2 μ_old(x) − x'.
+    x' = μ_old(x) + σξ was drawn by the sampling policy (μ_old from eps_old), and its mirror x̃' = μ_old(x) − σξ
+    has the same law given x: E[h(x') − h(x̃') | x] = 0 for any h, so E[y | x] = E[a_{i+1} | x], adjoint
+    matching's target, however biased h is, while the part of a_{i+1} that h explains through ξ cancels.
+    (θ fitting h itself inherits g_φ's bias: regressed on the heavy-tailed a_{i+1}, g_φ comes out shrunk.)
+    Terminal rows: y = ½ β(∇r(x_0) + ∇r(x̃_0)). Costs one more guess and g_φ call, at x̃'. Detached, (N, *S)."""
+    mirror = replace(batch, x_next=2 * affine(batch.mean_coef, batch.x, batch.eps_old) - batch.x_next)
+    guess_mirror, _ = guess_next(guess_eps, log_reward, mirror, cfg.beta, cfg.gamma)
+    with torch.no_grad():  # g_φ(x̃'), none at x_0
+        flow_mirror = flow(mirror.x_next, mirror.t_next, mirror.traj) * _per_row(~batch.is_terminal, batch.x_next)
+    return (adjoint_rows(adjoint, batch, 1) - 0.5 * (flow_score_next - guess_mirror - flow_mirror)).detach()
+
+
 def nabla_db_loss(
     batch: Transitions, policy_eps: EpsFn, reference_eps: EpsFn, log_reward: LogRewardFn, flow: Optional[FlowFn],
     cfg: LossConfig, adjoint: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """Residual ∇-DB loss on a batch of transitions (eqs. 10–13, Alg. 1). Returns (loss, parts).
-
-    sg[·] is stop-gradient, norms are means over dimensions, (w_θ, w_φ) from `transition_weights` (1
-    in the paper), target(x') from `guess_next` (β∇r(x_0) on terminal rows, else the guess at x'):
+    """Residual ∇-DB loss on a batch of transitions (eqs. 10–13, Alg. 1). Returns (loss, parts). sg[·] is
+    stop-gradient, norms are means over dimensions, (w_θ, w_φ) from `transition_weights` (1 in the
+    paper), target(x') from `guess_next` (β∇r(x_0) on terminal rows, else the guess at x'):
 
       L_F = w_θ ‖ δ − sg[target(x')] − sg[g_φ(x', τ')] ‖²,   δ = (μ_θ(x) − sg[μ^♯(x)])/σ²     trains θ
           + g_φ's line (`flow_losses`: the same residual seen from g_φ, or the flow target's fit)
@@ -584,7 +583,8 @@ def nabla_db_loss(
       L_T = ‖ g_φ(x_0, 0) ‖²                (terminal rows);    L_λ = λ ‖ ε̂_θ(x) − ε̂_old(x) ‖²
       loss = L_F + w_B L_B + L_T + L_λ, each averaged over its rows
     With "bootstrap", for w_θ = w_φ, L_F's two lines have the gradients of the paper's single term
-    w ‖δ − target − g_φ(x')‖² (tested). Without g_φ (use_flow False or flow None) L_B = L_T = 0 and θ
+    w ‖δ − target − g_φ(x')‖² (tested). With cfg.control_variate θ's target is `antithetic_target`'s
+    instead of target(x') + g_φ(x'). Without g_φ (use_flow False or flow None) L_B = L_T = 0 and θ
     fits target(x') ("no flow") or, with flow_target "adjoint", a_{i+1} (adjoint matching, no reward
     call). As in the official code L_F trains θ through μ_θ(x), μ^♯ and every target are detached,
     and L_B trains only g_φ. adjoint: (B, T+1, *S) from `lean_adjoint` over the batch's trajectories,
@@ -612,6 +612,8 @@ def nabla_db_loss(
         flow_next, flow_parts = flow_losses(batch, flow, fit_next, target_next, reverse, weight_flow)
         # ∇ log F̃(x') = target(x') + g_φ(x')   (eq. 12)
         target_next = target_next + flow_next
+        if cfg.control_variate:  # θ fits a_{i+1} − ½[h(x') − h(x̃')]
+            target_next = antithetic_target(batch, models[cfg.guess_from], log_reward, flow, cfg, adjoint, target_next)
     # L_F (θ's line) = w_θ ‖δ − sg[target(x') + g_φ(x')]‖²
     loss_forward = (weight_policy * _sq(residual - target_next)).mean()
     # L_λ = λ ‖ε̂_θ(x) − ε̂_old(x)‖²
@@ -634,15 +636,13 @@ def zero_output_layer(module: nn.Module, layer: Optional[nn.Module] = None) -> n
         if not owners:
             raise ValueError("module has no parameters to zero")
         layer = owners[-1]
-    with torch.no_grad():
-        for p in layer.parameters(recurse=False):
-            p.zero_()
+    for p in layer.parameters(recurse=False):
+        nn.init.zeros_(p)  # in place, without autograd
     return module
 
 
 def clip_grad_norms(groups: Dict[str, Iterable[nn.Parameter]], max_norm: float) -> Dict[str, float]:
-    """Clip each group's gradient norm separately (policy and g_φ, as in the paper); returns the
-    pre-clipping norms, for logging."""
+    """Clip each group's gradient norm separately (policy and g_φ, as in the paper); returns the pre-clip norms."""
     norms = {}
     for name, params in groups.items():
         params = [p for p in params if p.grad is not None]

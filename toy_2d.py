@@ -95,6 +95,7 @@ class ToyConfig:
     flow_target: str = opt("adjoint", "what trains g_φ: bootstrap (the paper's L_F + L_B), adjoint (the lean adjoint "
                            "a_{i+1}), mixed (L_B on (1−λ)·bootstrap + λ·a_i)", choices=ng.FLOW_TARGET_CHOICES)
     adjoint_lambda: float = opt(0.5, "λ of --flow-target mixed", check=(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    control_variate: bool = opt(True, "θ fits a_{i+1} with guess + g_φ as its antithetic control variate (adjoint target)")
     lr_schedule: str = opt("cosine", "every learning rate constant, or cosine-decayed to 0", choices=("constant", "cosine"))
     grad_clip: float = opt(1.0, "max grad norm, per parameter group")
     # baselines (baselines.py); the policy lr is --lr for every method
@@ -124,7 +125,8 @@ class ToyConfig:
         """The configured ∇-DB loss with the method's fixed fields (no-flow, adjoint-matching) applied."""
         base = ng.LossConfig(beta=self.beta, trust_region=self.trust_region, reverse_weight=self.reverse_weight,
                              gamma=self.gamma, weighting=self.weighting, use_flow=True, guess_from=self.guess_from,
-                             flow_target=self.flow_target, adjoint_lambda=self.adjoint_lambda)
+                             flow_target=self.flow_target, adjoint_lambda=self.adjoint_lambda,
+                             control_variate=self.control_variate and self.flow_target == "adjoint")
         return bl.METHODS[self.method].loss_config(base) if self.method in bl.METHODS else base
 
 
@@ -146,9 +148,7 @@ class Task:
     target: Optional[GMM]
     model: str = "ddpm"  # the pretrained family, and so the forward path of the exact marginals (gmm.PATHS)
 
-    @property
-    def dim(self) -> int:
-        return self.prior.dim
+    dim = property(lambda self: self.prior.dim)  # D
 
     def log_reward(self, x0: Tensor, traj: Tensor) -> Tensor:
         return self.reward(x0)

@@ -100,6 +100,8 @@ class Config:
     flow_target: str = opt("adjoint", "what trains g_φ: bootstrap (the paper: L_F's g-line + L_B), adjoint (guess + g_φ at x′ "
                            "on the lean adjoint a_{i+1}), mixed (L_B's target (1−λ)·bootstrap + λ·a_i)", choices=ng.FLOW_TARGET_CHOICES)
     adjoint_lambda: float = opt(0.5, "λ ∈ (0, 1] of --flow-target mixed", check=HALF_OPEN_UNIT)
+    control_variate: bool = opt(False, "θ fits a_{i+1} with guess + g_φ as its antithetic control variate (toy default; here "
+                                "it costs the learned flow's lead: frac 0.82 vs 0.86, docs/findings.md)")
     guess_from: str = opt("reference", "whose x̂_0 the forward-looking guess uses: policy (paper, official code) or reference",
                           choices=ng.GUESS_CHOICES)
     max_grad_norm: float = opt(1.0, "gradient-norm clip, applied to the policy and g_φ separately")
@@ -280,7 +282,8 @@ def method_config(cfg: Config, method: str) -> bl.MethodConfig:
     """This rung's fields → the registry's hyper-parameters, with the method's fixed loss fields applied."""
     loss = ng.LossConfig(beta=cfg.beta, trust_region=cfg.trust_region, reverse_weight=cfg.reverse_weight, gamma=cfg.gamma,
                          weighting=cfg.weighting, use_flow=cfg.use_flow, guess_from=cfg.guess_from,
-                         flow_target=cfg.flow_target, adjoint_lambda=cfg.adjoint_lambda)
+                         flow_target=cfg.flow_target, adjoint_lambda=cfg.adjoint_lambda,
+                         control_variate=cfg.control_variate and cfg.flow_target == "adjoint")
     return bl.MethodConfig(
         beta=cfg.beta, batch_size=cfg.batch, fraction=cfg.subsample, grad_clip=cfg.max_grad_norm,
         loss=bl.METHODS[method].loss_config(loss), draft_k=cfg.draft_k, draft_kl=cfg.draft_kl, refl_start=cfg.refl_start,

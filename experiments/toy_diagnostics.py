@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the rungs live at the repository root
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
@@ -168,21 +169,25 @@ def flow_errors(task: T.Task, policy: nn.Module, flow: Optional[nn.Module], traj
     """Per step (0 = x_T), on the policy's own states, against the exact ∇ log F̃:
 
     relative error ‖· − exact‖ / ‖exact‖ (mean over samples) of the learned flow (forward-looking
-    guess, guess + g_φ) and of the two one-sample targets g_φ can be trained on (the lean adjoint
-    a_i, the bootstrapped reverse target), and each one's projection Σ⟨·, exact⟩ / Σ‖exact‖²
-    (1 = unbiased on average; the targets' noise averages out of it, their shrinkage does not).
-    The targets need the frozen `reference`; without it only the learned flow is scored.
+    guess, guess + g_φ), of the two one-sample targets g_φ can be trained on (the lean adjoint
+    a_i, the bootstrapped reverse target) and of θ's target under --control-variate,
+    a_i − ½[h(x_i) − h(x̃_i)] with h = guess + g_φ and x̃_i = 2 μ_θ(x_{i−1}) − x_i (None at step 0),
+    and each one's projection Σ⟨·, exact⟩ / Σ‖exact‖² (1 = unbiased on average; the targets' noise
+    averages out of it, their shrinkage does not). The targets need the frozen `reference`; without
+    it only the learned flow is scored.
     """
-    out = {k: [] for k in ("guess", "guess_plus_flow", "adjoint_target", "bootstrap_target",
-                           "projection_guess_plus_flow", "projection_adjoint_target", "projection_bootstrap_target")}
+    keys = ("guess", "guess_plus_flow", "adjoint_target", "bootstrap_target", "control_variate_target")
+    out = {**{k: [] for k in keys}, **{f"projection_{k}": [] for k in keys[1:]}}
     if reference is not None:
         adjoint, _ = ng.lean_adjoint(T.as_eps_fn(reference), schedule, trajectory, task.log_reward, cfg.beta)
     for i in range(schedule.num_steps):
         x = trajectory.states[:, i]
         n = len(x)
         t, a = schedule.timesteps[i].expand(n), schedule.alpha_bar[i].expand(n)
-        guess, _ = ng.forward_looking_score(T.as_eps_fn(policy), task.log_reward, x, t, a, torch.arange(n), cfg.beta,
-                                            cfg.gamma, schedule.x0_coef[i].expand(n, 2))
+        guess_net = T.as_eps_fn(reference if cfg.guess_from == "reference" and reference is not None else policy)
+        h = lambda y: ng.forward_looking_score(guess_net, task.log_reward, y, t, a, torch.arange(n), cfg.beta, cfg.gamma,
+                                               schedule.x0_coef[i].expand(n, 2))[0]
+        guess = h(x)
         exact = gmm.exact_flow_score(task.prior, task.target, x, a, task.model)
         estimates = {"guess": guess.detach()}
         if reference is not None:
@@ -191,6 +196,14 @@ def flow_errors(task: T.Task, policy: nn.Module, flow: Optional[nn.Module], traj
         if flow is not None:
             with torch.no_grad():
                 estimates["guess_plus_flow"] = guess.detach() + flow(x, t)
+            if reference is not None and i > 0:  # θ's control-variate target at x_i, from its parent's step
+                mean_old = ng.affine(schedule.mean_coef[i - 1].expand(n, 2), trajectory.states[:, i - 1], trajectory.eps[:, i - 1])
+                mirror = 2 * mean_old - x
+                with torch.no_grad():
+                    h_mirror = h(mirror) + flow(mirror, t)
+                estimates["control_variate_target"] = adjoint[:, i] - 0.5 * (estimates["guess_plus_flow"] - h_mirror)
+            elif reference is not None:
+                out["control_variate_target"].append(None), out["projection_control_variate_target"].append(None)
         for key, estimate in estimates.items():
             out[key].append(_relative_error(estimate, exact))
             if f"projection_{key}" in out:
@@ -256,9 +269,10 @@ def flow_error_panel(ax, result: dict, cfg: T.ToyConfig):
     ax.plot(err["guess"], label="guess β γ ∇r(x̂₀)")
     if err["guess_plus_flow"]:
         ax.plot(err["guess_plus_flow"], label=f"guess + g_φ ({cfg.flow_target})")
-    for key, color, name in (("adjoint_target", "C3", "lean adjoint a_i"), ("bootstrap_target", "C4", "bootstrapped")):
-        if err[key]:
-            ax.plot(err[key], ":", c=color, label=f"one-sample target: {name}")
+    for key, color, name in (("adjoint_target", "C3", "lean adjoint a_i"), ("bootstrap_target", "C4", "bootstrapped"),
+                             ("control_variate_target", "C2", "θ's with the control variate")):
+        if err.get(key):
+            ax.plot(np.array(err[key], dtype=float), ":", c=color, label=f"one-sample target: {name}")
     ax.set_yscale("log"), ax.set_xlabel("step (0 = noise)"), ax.legend()
     ax.set_title("‖learned − exact ∇log F̃‖ / ‖exact‖")
 

@@ -28,6 +28,7 @@ from nabla_gfn import (
     StepSchedule,
     Transitions,
     adjoint_rows,
+    antithetic_target,
     affine,
     clip_grad_norms,
     ddim_schedule,
@@ -1187,3 +1188,102 @@ def test_policy_graph_at_x_is_built_after_the_guess_graphs_are_freed(schedule, u
     assert [name for name, _ in calls] == ["policy", "policy", "reference"]  # the guess at x', then at x
     assert all(n == 0 for name, n in calls if name == "policy"), calls
     loss.backward()
+
+
+# ----------------------------------------------------------------------------------------------
+# The learned flow as an antithetic control variate of the lean adjoint (control_variate)
+# ----------------------------------------------------------------------------------------------
+
+
+def oracle_mirror_next(scheduler, batch):
+    """x̃' = 2 μ_old(x) − x', μ_old from diffusers' own step with the recorded output eps_old."""
+    recorded = iter(batch.eps_old.split(1))  # diffusers_step calls the model row by row, in order
+    mean_old, _ = diffusers_step(scheduler, lambda x, t, traj: next(recorded), batch.x, batch.t, batch.traj)
+    return 2 * mean_old - batch.x_next
+
+
+@pytest.mark.parametrize("guess_from", ["policy", "reference"])
+def test_antithetic_target_is_the_adjoint_minus_half_the_flow_difference_at_the_mirrored_state(scheduler, schedule, guess_from):
+    """y = a_{i+1} − ½ [h(x') − h(x̃')] with h = guess + g_φ (β∇r at x_0, no g_φ there), every piece
+    from an independent oracle: the mirror from diffusers' step, the guess from `oracle_guess`."""
+    policy, reference, flow = TinyNet(seed=1), TinyNet(seed=2), TinyNet(seed=3)
+    batch, adjoint = sample_batch_with_adjoint(policy, reference, smooth_reward, schedule, 2.0)
+    cfg = LossConfig(beta=2.0, gamma="sqrt_alpha_bar", guess_from=guess_from, flow_target="adjoint", control_variate=True)
+    model = {"policy": policy, "reference": reference}[guess_from]
+
+    def h(x_next):  # guess + g_φ at x' (exact β∇r and no g_φ on terminal rows)
+        term = batch.is_terminal
+        guess = oracle_guess(scheduler, model, smooth_reward, x_next, batch.t_next, batch.traj, 2.0, "sqrt_alpha_bar")
+        terminal = 2.0 * grad_of(lambda x0: smooth_reward(x0, batch.traj), x_next)
+        with torch.no_grad():
+            return torch.where(term[:, None], terminal, guess + flow(x_next, batch.t_next, batch.traj))
+
+    assert batch.is_terminal.any() and (~batch.is_terminal).any()
+    expected = oracle_adjoint_rows(scheduler, adjoint, batch, 1) - 0.5 * (h(batch.x_next) - h(oracle_mirror_next(scheduler, batch)))
+    got = antithetic_target(batch, model, smooth_reward, flow, cfg, adjoint, h(batch.x_next))
+    torch.testing.assert_close(got, expected, rtol=RTOL_DIFFUSERS, atol=RTOL_DIFFUSERS * float(expected.abs().max()))
+    assert not got.requires_grad
+
+
+def test_antithetic_target_is_unbiased_for_any_flow_and_removes_a_linear_flows_noise(schedule):
+    """The control variate's two identities. (1) Over a mirrored pair of draws x' = μ_old ± σξ the flow
+    terms cancel exactly: Σ y = Σ a_{i+1} whatever g_φ is (so E[y | x] = E[a_{i+1} | x]). (2) If a_{i+1} is
+    itself h(x') with h linear in x', y = h(μ_old(x)) for both draws: the step's noise is gone."""
+    policy, reference = TinyNet(seed=1), TinyNet(seed=2)
+    batch = sample_batch(policy, schedule, batch_size=6)
+    batch = batch.select(~batch.is_terminal)
+    fields = {f: torch.cat([getattr(batch, f)] * 2) for f in batch.__dataclass_fields__}
+    fields["x_next"] = torch.cat([batch.x_next, oracle_mirror_next_affine(batch)])  # each draw and its mirror
+    pair = Transitions(**fields)
+    adjoint = torch.zeros(int(pair.traj.max()) + 1, schedule.num_steps + 1, 2, dtype=F64)
+    for nonlinear in (TinyNet(seed=3), None):
+        A = torch.tensor([[0.7, -0.2], [0.3, 1.1]], dtype=F64)
+        flow = nonlinear or (lambda x, t, traj: x @ A.T)
+        cfg = LossConfig(beta=1.0, guess_from="reference", flow_target="adjoint", control_variate=True)
+        with torch.no_grad():
+            h_next = flow(pair.x_next, pair.t_next, pair.traj)  # constant reward: guess 0, h = g_φ
+        noise = torch.randn(len(pair), 2, dtype=F64)
+        a_next = h_next if nonlinear is None else noise
+        targets = []
+        for half in (slice(0, len(batch)), slice(len(batch), len(pair))):  # each draw's own (traj, step) rows
+            rows_ = pair.select(torch.arange(len(pair))[half])
+            adjoint[rows_.traj, rows_.step + 1] = a_next[half]
+            targets.append(antithetic_target(rows_, reference, constant_reward, flow, cfg, adjoint, h_next[half]))
+        y = torch.cat(targets)
+        torch.testing.assert_close(y.sum(0), a_next.sum(0), rtol=1e-12, atol=1e-12)
+        if nonlinear is None:
+            mean_old = affine(batch.mean_coef, batch.x, batch.eps_old)
+            torch.testing.assert_close(y, torch.cat([mean_old @ A.T] * 2), rtol=1e-12, atol=1e-12)
+
+
+def oracle_mirror_next_affine(batch):
+    """x̃' = 2 μ_old − x' with μ_old = step_mean(x, eps_old) (the scheduler-free helper, float64)."""
+    return 2 * step_mean(batch.x, batch.eps_old, batch.alpha_bar, batch.alpha_bar_next, batch.sigma) - batch.x_next
+
+
+def test_loss_with_control_variate_fits_theta_to_the_antithetic_target_and_leaves_g_phi_alone(schedule):
+    """control_variate changes only θ's line of L_F (its target becomes `antithetic_target`'s): the loss
+    vanishes when μ_θ − μ♯ = σ² y row by row, and g_φ's terms are those of control_variate False."""
+    reference, flow = TinyNet(seed=2), TinyNet(seed=3)
+    batch, adjoint = sample_batch_with_adjoint(TinyNet(seed=1), reference, smooth_reward, schedule, 2.0)
+    on = LossConfig(beta=2.0, weighting="kl", guess_from="reference", flow_target="adjoint", control_variate=True)
+    off = LossConfig(**{**on.__dict__, "control_variate": False})
+    h_next, _ = nabla_gfn.guess_next(reference, smooth_reward, batch, 2.0, on.gamma)
+    with torch.no_grad():
+        h_next = h_next + rows(~batch.is_terminal, batch.x) * flow(batch.x_next, batch.t_next, batch.traj)
+    y = antithetic_target(batch, reference, smooth_reward, flow, on, adjoint, h_next)
+    policy = row_shifted_policy(reference, batch, rows(batch.sigma, batch.x) ** 2 * y)
+    _, parts_on = nabla_db_loss(batch, policy, reference, smooth_reward, flow, on, adjoint=adjoint)
+    _, parts_off = nabla_db_loss(batch, policy, reference, smooth_reward, flow, off, adjoint=adjoint)
+    assert parts_on["forward"] < 1e-20 and parts_off["forward"] > 1e-6, (parts_on["forward"], parts_off["forward"])
+    for key in ("forward_flow", "reverse", "terminal"):
+        torch.testing.assert_close(parts_on[key], parts_off[key])
+
+
+def test_control_variate_needs_the_adjoint_flow_target_and_is_ignored_without_g_phi():
+    with pytest.raises(ValueError, match="control_variate"):
+        LossConfig(flow_target="bootstrap", control_variate=True)
+    with pytest.raises(ValueError, match="control_variate"):
+        LossConfig(flow_target="mixed", control_variate=True)
+    LossConfig(use_flow=False, flow_target="adjoint", control_variate=True)  # adjoint matching: nothing to vary
+    assert LossConfig().control_variate is False  # nabla_gfn's own default stays the paper's

@@ -177,3 +177,13 @@ def test_preset_paper_is_the_papers_loss_and_flags_override_it():
     assert (loss.flow_target, loss.weighting, loss.gamma, loss.guess_from) == ("bootstrap", "plain", "alpha_bar", "policy")
     assert T.parse_args(["--gamma", "sqrt_alpha_bar", "--preset", "paper"]).gamma == "sqrt_alpha_bar"  # a flag wins anywhere
     assert T.parse_args([]).loss_config.flow_target == "adjoint"  # the toy's default is not the paper's
+    assert not loss.control_variate  # the paper's θ fits guess + g_φ itself
+
+
+def test_default_fits_theta_to_the_adjoint_with_the_learned_flow_as_control_variate():
+    """toy_2d's default: θ's target is nabla_gfn.antithetic_target (docs/findings.md: the learned flow's
+    bias); --no-control-variate restores guess + g_φ; only the adjoint flow target uses it."""
+    assert T.parse_args([]).loss_config.control_variate
+    assert not T.parse_args(["--no-control-variate"]).loss_config.control_variate
+    assert not T.parse_args(["--flow-target", "mixed"]).loss_config.control_variate
+    assert not T.parse_args(["--method", "adjoint-matching"]).loss_config.use_flow  # the peer baseline is unchanged

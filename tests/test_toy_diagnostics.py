@@ -116,3 +116,22 @@ def test_exact_flow_is_a_method_of_the_diagnostics_cli_only(tmp_path):
     bad = run_cli("--method", "not-a-method", "--updates", "1")
     accepted = ", ".join((*bl.METHODS, "exact-flow"))  # the registry's methods, then the diagnostic
     assert bad.returncode != 0 and f"--method: must be one of {accepted} (got 'not-a-method')" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_flow_diagnostics_score_the_control_variate_target_from_the_parent_step(small):
+    """θ's --control-variate target a_i − ½[h(x_i) − h(x̃_i)] is scored from step 1 on (step 0 has no
+    parent); with a zero g_φ and policy = reference it differs from the adjoint by the guess's odd part."""
+    schedule, reference, cfg, task = small
+    traj = T.sample(T.as_eps_fn(reference), schedule, 64, torch.Generator().manual_seed(0))
+    flow = T.make_flow(cfg)  # zero output layer: h = the guess
+    err = D.flow_errors(task, reference, flow, traj, schedule, cfg, reference)
+    cv, adjoint = err["control_variate_target"], err["adjoint_target"]
+    assert cv[0] is None and len(cv) == NUM_STEPS and all(math.isfinite(v) for v in cv[1:])
+    assert cv[1:] != adjoint[1:]  # the guess moved the target (a constant guess would cancel exactly)
+
+
+def test_flow_bias_quick_writes_its_table_and_figure(tmp_path):
+    from experiments import flow_bias
+    flow_bias.main(["--quick", "--out", str(tmp_path)])
+    table = (tmp_path / "flow_bias.md").read_text()
+    assert (tmp_path / "flow_bias.png").exists() and table.count("| F: 2 modes / linear |") == 5

@@ -313,6 +313,10 @@ def test_presets_paper_and_bootstrap_restore_the_papers_flow():
         "bootstrap", "policy", "plain", "alpha_bar", 1.0)
     default = td.parse_args([])
     assert (default.flow_target, default.guess_from, default.flow_lr, default.method) == ("adjoint", "reference", 5e-4, "nabla-db")
+    # θ fits guess + g_φ here (the control variate, the toy's default, costs digits the learned flow's lead)
+    assert not td.method_config(default, "nabla-db").loss.control_variate
+    assert td.method_config(td.parse_args(["--control-variate"]), "nabla-db").loss.control_variate
+    assert not td.method_config(td.parse_args(["--preset", "paper", "--control-variate"]), "nabla-db").loss.control_variate
 
 
 def test_config_validates_on_construction_and_flags_override_the_preset():
