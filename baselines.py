@@ -588,3 +588,11 @@ METHODS: Dict[str, Method] = {
     "rtb": Method(rtb_update, "RTB", "RTB: relative trajectory balance with a learned log Z", module="log_z",
                   full_trajectories=True),
 }
+
+
+def fixed_fields(methods: str) -> List[Tuple[str, str, object]]:
+    """(method, field, value) of each LossConfig field that a method of `methods` (one registry name or a
+    comma-separated list; other names fix nothing) fixes through its loss_overrides. cli.parse refuses a
+    flag given for such a field with another value (e.g. --method no-flow --flow-target adjoint)."""
+    return [(name, key, value) for name in methods.split(",") if name in METHODS
+            for key, value in METHODS[name].loss_overrides.items()]

@@ -357,6 +357,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
         values = cli.with_preset(Config, PRESETS, given)
         if values["model"] in TINY_MODELS:
             values.update({k: TINY for k in WEIGHT_FIELDS if k not in given})
+    cli.refuse_fixed(values, given)
     return Config(**values)
 
 
