@@ -592,7 +592,8 @@ class Plan:
 
 def make_plan(cfg, num_processes: int) -> Plan:
     """The ∇-DB methods' sizes; another method makes one update per epoch on all this process's trajectories
-    (--transitions-per-update and --train-batch-size do not apply: Plan(trajectories, steps, 1, 1))."""
+    (--transitions-per-update does not apply: Plan(trajectories, steps, 1, 1); its forwards with a graph take
+    --train-batch-size rows each, its sampling --sample-batch-size, `method_config`)."""
     if cfg.trajectories_per_epoch % num_processes:
         raise UsageError(f"--trajectories-per-epoch must be divisible by the {num_processes} processes "
                          f"(got {cfg.trajectories_per_epoch})")
@@ -657,7 +658,8 @@ def method_config(cfg, batch_size: int) -> baselines.MethodConfig:
         beta=cfg.beta, batch_size=batch_size, fraction=cfg.subsample_fraction, grad_clip=cfg.max_grad_norm,
         loss=cfg.loss_config(), draft_k=cfg.draft_k, draft_kl=cfg.draft_kl, refl_start=cfg.refl_start,
         ppo_clip=cfg.ppo_clip, ppo_epochs=cfg.ppo_epochs, ppo_minibatches=cfg.ppo_minibatches,
-        ppo_adv_clip=cfg.ppo_adv_clip, kl_coef=cfg.grpo_kl)
+        ppo_adv_clip=cfg.ppo_adv_clip, kl_coef=cfg.grpo_kl, micro_batch=cfg.train_batch_size,
+        sample_batch=cfg.sample_batch_size)
 
 
 # ----------------------------------------------------------------------------------------------
