@@ -80,6 +80,10 @@ class MethodConfig:
     ppo_minibatches: int = 4  # DDPO, GRPO, KL-PG: minibatches per epoch (one optimiser step each)
     ppo_adv_clip: float = 5.0  # DDPO, GRPO: clip of the normalised advantages
     kl_coef: float = 0.04  # GRPO: weight of the per-step KL to P_F♯ (Flow-GRPO's default on SD3.5 GenEval/OCR)
+    # memory (every method but ∇-DB and RTB; same gradients, `accumulated_step`): rows per forward/backward with a
+    # graph, gradients accumulated into the one optimiser step; rows per no-grad sampling/scoring pass. 0 = all
+    micro_batch: int = 0
+    sample_batch: int = 0
 
 
 @dataclass
@@ -115,10 +119,35 @@ def optimizer_step(trainee: Trainee, loss: Tensor, max_norm: float) -> Dict[str,
     return {f"grad_norm_{k}": v for k, v in norms.items()}
 
 
-def score(log_reward: ng.LogRewardFn, x0: Tensor) -> Tensor:
-    """r(x_0) without a graph, for logging and for the methods that need no reward gradient. (B,)."""
+def score(log_reward: ng.LogRewardFn, x0: Tensor, chunk: int = 0) -> Tensor:
+    """r(x_0) without a graph, for logging and for the methods that need no reward gradient, `chunk` rows at
+    a time (0 = all). (B,)."""
     with torch.no_grad():
-        return log_reward(x0, torch.arange(len(x0)))
+        return torch.cat([log_reward(x0[rows], rows) for rows in row_chunks(len(x0), chunk, x0.device)])
+
+
+def row_chunks(n: int, size: int, device=None) -> Tuple[Tensor, ...]:
+    """arange(n) in chunks of `size` rows (0: one chunk of all n)."""
+    return torch.arange(n, device=device).split(size if size > 0 else max(n, 1))
+
+
+def accumulated_step(trainee: Trainee, hp: MethodConfig, rows: Tensor,
+                     loss_of: Callable[[Tensor], Tuple[Tensor, Dict[str, Tensor]]]) -> Dict[str, float]:
+    """ONE optimiser step on the mean over `rows` of a per-row loss, in micro-batches of hp.micro_batch rows
+    (0 = all at once): loss_of(micro) → (its mean over micro, {stat: its mean}); each is backpropagated with
+    weight len(micro)/len(rows), so the accumulated gradient is the whole mean's while one micro-batch's
+    graph is held. Returns the pre-clip norms and the weighted means of loss and stats."""
+    trainee.optimizer.zero_grad(set_to_none=True)
+    logs: Dict[str, float] = {}
+    for micro in rows.split(hp.micro_batch if hp.micro_batch > 0 else max(len(rows), 1)):
+        loss, stats = loss_of(micro)
+        weight = len(micro) / len(rows)
+        trainee.backward(loss * weight)
+        for key, value in {"loss": loss, **stats}.items():
+            logs[key] = logs.get(key, 0.0) + weight * float(value.detach())
+    norms = ng.clip_grad_norms(trainee.groups, hp.grad_clip)
+    trainee.optimizer.step()
+    return {**logs, **{f"grad_norm_{k}": v for k, v in norms.items()}}
 
 
 def per_row(v: Tensor, x: Tensor) -> Tensor:
@@ -136,12 +165,24 @@ def prefix_schedule(schedule: ng.StepSchedule, num_steps: int) -> ng.StepSchedul
     return ng.StepSchedule(*(getattr(schedule, f)[:num_steps] for f in schedule.__dataclass_fields__))
 
 
+def sample_chunks(eps_fn: ng.EpsFn, schedule: ng.StepSchedule, x_T: Tensor, gen: torch.Generator,
+                  chunk: int = 0) -> ng.Trajectory:
+    """`nabla_gfn.sample_trajectory` on `chunk` rows of x_T at a time (0 = all), each chunk's rows keeping
+    their trajectory index in the whole batch (the rung's prompt of row b)."""
+    if chunk <= 0 or chunk >= len(x_T):
+        return ng.sample_trajectory(eps_fn, schedule, x_T, generator=gen)
+    parts = [ng.sample_trajectory(lambda x, t, traj, rows=rows: eps_fn(x, t, rows[traj]), schedule, x_T[rows],
+                                  generator=gen) for rows in row_chunks(len(x_T), chunk, x_T.device)]
+    return ng.Trajectory(torch.cat([p.states for p in parts]), torch.cat([p.eps for p in parts]))
+
+
 def sample_prefix(eps_fn: ng.EpsFn, schedule: ng.StepSchedule, x_T: Tensor, num_steps: int,
-                  gen: torch.Generator) -> Tensor:
-    """The state after the first `num_steps` steps of the shared sampler (no_grad); x_T itself if 0."""
+                  gen: torch.Generator, chunk: int = 0) -> Tensor:
+    """The state after the first `num_steps` steps of the shared sampler (no_grad, `chunk` rows at a time);
+    x_T itself if 0."""
     if num_steps == 0:
         return x_T
-    return ng.sample_trajectory(eps_fn, prefix_schedule(schedule, num_steps), x_T, generator=gen).final
+    return sample_chunks(eps_fn, prefix_schedule(schedule, num_steps), x_T, gen, chunk).final
 
 
 def step_coefficients(schedule: ng.StepSchedule, i: int, n: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -167,9 +208,9 @@ def trajectory_log_prob(eps_fn: ng.EpsFn, batch: ng.Transitions, num_trajectorie
     return log_prob.new_zeros(num_trajectories).index_add(0, batch.traj, log_prob)
 
 
-def sample_policy(trainee: Trainee, n: int, gen: torch.Generator) -> ng.Trajectory:
-    """n on-policy trajectories of the shared sampler (no_grad)."""
-    return ng.sample_trajectory(trainee.policy_eps, trainee.schedule, trainee.x_T(n, gen), generator=gen)
+def sample_policy(trainee: Trainee, n: int, gen: torch.Generator, chunk: int = 0) -> ng.Trajectory:
+    """n on-policy trajectories of the shared sampler (no_grad, `chunk` trajectories at a time, 0 = all)."""
+    return sample_chunks(trainee.policy_eps, trainee.schedule, trainee.x_T(n, gen), gen, chunk)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,6 +242,34 @@ def nabla_db_update(trainee: Trainee, hp: MethodConfig, gen: torch.Generator) ->
 # ----------------------------------------------------------------------------------------------
 
 
+def grad_tail_start(policy_eps: ng.EpsFn, schedule: ng.StepSchedule, x_T: Tensor, k: int, gen: torch.Generator,
+                    chunk: int = 0) -> Tuple[Tensor, List[Tensor]]:
+    """DRaFT's sample up to the graph: the state x_{T−k} (no_grad, `chunk` rows at a time) and the noise of
+    each of the last k steps (drawn for the whole batch, in the shared sampler's order)."""
+    T = schedule.num_steps
+    k = max(1, min(k, T))
+    start = sample_prefix(policy_eps, schedule, x_T, T - k, gen, chunk)
+    return start, [torch.randn(start.shape, generator=gen, device=start.device, dtype=start.dtype) for _ in range(k)]
+
+
+def grad_tail(policy_eps: ng.EpsFn, reference_eps: ng.EpsFn, schedule: ng.StepSchedule, start: Tensor,
+              noises: List[Tensor], rows: Tensor, with_kl: bool = False) -> Tuple[Tensor, Tensor]:
+    """The last k = len(noises) steps x' = μ_θ(x) + σ z of trajectories `rows`, from start[rows], graph kept:
+    (x_0 (R, ...), Σ over the k steps of KL(P_F^θ(·|x) ‖ P_F^♯(·|x)) per row (R,), zero unless with_kl)."""
+    T, R = schedule.num_steps, len(rows)
+    x, kl = start[rows], start.new_zeros(R)
+    for j, i in enumerate(range(T - len(noises), T)):
+        t = schedule.timesteps[i].expand(R)
+        sigma, mean_coef = step_coefficients(schedule, i, R)[2], schedule.mean_coef[i].expand(R, 2)
+        mean = ng.affine(mean_coef, x, policy_eps(x, t, rows))
+        if with_kl:  # KL of two Gaussians with the same σ: ‖μ_θ − μ^♯‖² / (2σ²)
+            with torch.no_grad():
+                mean_ref = ng.affine(mean_coef, x, reference_eps(x, t, rows))
+            kl = kl + (mean - mean_ref).pow(2).flatten(1).sum(1) / (2 * sigma**2)
+        x = mean + per_row(sigma, x) * noises[j][rows]
+    return x, kl
+
+
 def sample_with_grad_tail(
     policy_eps: ng.EpsFn, reference_eps: ng.EpsFn, schedule: ng.StepSchedule, x_T: Tensor, k: int,
     gen: torch.Generator, with_kl: bool = False,
@@ -213,35 +282,24 @@ def sample_with_grad_tail(
     the graph starts (B, ...), Σ over the k steps of KL(P_F^θ(·|x) ‖ P_F^♯(·|x)) per row (B,), zero
     unless with_kl).
     """
-    T = schedule.num_steps
-    k = max(1, min(k, T))
-    start = sample_prefix(policy_eps, schedule, x_T, T - k, gen)
-    B = len(x_T)
-    traj = torch.arange(B)
-    x, kl = start, x_T.new_zeros(B)
-    for i in range(T - k, T):
-        t = schedule.timesteps[i].expand(B)
-        sigma, mean_coef = step_coefficients(schedule, i, B)[2], schedule.mean_coef[i].expand(B, 2)
-        mean = ng.affine(mean_coef, x, policy_eps(x, t, traj))
-        if with_kl:  # KL of two Gaussians with the same σ: ‖μ_θ − μ^♯‖² / (2σ²)
-            with torch.no_grad():
-                mean_ref = ng.affine(mean_coef, x, reference_eps(x, t, traj))
-            kl = kl + (mean - mean_ref).pow(2).flatten(1).sum(1) / (2 * sigma**2)
-        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        x = mean + per_row(sigma, x) * noise
-    return x, start, kl
+    start, noises = grad_tail_start(policy_eps, schedule, x_T, k, gen)
+    x0, kl = grad_tail(policy_eps, reference_eps, schedule, start, noises, torch.arange(len(x_T), device=x_T.device),
+                       with_kl)
+    return x0, start, kl
 
 
 def draft_update(trainee: Trainee, hp: MethodConfig, gen: torch.Generator) -> Dict[str, float]:
-    """DRaFT-K: minimise −β r(x_0) (+ draft_kl · Σ_last-K KL) through the last K steps."""
-    x_T = trainee.x_T(hp.batch_size, gen)
-    x0, _, kl = sample_with_grad_tail(trainee.policy_eps, trainee.reference_eps, trainee.schedule, x_T,
-                                      hp.draft_k, gen, with_kl=hp.draft_kl > 0)
-    reward = trainee.log_reward(x0, torch.arange(len(x0)))
-    loss = -(hp.beta * reward).mean() + hp.draft_kl * kl.mean()
-    logs = optimizer_step(trainee, loss, hp.grad_clip)
-    logs.update(loss=loss.item(), reward=reward.mean().item(), kl_last_k=kl.mean().item())
-    return logs
+    """DRaFT-K: minimise −β r(x_0) (+ draft_kl · Σ_last-K KL) through the last K steps (in micro-batches)."""
+    start, noises = grad_tail_start(trainee.policy_eps, trainee.schedule, trainee.x_T(hp.batch_size, gen),
+                                    hp.draft_k, gen, hp.sample_batch)
+
+    def loss_of(rows: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        x0, kl = grad_tail(trainee.policy_eps, trainee.reference_eps, trainee.schedule, start, noises, rows,
+                           hp.draft_kl > 0)
+        reward = trainee.log_reward(x0, rows)
+        return -(hp.beta * reward).mean() + hp.draft_kl * kl.mean(), dict(reward=reward.mean(), kl_last_k=kl.mean())
+
+    return accumulated_step(trainee, hp, torch.arange(hp.batch_size, device=start.device), loss_of)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,21 +320,26 @@ def refl_prediction(policy_eps: ng.EpsFn, schedule: ng.StepSchedule, x_T: Tensor
     Returns (x̂_0 (B, ...) whose only path to θ is that one ε̂_θ call, x_stop (B, ...) detached).
     """
     x = sample_prefix(policy_eps, schedule, x_T, stop, gen)
-    B = len(x)
-    t = schedule.timesteps[stop].expand(B)
-    x0_hat = ng.affine(schedule.x0_coef[stop].expand(B, 2), x, policy_eps(x, t, torch.arange(B)))
-    return x0_hat, x
+    return x0_prediction(policy_eps, schedule, x, stop, torch.arange(len(x), device=x.device)), x
+
+
+def x0_prediction(policy_eps: ng.EpsFn, schedule: ng.StepSchedule, x: Tensor, step: int, rows: Tensor) -> Tensor:
+    """x̂_0(x_step) of trajectories `rows` of the states x (B, ...), one ε̂_θ call with graph. (R, ...)."""
+    t = schedule.timesteps[step].expand(len(rows))
+    return ng.affine(schedule.x0_coef[step].expand(len(rows), 2), x[rows], policy_eps(x[rows], t, rows))
 
 
 def refl_update(trainee: Trainee, hp: MethodConfig, gen: torch.Generator) -> Dict[str, float]:
-    """ReFL: minimise −β r(x̂_0(x_i)) at a random late step i."""
+    """ReFL: minimise −β r(x̂_0(x_i)) at a random late step i (in micro-batches)."""
     stop = refl_step_index(trainee.schedule.num_steps, hp.refl_start, gen)
-    x0_hat, _ = refl_prediction(trainee.policy_eps, trainee.schedule, trainee.x_T(hp.batch_size, gen), stop, gen)
-    reward = trainee.log_reward(x0_hat, torch.arange(len(x0_hat)))
-    loss = -(hp.beta * reward).mean()
-    logs = optimizer_step(trainee, loss, hp.grad_clip)
-    logs.update(loss=loss.item(), reward=reward.mean().item(), refl_step=stop)
-    return logs
+    x = sample_prefix(trainee.policy_eps, trainee.schedule, trainee.x_T(hp.batch_size, gen), stop, gen, hp.sample_batch)
+
+    def loss_of(rows: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        reward = trainee.log_reward(x0_prediction(trainee.policy_eps, trainee.schedule, x, stop, rows), rows)
+        return -(hp.beta * reward).mean(), dict(reward=reward.mean())
+
+    logs = accumulated_step(trainee, hp, torch.arange(hp.batch_size, device=x.device), loss_of)
+    return {**logs, "refl_step": stop}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,23 +373,24 @@ def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, cl
 
 def ddpo_update(trainee: Trainee, hp: MethodConfig, gen: torch.Generator) -> Dict[str, float]:
     """DDPO: sample a batch, then ppo_epochs × ppo_minibatches PPO-clip steps on all its transitions."""
-    trajectory = sample_policy(trainee, hp.batch_size, gen)
-    reward = score(trainee.log_reward, trajectory.final)
+    trajectory = sample_policy(trainee, hp.batch_size, gen, hp.sample_batch)
+    reward = score(trainee.log_reward, trajectory.final, hp.sample_batch)
     batch = all_transitions(trajectory, trainee.schedule)
     row_advantages = normalised_advantages(hp.beta * reward, hp.ppo_adv_clip)[batch.traj]
     # π_old: the Gaussian step the sampler actually took, from the ε̂ it recorded.
-    old_mean = step_mean_of(batch.eps_old, batch)
-    old_log_prob = ng.gaussian_log_prob(batch.x_next, old_mean, batch.sigma)
-    losses, norms, clip_fracs, kls = [], [], [], []
-    for _ in range(hp.ppo_epochs):
-        for rows in torch.randperm(len(batch), generator=gen, device=gen.device).chunk(hp.ppo_minibatches):
-            log_prob = transition_log_prob(trainee.policy_eps, batch.select(rows))
-            loss, stats = ppo_clip_loss(log_prob, old_log_prob[rows], row_advantages[rows], hp.ppo_clip)
-            norms.append(optimizer_step(trainee, loss, hp.grad_clip))
-            losses.append(loss.item()), clip_fracs.append(float(stats["clip_fraction"])), kls.append(float(stats["approx_kl"]))
-    logs = {k: max(n[k] for n in norms) for k in norms[0]}  # the largest pre-clip norm of the update
-    logs.update(loss=sum(losses) / len(losses), reward=float(reward.mean()), clip_fraction=sum(clip_fracs) / len(clip_fracs),
-                approx_kl=kls[-1], optimizer_steps=len(losses))
+    old_log_prob = ng.gaussian_log_prob(batch.x_next, step_mean_of(batch.eps_old, batch), batch.sigma)
+
+    def loss_of(rows: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        log_prob = transition_log_prob(trainee.policy_eps, batch.select(rows))
+        loss, stats = ppo_clip_loss(log_prob, old_log_prob[rows], row_advantages[rows], hp.ppo_clip)
+        return loss, dict(clip_fraction=stats["clip_fraction"], approx_kl=stats["approx_kl"])
+
+    steps = [accumulated_step(trainee, hp, rows, loss_of) for _ in range(hp.ppo_epochs)
+             for rows in torch.randperm(len(batch), generator=gen, device=gen.device).chunk(hp.ppo_minibatches)]
+    logs = {k: max(step[k] for step in steps) for k in steps[0] if k.startswith("grad_norm_")}  # the largest pre-clip norm
+    logs.update(loss=sum(step["loss"] for step in steps) / len(steps), reward=float(reward.mean()),
+                clip_fraction=sum(step["clip_fraction"] for step in steps) / len(steps),
+                approx_kl=steps[-1]["approx_kl"], optimizer_steps=len(steps))
     return logs
 
 
@@ -393,40 +457,41 @@ def kl_pg_advantages(beta_reward: Tensor, step_kls: Tensor, group: Tensor) -> Te
 
 def clipped_pg_steps(trainee: Trainee, hp: MethodConfig, gen: torch.Generator, batch: ng.Transitions,
                      advantages: Tensor, reference_mean: Tensor, kl_coef: float) -> Dict[str, float]:
-    """ppo_epochs × ppo_minibatches optimiser steps on PPO-clip(ρ_i, A_i) + kl_coef · KL_i(x_i), KL_i pathwise.
+    """ppo_epochs × ppo_minibatches optimiser steps on PPO-clip(ρ_i, A_i) + kl_coef · KL_i(x_i), KL_i pathwise
+    (each step in micro-batches, `accumulated_step`).
 
     π_old is the Gaussian step the sampler took (its recorded ε̂); μ^♯ is precomputed, without graph.
     Returns the update's logs (largest pre-clip norm, mean loss, clip fraction, mean step KL).
     """
-    old_mean = step_mean_of(batch.eps_old, batch)
-    old_log_prob = ng.gaussian_log_prob(batch.x_next, old_mean, batch.sigma)
-    logs: Dict[str, List[float]] = {"loss": [], "clip_fraction": [], "step_kl": []}
-    norms = []
-    for _ in range(hp.ppo_epochs):
-        for rows in torch.randperm(len(batch), generator=gen, device=gen.device).chunk(hp.ppo_minibatches):
-            part = batch.select(rows)
-            mean = step_mean_of(trainee.policy_eps(part.x, part.t, part.traj), part)
-            log_prob = ng.gaussian_log_prob(part.x_next, mean, part.sigma)
-            surrogate, stats = ppo_clip_loss(log_prob, old_log_prob[rows], advantages[rows], hp.ppo_clip)
-            kl = step_kl(mean, reference_mean[rows], part.sigma).mean()
-            loss = surrogate + kl_coef * kl
-            norms.append(optimizer_step(trainee, loss, hp.grad_clip))
-            for key, value in (("loss", loss), ("clip_fraction", stats["clip_fraction"]), ("step_kl", kl)):
-                logs[key].append(float(value.detach()))
-    out = {k: max(n[k] for n in norms) for k in norms[0]}
-    out.update({k: sum(v) / len(v) for k, v in logs.items()}, optimizer_steps=len(norms))
+    old_log_prob = ng.gaussian_log_prob(batch.x_next, step_mean_of(batch.eps_old, batch), batch.sigma)
+
+    def loss_of(rows: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        part = batch.select(rows)
+        mean = step_mean_of(trainee.policy_eps(part.x, part.t, part.traj), part)
+        log_prob = ng.gaussian_log_prob(part.x_next, mean, part.sigma)
+        surrogate, stats = ppo_clip_loss(log_prob, old_log_prob[rows], advantages[rows], hp.ppo_clip)
+        kl = step_kl(mean, reference_mean[rows], part.sigma).mean()
+        return surrogate + kl_coef * kl, dict(clip_fraction=stats["clip_fraction"], step_kl=kl)
+
+    steps = [accumulated_step(trainee, hp, rows, loss_of) for _ in range(hp.ppo_epochs)
+             for rows in torch.randperm(len(batch), generator=gen, device=gen.device).chunk(hp.ppo_minibatches)]
+    out = {k: max(step[k] for step in steps) for k in steps[0] if k.startswith("grad_norm_")}
+    out.update({k: sum(step[k] for step in steps) / len(steps) for k in ("loss", "clip_fraction", "step_kl")},
+               optimizer_steps=len(steps))
     return out
 
 
 def sample_for_pg(trainee: Trainee, hp: MethodConfig,
                   gen: torch.Generator) -> Tuple[ng.Transitions, Tensor, Tensor, Tensor]:
     """One on-policy batch for GRPO / KL-PG: (every transition, r(x_0) (B,), μ^♯ at every transition (no
-    graph), the sampling policy's per-step KL_i(x_i) (B, T))."""
-    trajectory = sample_policy(trainee, hp.batch_size, gen)
-    reward = score(trainee.log_reward, trajectory.final)
+    graph, hp.sample_batch·T transitions per pass), the sampling policy's per-step KL_i(x_i) (B, T))."""
+    trajectory = sample_policy(trainee, hp.batch_size, gen, hp.sample_batch)
+    reward = score(trainee.log_reward, trajectory.final, hp.sample_batch)
     batch = all_transitions(trajectory, trainee.schedule)
+    chunk = hp.sample_batch * trainee.schedule.num_steps
     with torch.no_grad():
-        reference_mean = step_mean_of(trainee.reference_eps(batch.x, batch.t, batch.traj), batch)
+        reference_mean = torch.cat([step_mean_of(trainee.reference_eps(part.x, part.t, part.traj), part)
+                                    for part in map(batch.select, row_chunks(len(batch), chunk, batch.x.device))])
         step_kls = step_kl(step_mean_of(batch.eps_old, batch), reference_mean, batch.sigma)
     return batch, reward, reference_mean, step_kls.view(hp.batch_size, -1)
 
@@ -588,3 +653,11 @@ METHODS: Dict[str, Method] = {
     "rtb": Method(rtb_update, "RTB", "RTB: relative trajectory balance with a learned log Z", module="log_z",
                   full_trajectories=True),
 }
+
+
+def fixed_fields(methods: str) -> List[Tuple[str, str, object]]:
+    """(method, field, value) of each LossConfig field that a method of `methods` (one registry name or a
+    comma-separated list; other names fix nothing) fixes through its loss_overrides. cli.parse refuses a
+    flag given for such a field with another value (e.g. --method no-flow --flow-target adjoint)."""
+    return [(name, key, value) for name in methods.split(",") if name in METHODS
+            for key, value in METHODS[name].loss_overrides.items()]

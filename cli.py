@@ -126,6 +126,16 @@ def with_preset(cls: type, presets: Mapping[str, Mapping], given: Mapping) -> Di
     return {**values, **presets[name], **given}
 
 
+def refuse_fixed(values: Mapping, given: Mapping) -> None:
+    """A flag given with another value than the one its --method fixes (the registry's loss_overrides,
+    baselines.fixed_fields) is a UsageError naming both, e.g. --method no-flow with --flow-target adjoint."""
+    if "method" in values:
+        from baselines import fixed_fields  # torch only where a config has a --method
+        for method, name, value in fixed_fields(str(values["method"])):
+            if name in given and given[name] != value:
+                raise UsageError(f"{flag(name)} {given[name]}: --method {method} fixes it to {value}")
+
+
 def parse(cls: type, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None,
           presets: Optional[Mapping[str, Mapping]] = None, description: Optional[str] = None) -> Any:
     """argv → a validated instance of `cls`: defaults → preset deltas → flags given. A bad value
@@ -134,6 +144,7 @@ def parse(cls: type, argv: Optional[Sequence[str]] = None, prog: Optional[str] =
     try:
         given = given_flags(cls, argv, parser.prog, description)
         values = with_preset(cls, presets, given) if presets else {**dataclasses.asdict(cls()), **given}
+        refuse_fixed(values, given)
         return validate(cls(**values))
     except ValueError as err:  # UsageError included
         parser.error(str(err))

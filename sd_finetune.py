@@ -247,7 +247,7 @@ class Config:
                           check=POSITIVE)
     ppo_epochs: int = opt(1, "DDPO, GRPO, KL-PG: inner epochs over each sampled batch (DDPO's 1)", check=POSITIVE)
     ppo_minibatches: int = opt(4, "DDPO, GRPO, KL-PG: minibatches of the batch's transitions per inner epoch, one "
-                               "optimiser step each, each in one forward (memory: docs/stable_diffusion.md)", check=POSITIVE)
+                               "optimiser step each, in forwards of --train-batch-size (docs/stable_diffusion.md)", check=POSITIVE)
     ppo_adv_clip: float = opt(5.0, "DDPO, GRPO: clip of the normalised advantages (DDPO's and Flow-GRPO's 5)",
                               check=POSITIVE)
     grpo_kl: float = opt(0.04, "GRPO: weight of the per-step KL to P_F♯ (Flow-GRPO's default on SD3.5)", check=NON_NEGATIVE)
@@ -273,9 +273,9 @@ class Config:
                                     "always is)", check=FRACTION)
     transitions_per_update: int = opt(64, "transitions per optimiser step, over all processes and "
                                       "accumulation steps", check=POSITIVE)
-    train_batch_size: int = opt(2, "transitions per forward/backward, per process (gradient accumulation "
-                                "= transitions_per_update / (train_batch_size · processes)); 2 with checkpointing "
-                                "fits the default run in 20 GiB", check=POSITIVE)
+    train_batch_size: int = opt(2, "transitions (∇-DB; other methods: rows) per forward/backward, per process, "
+                                "gradients accumulated (∇-DB: transitions_per_update / (train_batch_size · processes) "
+                                "micro-batches); 2 with checkpointing fits the default run in 20 GiB", check=POSITIVE)
     # data
     prompts: str = opt("", "text file with one training prompt per line; empty = the 45 simple animals")
     eval_prompts: str = opt("", "text file of held-out prompts for sample grids and --eval; "
@@ -357,6 +357,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
         values = cli.with_preset(Config, PRESETS, given)
         if values["model"] in TINY_MODELS:
             values.update({k: TINY for k in WEIGHT_FIELDS if k not in given})
+    cli.refuse_fixed(values, given)
     return Config(**values)
 
 

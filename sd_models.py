@@ -209,7 +209,7 @@ def load_pipeline(cfg, dtype: torch.dtype):
 
     SD: a DDIM scheduler of its config. SD3: its own FlowMatchEulerDiscreteScheduler (shifted timesteps),
     without T5 (text_encoder_3 = None, the pipeline's zero T5 tokens) with --no-t5. Reads cfg.model,
-    cfg.cache_dir, cfg.t5 and cfg.method (SD3 takes only the ∇-DB methods, `check_method`).
+    cfg.cache_dir and cfg.t5.
     """
     source = tiny_weight(TINY_PIPELINES[cfg.model], cfg.cache_dir) if cfg.model in TINY_PIPELINES else cfg.model
     try:
@@ -221,7 +221,6 @@ def load_pipeline(cfg, dtype: torch.dtype):
     if name not in FAMILIES:
         raise UsageError(f"--model {cfg.model!r} is a {name}; accepted: {', '.join(FAMILIES)}")
     family = FAMILIES[name]
-    check_method(cfg.method, family)
     no_t5 = family.flow and not cfg.t5
     try:
         with quiet_library_logs():
@@ -235,14 +234,6 @@ def load_pipeline(cfg, dtype: torch.dtype):
         module.requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def check_method(method: str, family: Family) -> None:
-    """SD3 trains with the ∇-DB methods only: the other methods' updates (baselines.py) write the step as
-    DDIM's ε step (`nabla_gfn.step_mean`, `x0_prediction`), not as the schedule's affine coefficients."""
-    if family.flow and baselines.METHODS[method].update is not baselines.nabla_db_update:
-        raise UsageError(f"--method {method}: not available for SD3 (flow) models yet, its update in baselines.py "
-                         f"uses the DDIM ε step; accepted here: nabla-db, no-flow, adjoint-matching")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -601,7 +592,8 @@ class Plan:
 
 def make_plan(cfg, num_processes: int) -> Plan:
     """The ∇-DB methods' sizes; another method makes one update per epoch on all this process's trajectories
-    (--transitions-per-update and --train-batch-size do not apply: Plan(trajectories, steps, 1, 1))."""
+    (--transitions-per-update does not apply: Plan(trajectories, steps, 1, 1); its forwards with a graph take
+    --train-batch-size rows each, its sampling --sample-batch-size, `method_config`)."""
     if cfg.trajectories_per_epoch % num_processes:
         raise UsageError(f"--trajectories-per-epoch must be divisible by the {num_processes} processes "
                          f"(got {cfg.trajectories_per_epoch})")
@@ -666,7 +658,8 @@ def method_config(cfg, batch_size: int) -> baselines.MethodConfig:
         beta=cfg.beta, batch_size=batch_size, fraction=cfg.subsample_fraction, grad_clip=cfg.max_grad_norm,
         loss=cfg.loss_config(), draft_k=cfg.draft_k, draft_kl=cfg.draft_kl, refl_start=cfg.refl_start,
         ppo_clip=cfg.ppo_clip, ppo_epochs=cfg.ppo_epochs, ppo_minibatches=cfg.ppo_minibatches,
-        ppo_adv_clip=cfg.ppo_adv_clip, kl_coef=cfg.grpo_kl)
+        ppo_adv_clip=cfg.ppo_adv_clip, kl_coef=cfg.grpo_kl, micro_batch=cfg.train_batch_size,
+        sample_batch=cfg.sample_batch_size)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch.distributions import Normal
 
+import cli
 import nabla_gfn as ng
 import toy_2d
 import baselines as bl
@@ -454,3 +455,37 @@ def test_no_method_is_registered_and_no_baseline_defined_anywhere_else():
         assert "nabla_db_loss(" not in (REPO_ROOT / rung).read_text(), rung
     assert set(td.METHOD_NAMES) <= set(bl.METHODS) and set(toy_2d.METHOD_NAMES) == set(bl.METHODS)
     assert set(toy_diagnostics.METHOD_NAMES) - set(bl.METHODS) == {"exact-flow"}
+
+
+@pytest.mark.parametrize("rung", ["toy_2d", "toy_digits", "sd_finetune"])
+def test_a_flag_the_method_fixes_is_refused_in_one_line(rung, capsys):
+    """--method adjoint-matching fixes flow_target to adjoint (its loss_overrides): --flow-target bootstrap
+    or mixed with it is refused by cli.parse, one line naming the flag and the method, on every rung; the
+    method's own value, or the flag left out, is accepted (the override is then what runs)."""
+    import importlib
+
+    module = importlib.import_module(rung)
+    parse = getattr(module, "parse_args", None)
+    if rung == "sd_finetune":  # its parse_config raises UsageError, which main prints as one line
+
+        def parse(argv):
+            try:
+                return module.parse_config(argv)
+            except cli.UsageError as err:
+                cli.OneLineParser(prog="sd_finetune.py").error(str(err))
+
+    for target in ("bootstrap", "mixed"):
+        with pytest.raises(SystemExit) as exit_:
+            parse(["--method", "adjoint-matching", "--flow-target", target])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 1, err
+        assert f"--flow-target {target}" in err[0] and "--method adjoint-matching" in err[0], err
+    for argv in (["--method", "adjoint-matching", "--flow-target", "adjoint"], ["--method", "adjoint-matching"]):
+        assert parse(argv).flow_target in ("adjoint", "bootstrap")  # accepted; toy_2d keeps its own field
+    if rung != "toy_digits":  # toy_digits has no no-flow method
+        with pytest.raises(SystemExit):
+            parse(["--method", "no-flow", "--flow-target", "adjoint"])
+        assert "--method no-flow" in capsys.readouterr().err
+        loss = parse(["--method", "no-flow"]).loss_config
+        assert (loss() if callable(loss) else loss).flow_target == "bootstrap"
+    assert [f for _, f, _ in bl.fixed_fields("nabla-db,no-flow,draft")] == ["use_flow", "flow_target"]

@@ -7,6 +7,7 @@ saved LoRA through `StableDiffusion3Pipeline.load_lora_weights`; the CLI end to 
 
 import copy
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -337,23 +338,21 @@ def test_resumed_sd3_run_reproduces_the_uninterrupted_run(smoke_run, env, tmp_pa
     assert lora[0].keys() == lora[1].keys() and all(torch.equal(lora[0][k], lora[1][k]) for k in lora[0])
 
 
-@pytest.mark.parametrize("method", ["no-flow", "adjoint-matching"])
-def test_nabla_db_methods_run_on_sd3(method, env, tmp_path):
-    result = run_script(["--model", "tiny-sd3", "--preset", "smoke", "--method", method, "--out", tmp_path / "run"], env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
-    assert (tmp_path / "run" / "checkpoints" / "epoch_0001" / "pytorch_lora_weights.safetensors").is_file()
+@pytest.mark.parametrize("method", [m for m in sd.METHODS if m != "nabla-db"])  # nabla-db: smoke_run above
+def test_every_method_runs_on_sd3(method, cache, tmp_path):
+    """Every --method on the tiny SD3 pipeline (the bar's `--preset smoke --method M`, in process): the
+    registry's updates go through the schedule's affine coefficients, so the flow SDE's step serves them all.
+    Finite logs with a loss, and the saved LoRA's B (0 at init) moved."""
+    from safetensors.torch import load_file
 
-
-@pytest.mark.parametrize("method", ["ddpo", "draft", "refl", "grpo", "kl-pg"])
-def test_other_methods_stop_with_one_line_on_sd3(method, cache, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        sd.main(["--model", "tiny-sd3", "--preset", "smoke", "--cache-dir", str(cache), "--method", method,
-                 "--out", str(tmp_path / "run")])
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"--method {method}" in err[0] and "nabla-db" in err[0], err
+    out = tmp_path / "run"
+    sd.main(["--model", "tiny-sd3", "--preset", "smoke", "--cache-dir", str(cache), "--method", method, "--out", str(out)])
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == (2 if method in sd.NABLA_DB_METHODS else 1)
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm_policy"]) for m in metrics)
+    lora = load_file(out / "checkpoints" / "epoch_0001" / "pytorch_lora_weights.safetensors")
+    up = [v for k, v in lora.items() if "lora.up" in k or "lora_B" in k]
+    assert up and any(v.abs().max() > 0 for v in up)
 
 
 def test_missing_sd35_weights_offline_give_one_line(env, tmp_path):

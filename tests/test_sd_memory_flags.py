@@ -4,6 +4,8 @@ as they say. In process on the tiny builds, or the CLI in a subprocess where a g
 anything loads."""
 
 import collections
+import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import baselines
 import nabla_gfn
 from conftest import shuffled_transitions
 import sd_finetune as sd
@@ -212,3 +215,50 @@ def test_pickled_checkpoint_stops_with_one_line_naming_trust_pickle(cache, tmp_p
     images = torch.zeros(1, 3, 32, 32)
     assert torch.equal(sd.build_reward(trusted, embedder)(images, ["cat"]),
                        sd.build_reward(smoke_config(cache, tmp_path), embedder)(images, ["cat"]))
+
+
+@pytest.mark.parametrize("method", ["draft", "refl", "ddpo", "grpo", "kl-pg"])
+def test_other_methods_in_micro_batches_take_the_same_gradient(method, cache, tmp_path):
+    """The registry's other methods honour the rung's memory flags: --train-batch-size rows per forward with a
+    graph (gradients accumulated into the one step: `baselines.accumulated_step`), --sample-batch-size rows
+    per sampling and scoring pass. Micro-batches of 1 and the whole batch at once: the same sample, logs and
+    LoRA gradient up to float32 rounding of other GEMM shapes, while the graph held at once is smaller."""
+    cfg = smoke_config(cache, tmp_path, "--method", method, "--steps", "2", "--draft-k", "2", "--draft-kl", "0.1",
+                       "--refl-start", "0", "--ppo-clip", "10", "--ppo-minibatches", "1", "--reward", "clip-score",
+                       "--max-grad-norm", "1e9")
+    models = sd.load_models(cfg, torch.device("cpu"), torch.float32)
+    models.unet.to(torch.float64)  # PPO's ∇ log P_F carries (x' − μ_θ)/σ²: float32 UNet rounding at other batch
+    # shapes (~1e-7 of ε̂) over a small σ moved the gradient by ~5e-4 relative; in float64 it is ~1e-14
+    generator = torch.Generator().manual_seed(0)
+    params = sd.lora_parameters(models.unet)
+    with torch.no_grad():  # a non-zero LoRA: policy ≠ reference, so the KL terms are not zero
+        for p in params:
+            p.copy_(0.2 * torch.randn(p.shape, generator=generator))
+    prompts = ["cat", "owl", "cat", "owl"]
+    schedule = sdm.step_schedule(models.pipe, cfg.steps, cfg.noise_level)
+    results = []
+    for micro in (0, 1):
+        held, peak = [0], [0]
+
+        def pack(t):
+            held[0] += t.numel() * t.element_size()
+            return t
+
+        def backward(loss):  # the graph of one micro-batch: what autograd saved since the last backward
+            peak[0], held[0] = max(peak[0], held[0]), 0
+            loss.backward()
+
+        trainee = sd.method_trainee(models, schedule, sd.encode_prompts(models.pipe, prompts), prompts,
+                                    torch.tensor([0, 1, 0, 1]), cfg, torch.optim.SGD(params, lr=0.0), backward)
+        hp = dataclasses.replace(sd.method_config(cfg, 4), micro_batch=micro, sample_batch=2)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logs = baselines.METHODS[method].update(trainee, hp, torch.Generator().manual_seed(1))
+        results.append((logs, torch.cat([p.grad.flatten() for p in params]), peak[0]))
+    (whole, g_whole, peak_whole), (chunked, g_chunked, peak_chunked) = results
+    assert g_whole.norm() > 0 and peak_chunked < 0.5 * peak_whole, (peak_chunked, peak_whole)
+    # DRaFT, ReFL: ∇r through the float32 decoder and reward at other batch shapes, a few ulps (as the reward
+    # chunks above); the PPO family: the float64 UNet's rounding
+    tolerance = 1e-5 if method in ("draft", "refl") else 1e-12
+    assert (g_chunked - g_whole).norm() <= tolerance * g_whole.norm(), ((g_chunked - g_whole).norm(), g_whole.norm())
+    for key in whole:
+        assert math.isclose(chunked[key], whole[key], rel_tol=1e-5, abs_tol=1e-6), (key, chunked[key], whole[key])

@@ -172,7 +172,8 @@ def test_method_config_maps_every_hyper_parameter():
     hp = sd.method_config(cfg, 16)
     assert dataclasses.asdict(hp) == dataclasses.asdict(baselines.MethodConfig(
         beta=7.0, batch_size=16, fraction=0.1, grad_clip=0.5, loss=cfg.loss_config(), draft_k=3, draft_kl=0.5,
-        refl_start=0.5, ppo_clip=0.2, ppo_epochs=2, ppo_minibatches=8, ppo_adv_clip=3.0, kl_coef=0.01))
+        refl_start=0.5, ppo_clip=0.2, ppo_epochs=2, ppo_minibatches=8, ppo_adv_clip=3.0, kl_coef=0.01,
+        micro_batch=2, sample_batch=8))  # --train-batch-size, --sample-batch-size
     defaults = sd.method_config(sd.parse_config([]), 1)  # the SD papers' settings (docs/stable_diffusion.md)
     assert (defaults.draft_k, defaults.draft_kl, defaults.refl_start) == (1, 0.0, 0.75)
     assert (defaults.ppo_clip, defaults.ppo_epochs, defaults.ppo_adv_clip, defaults.kl_coef) == (1e-4, 1, 5.0, 0.04)
