@@ -55,9 +55,12 @@ QUICK = dict(updates=4, batch_size=16, num_steps=10, eval_every=2, eval_samples=
 # D = 128 (0.1× still flung off the data); DDPO flung off at D = 32 and 128 (0.1× at D = 128 too);
 # ∇-GFlowNet diverged and adjoint matching flung off at D = 128 (Adam's first steps move every weight of
 # the D-wide output layer by ~lr, also those whose gradient is noise). D = 2 and 8: all at 2e-3.
+# GRPO and KL-PG (seed 0, the full BUDGET, factors 1, 0.3, 0.1 until a rate held): KL-PG flung off at D = 128
+# (0.3× and 0.1× both held: final TV 0.211 / 0.219); GRPO held at 2e-3 at every D, as KL-PG at D ≤ 32.
 LR_SCALE: Dict[Tuple[str, int], float] = {
     ("rtb", 32): 0.1, ("ddpo", 32): 0.3,
     ("nabla-db", 128): 0.1, ("adjoint-matching", 128): 0.1, ("rtb", 128): 0.03, ("ddpo", 128): 0.03,
+    ("kl-pg", 128): 0.3,
 }
 
 
