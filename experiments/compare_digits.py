@@ -4,10 +4,12 @@
     python experiments/compare_digits.py --docs               # 2. every method × seeds 0, 1, 2 × {class:3 (β 1), ink (β 0.5)}:
                                                               #    docs/results/compare_digits.md, docs/figures/compare_digits.png
     python experiments/compare_digits.py --table-only --docs  # rebuild the table and figure from the results on disk
+    python experiments/compare_digits.py --sweep --methods grpo,kl-pg   # only some methods' rows (sweep or runs)
 
 Rows: ∇-GFlowNet (guess + g_φ) with each flow target — adjoint (toy_digits' default), mixed (λ 0.5),
 bootstrap (the paper's way of training g_φ; everything else as the default) — and adjoint matching,
-RTB (learned log Z), DDPO (PPO-clip), ReFL and DRaFT-1, all `toy_digits.py` methods on the same LoRA
+RTB (learned log Z), DDPO (PPO-clip), ReFL, DRaFT-1, GRPO (Flow-GRPO's group-std advantages and
+0.04 × per-step KL) and KL-PG (KL-regularised policy gradient, α = 1/β), all `toy_digits.py` methods on the same LoRA
 (rank 8), 32 trajectories per update, 25 DDIM steps and `--updates` updates (default 200, as
 toy_digits' default: what fits the 60-minute bar on 2 shared cores). The first row is exactly
 `python toy_digits.py --seed S` (and `--preset ink --seed S`), so its class:3 line is the default's
@@ -23,8 +25,9 @@ Columns (means ± std over seeds): fraction classified as K (class reward), mean
 the reference's (mean pairwise L2), distinct nearest training digits, Fréchet distance to the
 reference in the classifier's features, updates and train seconds until the curve (every
 --curve-every updates, 256 samples) first reaches the bar (class: frac ≥ reference − 0.1; ink: mean
-reward half of the way from p♯ to the reference), network VJPs and reward gradients per update
-(counted by `experiments/digits_diagnostics.py`'s `CostMeter`), and how many seeds diverged (`toy_digits.diverged`).
+reward half of the way from p♯ to the reference), network VJPs, reward calls and reward gradients per
+update (counted by `experiments/digits_diagnostics.py`'s `CostMeter`), training seconds per update, and
+how many seeds diverged (`toy_digits.diverged`).
 
 Runs are resumable: each (row, reward, seed) result is a JSON file under --out, and a finished one is
 skipped, so an interrupted run can be continued and the table rebuilt from whatever finished. The
@@ -61,6 +64,8 @@ ROWS: List[Tuple[str, str, Dict]] = [
     ("DDPO", "ddpo", {}),
     ("ReFL", "refl", {}),
     ("DRaFT-1", "draft", {"draft_k": 1}),
+    ("GRPO", "grpo", {}),
+    ("KL-PG", "kl-pg", {}),
 ]
 REWARDS: List[Tuple[str, float]] = [("class:3", 1.0), ("ink", 0.5)]
 SWEEP_FACTORS = (1 / 3, 1.0, 3.0)
@@ -120,9 +125,14 @@ def run_jobs(jobs: List[Dict], workers: int) -> None:
                                      todo[i]["config"]["method"] not in ("nabla-db", "adjoint-matching")))
 
 
+def selected_rows(args) -> List[Tuple[str, str, Dict]]:
+    """The ROWS whose toy_digits method is in --methods."""
+    return [r for r in ROWS if r[1] in args.methods]
+
+
 def sweep_jobs(args) -> List[Dict]:
     jobs = []
-    for row, method, overrides in ROWS:
+    for row, method, overrides in selected_rows(args):
         default = td.method_lr(td.Config(**overrides), method)
         for factor in SWEEP_FACTORS:
             cfg = row_config(row, *REWARDS[0], 0, args, default * factor)
@@ -146,7 +156,7 @@ def chosen_rates(args) -> Dict[str, float]:
 def comparison_jobs(args, rates: Dict[str, float]) -> List[Dict]:
     jobs = []
     for reward, beta in REWARDS:
-        for row, _, _ in ROWS:
+        for row, _, _ in selected_rows(args):
             for seed in args.seeds:
                 # the first row is toy_digits' default as it stands (the sweep found 1e-3, 3e-3 and 9e-3 alike)
                 cfg = row_config(row, reward, beta, seed, args, None if row == ROWS[0][0] else rates.get(row))
@@ -170,6 +180,12 @@ def to_bar(records: List[Dict], key: str, fmt: str) -> str:
     return text if len(hits) == len(records) else f"{text} ({len(hits)}/{len(records)} seeds)"
 
 
+def count_cell(results: List[Dict], key: str) -> str:
+    """The mean over seeds of a per-update count the runs recorded; "—" for runs from before it was counted."""
+    values = [m.get(key) for m in results]
+    return "—" if None in values else f"{np.mean(values):.0f}"
+
+
 def load_records(args, reward: str) -> Dict[str, List[Dict]]:
     records = {}
     for row, _, _ in ROWS:
@@ -184,7 +200,7 @@ def reward_table(reward: str, records: Dict[str, List[Dict]]) -> List[str]:
     has_frac = "frac_class" in any_records[0]["reference"]
     head = ["method", "lr", "seeds"] + (["frac K"] if has_frac else []) + [
         "mean r", "diversity ÷ ref", "distinct nearest", "Fréchet", "updates to bar", "train s to bar",
-        "VJPs / update", "∇r / update", "diverged"]
+        "VJPs / update", "r calls / update", "∇r / update", "s / update", "diverged"]
     rows = []
     by_seed = {r["config"]["seed"]: r for rs in records.values() for r in rs}  # one reference per seed
     for name in ("reference", "pretrained"):
@@ -194,7 +210,7 @@ def reward_table(reward: str, records: Dict[str, List[Dict]]) -> List[str]:
         cells += [mean_std([m["frac_class"] for m in pick], ".2f")] if has_frac else []
         cells += [mean_std([m["mean_reward"] for m in pick], ".2f"), mean_std(ratio, ".2f"),
                   mean_std([m["distinct_nearest_digits"] for m in pick], ".0f"),
-                  mean_std([m["frechet_to_reference"] for m in pick], ".1f"), "", "", "", "", ""]
+                  mean_std([m["frechet_to_reference"] for m in pick], ".1f")] + [""] * 7
         rows.append(cells)
     for row, rs in records.items():
         res = [r["result"] for r in rs]
@@ -205,8 +221,8 @@ def reward_table(reward: str, records: Dict[str, List[Dict]]) -> List[str]:
                   mean_std([m["distinct_nearest_digits"] for m in res], ".0f"),
                   mean_std([m["frechet_to_reference"] for m in res], ".1f"),
                   to_bar(rs, "updates_to_bar", ".0f"), to_bar(rs, "seconds_to_bar", ".0f"),
-                  f"{np.mean([m['network_vjps_per_update'] for m in res]):.0f}",
-                  f"{np.mean([m['reward_grads_per_update'] for m in res]):.0f}",
+                  f"{np.mean([m['network_vjps_per_update'] for m in res]):.0f}", count_cell(res, "reward_calls_per_update"),
+                  f"{np.mean([m['reward_grads_per_update'] for m in res]):.0f}", mean_std([m.get("seconds_per_update") for m in res], ".2f"),
                   f"{sum(bool(m['diverged']) for m in res)}/{len(res)}"]
         rows.append(cells)
     return [f"**{reward}**", "", runner.markdown_table(head, rows)]
@@ -236,6 +252,8 @@ def sweep_table(args, rates: Dict[str, float]) -> str:
     rows = []
     for row, _, _ in ROWS:
         records = [json.loads(p.read_text()) for p in sorted((Path(args.out) / "sweep" / runner.slug(row)).glob("lr*.json"))]
+        if not records:
+            continue
         cells = [f"{td.method_lr(td.Config(**r['config']), r['config']['method']):.0e}: {r['result']['frac_class']:.2f} / "
                  f"{r['result']['frechet_to_reference']:.1f} / {r['result']['diversity_ratio']:.2f}" for r in records]
         rows.append([row, "; ".join(cells), f"{rates[row]:.0e}" if row in rates else "—"])
@@ -290,7 +308,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--curve-every", type=int, default=td.Config.curve_every, help="updates between curve points (the 'to bar' resolution)")
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2], help="comma-separated seeds")
     parser.add_argument("--workers", type=int, default=2, help="worker processes, one torch thread each")
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=sorted({m for _, m, _ in ROWS}),
+                        help="comma-separated toy_digits methods: run (and sweep) only their rows; the table shows every row on disk")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.methods) - {m for _, m, _ in ROWS})
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {sorted({m for _, m, _ in ROWS})}")
     if args.updates < 1 or args.curve_every < 1 or args.workers < 1:
         parser.error("--updates, --curve-every and --workers must be ≥ 1")
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -299,8 +322,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         cache_models(args)
     if args.sweep:
         run_jobs(sweep_jobs(args), args.workers)
-        rates = chosen_rates(args)
-        (Path(args.out) / "sweep.json").write_text(json.dumps(rates, indent=1))
+        previous = Path(args.out) / "sweep.json"  # the rows not swept now keep their rates
+        rates = {**(json.loads(previous.read_text()) if previous.exists() else {}), **chosen_rates(args)}
+        previous.write_text(json.dumps(rates, indent=1))
         table = sweep_table(args, rates)
         print(table, f"\nsweep: {(time.time() - start) / 60:.1f} min")
         if args.docs:

@@ -119,21 +119,22 @@ def markdown_table(rows: List[dict], reference: dict, threshold: float, updates:
     thr, mid = f"{threshold:g}", updates // 5
     ms, reached = runner.mean_std, runner.median_reached
     head = ["method", "final mode TV ↓", f"TV at update {mid}", "best TV seen", "mean log-reward", "mode entropy (nats)",
-            f"updates to TV ≤ {thr}", f"train s to TV ≤ {thr}", "network VJPs per update", "∇r calls per update", "s per update", "diverged"]
+            f"updates to TV ≤ {thr}", f"train s to TV ≤ {thr}", "network VJPs per update", "r calls per update", "∇r calls per update", "s per update", "diverged"]
     lines = [[row["method"], ms(row["final_tv"], ".3f"), ms(row["tv_at_mid"], ".3f"), ms(row["min_tv"], ".3f"),
               ms(row["mean_log_reward"], ".2f"), ms(row["mode_entropy"], ".2f"),
               reached(row["updates_to_threshold"], ".0f"), reached(row["train_s_to_threshold"], ".1f"),
-              f"{row['network_vjps_per_update']:.0f}", f"{row['reward_grads_per_update']:.0f}",
+              f"{row['network_vjps_per_update']:.0f}", runner.per_update_cell(row["reward_calls_per_update"]),
+              f"{row['reward_grads_per_update']:.0f}",
               ms([t / updates for t in row["train_s"]], ".3f"), runner.diverged_cell(row["diverged_at"])]
              for row in rows]
     for name, ref in reference.items():
         entropy = "" if ref.get("entropy") is None else f"{ref['entropy']:.2f}"
-        lines.append([f"*{name}*", f"{ref['mode_tv']:.3f}", "", "", f"{ref['mean_log_reward']:.2f}", entropy] + [""] * 6)
+        lines.append([f"*{name}*", f"{ref['mode_tv']:.3f}", "", "", f"{ref['mean_log_reward']:.2f}", entropy] + [""] * 7)
     note = (f"\n{seeds} seed(s) × {updates} updates; mean ± std over seeds; 'updates/train s to TV ≤ {thr}': median over "
             f"the seeds that reached it at an evaluation (every few updates, 1000 samples), with (reached/seeds) when not all did; "
             f"exact mean log-reward under the target: {rows[0]['exact_mean_log_reward']:.2f}. "
             "Network VJPs: rows of ε̂_θ, ε̂♯ and g_φ evaluated with a graph and backpropagated (the lean adjoint's "
-            "sweep is one ε̂♯ VJP per step of every trajectory); ∇r calls: per-sample reward gradients per update. Diverged: seeds whose sampler ended non-finite or flung "
+            "sweep is one ε̂♯ VJP per step of every trajectory); r calls: rows the reward scores per update, with or without a graph; ∇r calls: per-sample reward gradients per update. Diverged: seeds whose sampler ended non-finite or flung "
             "off the data, with the update where that began; their final columns are left out of the mean and their "
             "curves stop there. Every method samples the same number of trajectories "
             "per update; DDPO, GRPO and KL-PG then take ppo_epochs × ppo_minibatches optimiser steps on them, the others one. "

@@ -304,6 +304,7 @@ def read_run(cfg: toy_2d.ToyConfig, threshold: float) -> dict:
         "train_s_to_threshold": hit["train_time_s"] if hit else None,
         "reward_grads_to_threshold": hit["reward_grad_calls"] if hit else None,
         "reward_grads_total": history[-1]["reward_grad_calls"],
+        "reward_calls_total": history[-1].get("reward_calls"),  # None: toy_diagnostics' counters do not count them (yet)
         "network_vjps_total": history[-1].get("network_vjps", 0),
         "train_s": history[-1]["train_time_s"],
         "wall_s": result.get("time_s", {}).get("total"),
@@ -318,7 +319,13 @@ def toy_row(seeds: List[dict]) -> dict:
     row = {key: [r[key] for r in seeds] for key in ("final_tv", "min_tv", "diverged_at", "updates_to_threshold", "train_s_to_threshold")}
     return {**row, "mean_log_reward": [r["final_log_reward"] for r in seeds], "exact_mean_log_reward": first["exact_mean_log_reward"],
             "network_vjps_per_update": first["network_vjps_total"] / first["updates"],
-            "reward_grads_per_update": first["reward_grads_total"] / first["updates"]}
+            "reward_grads_per_update": first["reward_grads_total"] / first["updates"],
+            "reward_calls_per_update": None if first["reward_calls_total"] is None else first["reward_calls_total"] / first["updates"]}
+
+
+def per_update_cell(value: Optional[float]) -> str:
+    """A per-update count for a table; "not counted" where the run's counters did not record it."""
+    return "not counted" if value is None else f"{value:.0f}"
 
 
 def toy_report(name: Callable[[Hashable], str]) -> Callable[[Hashable, dict], None]:

@@ -1,6 +1,6 @@
-"""The exact toy in D dimensions: ∇-GFlowNet, adjoint matching, RTB and DDPO for D ∈ {2, 8, 32, 128}.
+"""The exact toy in D dimensions: ∇-GFlowNet, adjoint matching, RTB, DDPO, GRPO and KL-PG for D ∈ {2, 8, 32, 128}.
 
-    python experiments/toy_dim_sweep.py --docs    # 4 D × 4 methods × 3 seeds (≤ 30 min on 2 cores): runs/toy_dim_sweep/
+    python experiments/toy_dim_sweep.py --docs    # 4 D × 6 methods × 3 seeds (≤ 60 min on 2 cores): runs/toy_dim_sweep/
                                                   # table.{md,json}, docs/results/toy_dim_sweep.md, docs/figures/toy_dim_sweep.png
     python experiments/toy_dim_sweep.py           # the same, outputs in --out only
     python experiments/toy_dim_sweep.py --quick   # tiny budget, D ∈ {2, 3}, 1 seed (seconds; the test)
@@ -20,7 +20,8 @@ for every method and D, times LR_SCALE[(method, D)] where the default rate diver
 samples off the data (found with --lr-factor on seed 0; every rate is in the table; divergence that
 remains is reported, never dropped). Per method
 and D: final mode TV (mean ± std over seeds), updates and train seconds to TV ≤ 0.1 (median over the
-seeds that reached it), train seconds per update, network VJPs and reward gradients per update.
+seeds that reached it), train seconds per update, network VJPs, reward calls and reward gradients per
+update (experiments/toy_diagnostics.py's counters; reward calls "not counted" while they lack one).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from experiments import runner  # noqa: E402
 # Config
 # ----------------------------------------------------------------------------------------------
 
-METHODS = {"nabla-db": "∇-GFlowNet (toy_2d default)", "adjoint-matching": "Adjoint Matching", "rtb": "RTB", "ddpo": "DDPO"}
+METHODS = {"nabla-db": "∇-GFlowNet (toy_2d default)", "adjoint-matching": "Adjoint Matching", "rtb": "RTB", "ddpo": "DDPO",
+           "grpo": "GRPO", "kl-pg": "KL-PG"}
 BUDGET = dict(updates=300, batch_size=128, eval_every=10, eval_samples=2000)
 QUICK = dict(updates=4, batch_size=16, num_steps=10, eval_every=2, eval_samples=200, pretrain_iters=100, pretrain_batch=128)
 # (method, D) → factor on toy_2d's --lr where that rate diverged (found with this script's --lr-factor, seed 0).
@@ -53,9 +55,12 @@ QUICK = dict(updates=4, batch_size=16, num_steps=10, eval_every=2, eval_samples=
 # D = 128 (0.1× still flung off the data); DDPO flung off at D = 32 and 128 (0.1× at D = 128 too);
 # ∇-GFlowNet diverged and adjoint matching flung off at D = 128 (Adam's first steps move every weight of
 # the D-wide output layer by ~lr, also those whose gradient is noise). D = 2 and 8: all at 2e-3.
+# GRPO and KL-PG (seed 0, the full BUDGET, factors 1, 0.3, 0.1 until a rate held): KL-PG flung off at D = 128
+# (0.3× and 0.1× both held: final TV 0.211 / 0.219); GRPO held at 2e-3 at every D, as KL-PG at D ≤ 32.
 LR_SCALE: Dict[Tuple[str, int], float] = {
     ("rtb", 32): 0.1, ("ddpo", 32): 0.3,
     ("nabla-db", 128): 0.1, ("adjoint-matching", 128): 0.1, ("rtb", 128): 0.03, ("ddpo", 128): 0.03,
+    ("kl-pg", 128): 0.3,
 }
 
 
@@ -157,18 +162,19 @@ def markdown_table(rows: List[dict], args, cfg: toy_2d.ToyConfig) -> str:
     default_lr = toy_2d.ToyConfig.lr
     thr = f"{args.threshold:g}"
     head = ["D", "method", "final mode TV ↓", "mean log r", f"updates to TV ≤ {thr}, held", "train s, held", f"first TV ≤ {thr} at",
-            "best TV seen", "train s / update", "network VJPs / update", "∇r / update", "policy lr", "diverged"]
+            "best TV seen", "train s / update", "network VJPs / update", "r calls / update", "∇r / update", "policy lr", "diverged"]
     lines, ms, reached = [], runner.mean_std, runner.median_reached
     for i, row in enumerate(rows):
         lines.append([row["dim"], row["label"], ms(row["final_tv"], ".3f"), ms(row["mean_log_reward"], ".2f"),
                       reached(row["updates_held"], ".0f"), reached(row["train_s_held"], ".1f"),
                       reached(row["updates_to_threshold"], ".0f"), ms(row["min_tv"], ".3f"), ms(row["train_s_per_update"], ".3f"),
-                      f"{row['network_vjps_per_update']:.0f}", f"{row['reward_grads_per_update']:.0f}",
+                      f"{row['network_vjps_per_update']:.0f}", runner.per_update_cell(row["reward_calls_per_update"]),
+                      f"{row['reward_grads_per_update']:.0f}",
                       f"{row['lr']:g}", runner.diverged_cell(row["diverged_at"])])
         if i == len(rows) - 1 or rows[i + 1]["dim"] != row["dim"]:
             lines.append([row["dim"], "*pretrained P_F♯ / oracle (exact flow) / exact*",
                           f"{ms(row['pretrained_tv'], '.3f')} / {ms(row['oracle_tv'], '.3f')} / 0",
-                          f"{row['exact_mean_log_reward']:.2f} (exact)"] + [""] * 9)
+                          f"{row['exact_mean_log_reward']:.2f} (exact)"] + [""] * 10)
     changed = [f"{r['label']} at D = {r['dim']}: {r['lr']:g}" for r in rows if r["lr"] != default_lr]
     note = (f"\n{args.seeds} seed(s) × {args.updates} updates × {cfg.batch_size} trajectories × {cfg.num_steps} steps; "
             f"mean ± std over seeds. 'Held': the first evaluation (every {cfg.eval_every} updates, 1000 samples) from which TV "
@@ -176,7 +182,10 @@ def markdown_table(rows: List[dict], args, cfg: toy_2d.ToyConfig) -> str:
             "again (a swing through the target on the way elsewhere); both medians over the seeds that got there, "
             f"(reached/seeds) when not all did. Policy lr {default_lr:g} "
             f"(toy_2d's) unless listed: {'; '.join(changed) if changed else 'none changed'}. Diverged: seeds whose sampler "
-            "ended non-finite or flung off the data (runner.read_run's rule); their final TV is left out of the mean.\n")
+            "ended non-finite or flung off the data (runner.read_run's rule); their final TV is left out of the mean. Costs per "
+            "update: network VJPs (rows of ε̂_θ, ε̂♯, g_φ backpropagated), r calls (rows the reward scores, with or without a "
+            "graph), ∇r (rows whose reward gradient is taken); GRPO, KL-PG and DDPO take ppo_epochs × ppo_minibatches optimiser "
+            "steps per batch, the others one.\n")
     return runner.markdown_table(head, lines) + note
 
 

@@ -86,7 +86,8 @@ def _digits_record(row, method, seed, reward, frac):
     metrics = {"mean_reward": -1.0 + frac, "diversity_l2": 2.0, "distinct_nearest_digits": 150.0, "frechet_to_reference": 10.0 * seed,
                "frac_class": frac}
     result = {**metrics, "diversity_ratio": 1.0, "updates_to_bar": 20 if frac > 0.5 else None, "seconds_to_bar": 5.0,
-              "network_vjps_per_update": 100.0, "reward_grads_per_update": 32.0, "diverged": False}
+              "network_vjps_per_update": 100.0, "reward_calls_per_update": 36.0, "reward_grads_per_update": 32.0,
+              "seconds_per_update": 0.2 * (1 + seed), "diverged": False}
     history = [{"update": u, "frac_class": frac * u / 40, "mean_reward": -1.0} for u in (0, 20, 40)]
     return {"row": row, "config": cfg, "result": result, "history": history,
             "reference": {**metrics, "frechet_to_reference": 0.0}, "pretrained": metrics}
@@ -106,6 +107,8 @@ def test_compare_digits_table_only_rebuilds_the_table_from_records(tmp_path, mon
     for row, _, _ in rows:
         line = next(line for line in table.splitlines() if line.startswith(f"| {row} |"))
         assert f"| 2 | {frac} |" in line and "| 0/2 |" in line
+        # costs: VJPs, reward calls, ∇r per update, then seconds per update (mean ± std over the seeds)
+        assert f"| 100 | 36 | 32 | 0.30 ± 0.14 | 0/2 |" in line
     assert "**ink**" not in table  # no ink records: no ink table
     assert (tmp_path / "compare_digits.png").stat().st_size > 10_000
     page = (tmp_path / "docs" / "results" / "compare_digits.md").read_text()

@@ -72,8 +72,9 @@ def test_dim_sweep_quick_writes_its_table_and_figure(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     table = (tmp_path / "sweep" / "table.md").read_text()
     for dim in (2, 3):
-        for label in ("∇-GFlowNet", "Adjoint Matching", "RTB", "DDPO"):
+        for label in ("∇-GFlowNet", "Adjoint Matching", "RTB", "DDPO", "GRPO", "KL-PG"):
             assert any(line.startswith(f"| {dim} | {label}") for line in table.splitlines()), (dim, label)
+    assert "| r calls / update | ∇r / update |" in table  # cost columns: reward calls beside reward gradients
     summary = json.loads((tmp_path / "sweep" / "table.json").read_text())
     assert {r["dim"] for r in summary["rows"]} == {2, 3} and all(len(r["final_tv"]) == 1 for r in summary["rows"])
     assert json.loads((tmp_path / "sweep" / "runs" / "d3" / "rtb" / "seed0" / "config.json").read_text())["dim"] == 3
