@@ -3,8 +3,9 @@
 Paper: Liu, Xiao, Liu, Bengio, Zhang, "Efficient Diversity-Preserving Diffusion Alignment via
 Gradient-Informed GFlowNets", ICLR 2025, arXiv:2412.07775. Equation numbers are the paper's.
 
-Goal: finetune a pretrained diffusion sampler P_F^♯ into P_F^θ sampling the tilted target
-p*(x_0) ∝ p^♯(x_0) R(x_0)^β = p^♯(x_0) exp(β r(x_0)), r = log R (reweight, do not collapse).
+Goal: finetune a pretrained sampler P_F^♯, diffusion (ε-prediction) or flow matching (velocity), both one Gaussian
+step affine in the model's output (`StepSchedule`), into P_F^θ sampling the tilted target p*(x_0) ∝ p^♯(x_0)
+R(x_0)^β = p^♯(x_0) exp(β r(x_0)), r = log R (reweight, do not collapse).
 
 Derivation. Detailed balance of the finetuned and of the pretrained model, divided, with the residual
 flow F̃ = F / F^♯:  F̃(x) P_F^θ(x'|x) / P_F^♯(x'|x) = F̃(x'),  F̃(x_0) = R(x_0)^β. ∇ of the log in x'
@@ -24,7 +25,7 @@ x_0 (step T); the paper's x_0 is the noise.
 
     x, x_next; t, t_next   x_t, x_{t+1} (noisier, cleaner); their timesteps τ, τ'
     alpha_bar; sigma       ᾱ_τ (diffusers `alphas_cumprod`); σ_τ, std of P_F(x'|x) = N(x'; μ(x), σ² I)
-    eps (out)              the model's output, ε̂ for ε-models; policy_eps ε̂_θ, reference_eps ε̂^♯
+    eps (out)              the model's output (ε̂; v̂ for velocity models); policy_eps ε̂_θ, reference_eps ε̂^♯
     mean_coef, x0_coef     (a, b), (c, d) in μ = a x + b out, x̂_0 = c x + d out (`StepSchedule`)
     log_reward; beta       r = log R; β
     gamma; flow            γ_τ, damping of the forward-looking guess; g_φ(x, τ)
@@ -33,19 +34,19 @@ x_0 (step T); the paper's x_0 is the noise.
     step; adjoint          i with x = x_i, x' = x_{i+1}; a_i, the lean adjoint (not in the paper)
 
 Callables (`traj` names each row's trajectory: a driver conditions the row with `cond[traj]`):
-    eps_fn(x, t, traj) -> out     x: (N, *S), t: (N,) long timesteps, traj: (N,) long
+    eps_fn(x, t, traj) -> out     x: (N, *S), t: (N,) timesteps (long; flow: float), traj: (N,) long
     log_reward(x0, traj) -> r     x0: (N, *S), r: (N,)
     flow(x, t, traj) -> g         g: (N, *S)
 
-Implemented: Gaussian steps affine in the model's output (DDIM(η=1) ε-prediction from diffusers);
-sampling, subsampling, the forward-looking guess, the lean adjoint, the loss with its no-flow variant,
-three weightings, two guess sources, three flow targets, the antithetic control variate. Not implemented:
-model loading, optimisers, logging (the rungs); other samplers; parametrisations other than ε (each a
-`StepSchedule` constructor). Deliberate differences from the official code: g_φ's output layer is
-zero-initialised in weights *and* bias (official: bias only); subsampling works for any step count and
-fraction (official: asserts divisibility); every callable receives `traj` (official: the reward saw the
-last batch's prompts). Options not in the paper (defaults are the paper's): `weighting` "kl"/"kl-shift",
-`guess_from` "reference", `flow_target` "adjoint"/"mixed", `control_variate`.
+Implemented: the steps of diffusers' DDIMScheduler (ε-prediction, DDIM(η=1): `ddim_schedule`) and
+FlowMatchEulerDiscreteScheduler (velocity, the flow SDE, not in the paper: `flow_schedule`); sampling, subsampling,
+the forward-looking guess, the lean adjoint, the loss with its no-flow variant, three weightings, two guess sources,
+three flow targets, the antithetic control variate. Not implemented: model loading, optimisers, logging (the rungs);
+other samplers; other parametrisations (x_0-, v-prediction: each a `StepSchedule` constructor). Deliberate
+differences from the official code: g_φ's output layer is zero-initialised in weights *and* bias (official: bias
+only); subsampling works for any step count and fraction (official: asserts divisibility); every callable receives
+`traj` (official: the reward saw the last batch's prompts). Options not in the paper (defaults are the paper's):
+`weighting` "kl"/"kl-shift", `guess_from` "reference", `flow_target` "adjoint"/"mixed", `control_variate`.
 """
 
 from __future__ import annotations
@@ -105,14 +106,14 @@ class StepSchedule:
     """Per-step constants of a T-step Gaussian sampler P_F(x'|x) = N(x'; μ(x), σ² I), step i: τ_i → τ'_i.
 
     μ = a x + b out and x̂_0 = c x + d out are affine in the state and the model's output, so nothing
-    downstream knows the parametrisation: another one (e.g. flow-matching velocity) is a new constructor
-    filling the coefficients; left as None they are DDIM(η=1) ε-prediction's.
-    timesteps        (T,) long τ_i, decreasing (noisy → clean)
-    next_timesteps   (T,) long τ'_i = τ_{i+1}; 0 labels the clean sample after the last step
-    alpha_bar(_next) (T,) ᾱ at τ_i (sets γ_τ) and at τ'_i (`final_alpha_cumprod` after the last step)
+    downstream knows the parametrisation: each is a constructor filling the coefficients (`ddim_schedule`,
+    ε-prediction: the default when they are None; `flow_schedule`, velocity).
+    timesteps        (T,) τ_i, decreasing (noisy → clean): long; flow: floats, the scheduler's 1000·t
+    next_timesteps   (T,) τ'_i = τ_{i+1}; 0 labels the clean sample after the last step
+    alpha_bar(_next) (T,) ᾱ at τ_i (sets γ_τ) and at τ'_i (`final_alpha_cumprod` after the last step);
+                     flow: the equal-SNR ᾱ = (1 − t)²/((1 − t)² + t²)
     sigma            (T,) σ_i; DDIM η = 1: √((1−ᾱ')/(1−ᾱ) · (1 − ᾱ/ᾱ')), the DDPM posterior std
-    mean_coef        (T, 2) float64 (a, b) of μ(x)
-    x0_coef(_next)   (T, 2) float64 (c, d) of x̂_0(x), and of x̂_0(x') for the guess at x'
+    mean_coef, x0_coef(_next)  (T, 2) float64: (a, b) of μ(x); (c, d) of x̂_0(x), and of x̂_0(x') for the guess at x'
     """
 
     timesteps: Tensor
@@ -124,29 +125,23 @@ class StepSchedule:
     x0_coef: Optional[Tensor] = None
     x0_coef_next: Optional[Tensor] = None
 
-    def __post_init__(self):
-        _fill_ddim_coefficients(self)
-
+    __post_init__ = _fill_ddim_coefficients
     num_steps = property(lambda self: int(self.timesteps.shape[0]))
-
-    def to(self, device) -> "StepSchedule":
-        return StepSchedule(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+    to = lambda self, device: StepSchedule(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
 def ddim_schedule(scheduler, num_steps: int) -> StepSchedule:
     """The DDIM(η=1) ε-prediction schedule of a diffusers `DDIMScheduler`, from its public state only.
 
-    The previous timestep is τ − num_train_timesteps // num_steps, as in `DDIMScheduler.step`, so the
-    sampler reproduces `scheduler.step(..., eta=1.0)` (tested). Sets the scheduler's own timesteps.
-    """
+    The previous timestep is τ − num_train_timesteps // num_steps, as in `DDIMScheduler.step`, so the sampler
+    reproduces `scheduler.step(..., eta=1.0)` (tested). Sets the scheduler's own timesteps."""
     cfg = scheduler.config
     if cfg.get("prediction_type", "epsilon") != "epsilon":
         raise ValueError(f"only epsilon-prediction schedulers are supported, got {cfg.prediction_type!r}")
     if cfg.get("clip_sample", False) or cfg.get("thresholding", False):
         raise ValueError("clip_sample/thresholding make the step non-Gaussian; disable them in the scheduler config")
     scheduler.set_timesteps(num_steps)
-    timesteps = scheduler.timesteps.long().cpu()
-    alphas_cumprod = scheduler.alphas_cumprod.double().cpu()
+    timesteps, alphas_cumprod = scheduler.timesteps.long().cpu(), scheduler.alphas_cumprod.double().cpu()
     prev = timesteps - cfg.num_train_timesteps // num_steps
     alpha_bar = alphas_cumprod[timesteps]
     final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64)  # ᾱ' after the last step
@@ -155,6 +150,41 @@ def ddim_schedule(scheduler, num_steps: int) -> StepSchedule:
     variance = (1 - alpha_bar_next) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_next)
     return StepSchedule(timesteps=timesteps, next_timesteps=prev.clamp(min=0), alpha_bar=alpha_bar.float(),
                         alpha_bar_next=alpha_bar_next.float(), sigma=variance.clamp(min=0).sqrt().float())
+
+
+def flow_schedule(scheduler, num_steps: int, noise_level: float = math.sqrt(2)) -> StepSchedule:
+    """The flow-SDE step of a velocity model (Flow-GRPO's SDE; not in the paper) on the time grid of a
+    diffusers `FlowMatchEulerDiscreteScheduler` (SD3's, its shift included), as affine coefficients.
+
+    Path x_t = (1 − t) x_0 + t ε (t = 1 noise), out = v̂ ≈ E[ε − x_0 | x_t]: x̂_0 = x − t v̂, ε̂ = x + (1 − t) v̂
+    and the score s = −ε̂/t. Reverse-time SDE with the ODE's marginals and diffusion σ_t, one
+    Euler–Maruyama step Δt = t' − t < 0:  x' = x + [v̂ − σ_t²/2 · s] Δt + σ_t √|Δt| z, so
+
+        μ = (1 + σ_t² Δt/(2t)) x + (1 + σ_t² (1 − t)/(2t)) Δt v̂,     std σ_t √|Δt|,     σ_t = a √(t/(1 − t)).
+
+    a → 0 is the scheduler's Euler step; a = √2 is memoryless (σ_t² = 2t/(1 − t) makes the SDE's forward
+    kernel the path's own N((1 − t) x_0, t² I), so x_1 ⟂ x_0 and the untilted start N(0, I) is exact).
+    At t = 1, 1 − t in σ_t is 1 − t_1, the grid's second point (Flow-GRPO). `alpha_bar` is the ᾱ of equal
+    signal-to-noise ratio, ᾱ/(1 − ᾱ) = (1 − t)²/t², so γ_τ means at t what it means for DDPM at that noise
+    level (measured better on the toy than ᾱ = (1 − t)²); `timesteps` are the scheduler's floats t·1000.
+    """
+    if noise_level <= 0:
+        raise ValueError(f"noise_level must be > 0 (the step needs σ > 0), got {noise_level}")
+    scheduler.set_timesteps(num_steps)
+    grid = scheduler.sigmas.double().cpu()  # (T+1,) t_0 = 1 (shifted, if so configured) … t_T = 0
+    t, t_next = grid[:-1], grid[1:]
+    dt = t_next - t
+    sigma_t = noise_level * (t / (1 - torch.where(t == 1, grid[1], t))).sqrt()
+    drift = sigma_t**2 / (2 * t)  # −σ_t²/2 · s = σ_t²/(2t) · (x + (1 − t) v̂)
+    mean_coef = torch.stack([1 + drift * dt, (1 + drift * (1 - t)) * dt], -1)
+    # x̂_0 = x − t v̂ at x (t) and at x' (t')
+    x0_coef, x0_coef_next = (torch.stack([torch.ones_like(s), -s], -1) for s in (t, t_next))
+    alpha_bar = lambda s: ((1 - s) ** 2 / ((1 - s) ** 2 + s**2)).float()
+    timesteps = scheduler.timesteps.float().cpu()  # t · num_train_timesteps, what the model is fed
+    return StepSchedule(timesteps=timesteps, next_timesteps=torch.cat([timesteps[1:], timesteps.new_zeros(1)]),
+                        alpha_bar=alpha_bar(t), alpha_bar_next=alpha_bar(t_next),
+                        sigma=(sigma_t * dt.abs().sqrt()).float(), mean_coef=mean_coef, x0_coef=x0_coef,
+                        x0_coef_next=x0_coef_next)
 
 
 def classifier_free_guidance(eps_uncond: Tensor, eps_cond: Tensor, scale: float) -> Tensor:
@@ -205,8 +235,7 @@ class Trajectory:
 
 
 @torch.no_grad()
-def sample_trajectory(eps_fn: EpsFn, schedule: StepSchedule, x_T: Tensor,
-                      generator: Optional[torch.Generator] = None) -> Trajectory:
+def sample_trajectory(eps_fn: EpsFn, schedule: StepSchedule, x_T: Tensor, generator: Optional[torch.Generator] = None) -> Trajectory:
     """Run x' = μ(x) + σ z, z ~ N(0, I), for all T steps from x_T (B, *S), without gradients, recording
     every state and model output (the trust region's old policy). eps_fn gets traj = arange(B)."""
     B, sched = x_T.shape[0], schedule.to(x_T.device)
@@ -221,13 +250,11 @@ def sample_trajectory(eps_fn: EpsFn, schedule: StepSchedule, x_T: Tensor,
     return Trajectory(states=torch.stack(states, 1), eps=torch.stack(outs, 1))
 
 
-def subsample_steps(num_steps: int, fraction: float, batch_size: int,
-                    generator: Optional[torch.Generator] = None) -> Tensor:
-    """Low-variance choice of transitions to train on, per trajectory. Returns (B, K) step indices. The
-    terminal step T−1 is always included (its target β∇r(x_0) is exact). The other T−1 steps are
-    cut into n = max(1, round(fraction · (T−1))) contiguous chunks of (nearly) equal size, and one
-    step is drawn uniformly from each, per trajectory (fraction 1: every step; 0: the terminal only).
-    """
+def subsample_steps(num_steps: int, fraction: float, batch_size: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Low-variance choice of transitions to train on, per trajectory. Returns (B, K) step indices. The terminal
+    step T−1 is always included (its target β∇r(x_0) is exact). The other T−1 steps are cut into
+    n = max(1, round(fraction · (T−1))) contiguous chunks of (nearly) equal size, and one step is drawn uniformly
+    from each, per trajectory (fraction 1: every step; 0: the terminal only)."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
     terminal = torch.full((batch_size, 1), num_steps - 1, dtype=torch.long)
@@ -261,14 +288,9 @@ class Transitions:
     x0_coef: Optional[Tensor] = None  # (N, 2)
     x0_coef_next: Optional[Tensor] = None  # (N, 2)
 
-    def __post_init__(self):
-        _fill_ddim_coefficients(self)
-
-    def __len__(self) -> int:
-        return int(self.x.shape[0])
-
-    def select(self, rows: Tensor) -> "Transitions":
-        return Transitions(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
+    __post_init__ = _fill_ddim_coefficients
+    __len__ = lambda self: int(self.x.shape[0])
+    select = lambda self, rows: Transitions(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
 
 
 def gather_transitions(trajectory: Trajectory, schedule: StepSchedule, steps: Tensor) -> Transitions:
@@ -276,13 +298,11 @@ def gather_transitions(trajectory: Trajectory, schedule: StepSchedule, steps: Te
     (B, K), device = steps.shape, trajectory.states.device
     traj = torch.arange(B, device=device)[:, None].expand(B, K).reshape(-1)
     idx, sched = steps.to(device).reshape(-1), schedule.to(device)
-    return Transitions(
-        x=trajectory.states[traj, idx], x_next=trajectory.states[traj, idx + 1],
-        t=sched.timesteps[idx], t_next=sched.next_timesteps[idx],
-        alpha_bar=sched.alpha_bar[idx], alpha_bar_next=sched.alpha_bar_next[idx], sigma=sched.sigma[idx],
-        eps_old=trajectory.eps[traj, idx], is_terminal=idx == schedule.num_steps - 1, traj=traj, step=idx,
-        mean_coef=sched.mean_coef[idx], x0_coef=sched.x0_coef[idx], x0_coef_next=sched.x0_coef_next[idx],
-    )
+    return Transitions(x=trajectory.states[traj, idx], x_next=trajectory.states[traj, idx + 1],
+                       t=sched.timesteps[idx], t_next=sched.next_timesteps[idx],
+                       alpha_bar=sched.alpha_bar[idx], alpha_bar_next=sched.alpha_bar_next[idx], sigma=sched.sigma[idx],
+                       eps_old=trajectory.eps[traj, idx], is_terminal=idx == schedule.num_steps - 1, traj=traj, step=idx,
+                       mean_coef=sched.mean_coef[idx], x0_coef=sched.x0_coef[idx], x0_coef_next=sched.x0_coef_next[idx])
 
 
 # ---- Detailed-balance residuals and the forward-looking flow --------------------------------------
@@ -305,14 +325,12 @@ def reward_gradient(log_reward: LogRewardFn, x0: Tensor, traj: Tensor) -> Tuple[
     return grad.detach(), r.detach()
 
 
-def forward_looking_score(
-    eps_fn: EpsFn, log_reward: LogRewardFn, x: Tensor, t: Tensor, alpha_bar: Tensor, traj: Tensor,
-    beta: float, gamma: str = "alpha_bar", x0_coef: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
+def forward_looking_score(eps_fn: EpsFn, log_reward: LogRewardFn, x: Tensor, t: Tensor, alpha_bar: Tensor, traj: Tensor,
+                          beta: float, gamma: str = "alpha_bar", x0_coef: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """The forward-looking guess β γ_τ ∇_x r(x̂_0(x)) of ∇ log F̃(x) (eq. 12), detached.
-    x̂_0 = c x + d eps_fn(x), x0_coef (N, 2) (default: DDIM ε-prediction's at alpha_bar). The gradient
-    runs through the model (SD: decoder, reward model) to x, then is detached: a target, never a path
-    for parameter gradients. x: (N, *S). Returns (guess (N, *S), r(x̂_0) (N,))."""
+    x̂_0 = c x + d eps_fn(x), x0_coef (N, 2) (default: DDIM ε-prediction's at alpha_bar). The gradient runs
+    through the model to x, then is detached: a target, never a path for parameter gradients. x: (N, *S).
+    Returns (guess (N, *S), r(x̂_0) (N,))."""
     x0_coef = ddim_x0_coef(alpha_bar) if x0_coef is None else x0_coef
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
@@ -323,8 +341,7 @@ def forward_looking_score(
     return _per_row(beta * gamma_weight(alpha_bar, gamma), score) * score.detach(), r_hat
 
 
-def guess_next(guess_eps: EpsFn, log_reward: LogRewardFn, batch: Transitions, beta: float, gamma: str
-               ) -> Tuple[Tensor, Tensor]:
+def guess_next(guess_eps: EpsFn, log_reward: LogRewardFn, batch: Transitions, beta: float, gamma: str) -> Tuple[Tensor, Tensor]:
     """target(x'), the detached estimate of ∇ log F̃(x') without g_φ: on terminal rows the exact
     β∇r(x_0) (γ = 1, no x̂_0), elsewhere the guess β γ_{τ'} ∇_{x'} r(x̂_0(x')) (eq. 12) of `guess_eps`.
     Returns (target (N, *S), r at x_0 or x̂_0(x') (N,))."""
@@ -355,10 +372,8 @@ def _step_mean_vjp(eps_fn: EpsFn, schedule: StepSchedule, i: int, x: Tensor, tra
     return vjp.detach()
 
 
-def lean_adjoint(
-    reference_eps: EpsFn, schedule: StepSchedule, trajectory: Trajectory, log_reward: LogRewardFn, beta: float,
-    traj: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
+def lean_adjoint(reference_eps: EpsFn, schedule: StepSchedule, trajectory: Trajectory, log_reward: LogRewardFn, beta: float,
+                 traj: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Monte-Carlo estimates a_i of ∇ log F̃(x_i) along each sampled trajectory (not in the paper).
 
     Residual DB summed over x': F̃(x) = E_{P_F^♯(x'|x)}[F̃(x')]. With x' = μ^♯(x) + σ ξ (σ free of x),
@@ -367,12 +382,12 @@ def lean_adjoint(
 
         a_T = β ∇r(x_0),        a_i = J^♯(x_i)ᵀ a_{i+1},        i = T−1, …, 0.
 
-    E[a_i | x_i] = ∇ log F̃(x_i) along paths of P* (induction on i); along the policy's it is biased
-    (early on it averages ∇r over pretrained continuations), a bias that vanishes as the policy nears
-    P*; it is heavy-tailed (a product of Jacobians). Adjoint Matching's recursion (Domingo-Enrich et
-    al., ICLR 2025); the paper's L_B is its one-link bootstrap. `reference_eps` defines J^♯: the guided reference (exact for the guided target) or the
-    unguided one (Adjoint Matching's choice). trajectory.states: (B, T+1, *S); traj: (B,) ids for the
-    callables (default arange(B)). Returns (adjoint (B, T+1, *S), r(x_0) (B,)), detached: one VJP
+    E[a_i | x_i] = ∇ log F̃(x_i) along paths of P* (induction on i); along the policy's it is biased (early on
+    it averages ∇r over pretrained continuations), a bias that vanishes as the policy nears P*; it is
+    heavy-tailed (a product of Jacobians). Adjoint Matching's recursion (Domingo-Enrich et al., ICLR 2025); the
+    paper's L_B is its one-link bootstrap. `reference_eps` defines J^♯: the guided reference (exact for the
+    guided target) or the unguided one (Adjoint Matching's choice). trajectory.states: (B, T+1, *S); traj: (B,)
+    ids for the callables (default arange(B)). Returns (adjoint (B, T+1, *S), r(x_0) (B,)), detached: one VJP
     through the frozen step mean per step, no graph across steps, no parameter gradient."""
     states = trajectory.states
     traj = torch.arange(states.shape[0], device=states.device) if traj is None else traj
@@ -393,11 +408,8 @@ def adjoint_rows(adjoint: Tensor, batch: Transitions, offset: int) -> Tensor:
 # ---- The residual ∇-DB loss -----------------------------------------------------------------------
 
 
-TRANSITION_WEIGHTS = {
-    "plain": lambda sigma: (torch.ones_like(sigma), torch.ones_like(sigma)),
-    "kl": lambda sigma: (sigma**2, sigma**2),
-    "kl-shift": lambda sigma: (sigma**2, sigma**4),
-}
+TRANSITION_WEIGHTS = {"plain": lambda sigma: (torch.ones_like(sigma), torch.ones_like(sigma)),
+                      "kl": lambda sigma: (sigma**2, sigma**2), "kl-shift": lambda sigma: (sigma**2, sigma**4)}
 WEIGHTING_CHOICES = tuple(TRANSITION_WEIGHTS)
 GUESS_CHOICES = ("policy", "reference")  # whose x̂_0 the guess uses: ε̂_θ (paper) or ε̂^♯
 
@@ -405,12 +417,11 @@ GUESS_CHOICES = ("policy", "reference")  # whose x̂_0 the guess uses: ε̂_θ (
 def transition_weights(sigma: Tensor, weighting: str) -> Tuple[Tensor, Tensor]:
     """Per-transition weights (w_θ, w_φ) of the residuals that train θ and g_φ, from sigma (N,):
     "plain"     (1, 1): the paper's unweighted residuals.
-    "kl"        (σ², σ²): σ² ‖(μ_θ − μ^♯)/σ² − s‖² = ‖μ_θ − (μ^♯ + σ² s)‖²/σ² = 2 KL(P_F^θ ‖ N(μ^♯ + σ² s,
-                σ²)): same minimiser, but high-noise (mode-choosing) steps are no longer down-weighted.
-    "kl-shift"  (σ², σ⁴): θ as in "kl"; g_φ's residuals as the mean shift they imply, ‖σ² δ‖². At low
-                noise a tiny error in μ_θ is a huge one in its score, g_φ's bootstrapped target; σ⁴
-                keeps these 1/σ²-amplified errors from dominating g_φ's loss (README: measured on the toy).
-    """
+    "kl"        (σ², σ²): σ² ‖(μ_θ − μ^♯)/σ² − s‖² = ‖μ_θ − (μ^♯ + σ² s)‖²/σ² = 2 KL(P_F^θ ‖ N(μ^♯ + σ² s, σ²)):
+                same minimiser, but high-noise (mode-choosing) steps are no longer down-weighted.
+    "kl-shift"  (σ², σ⁴): θ as in "kl"; g_φ's residuals as the mean shift they imply, ‖σ² δ‖². At low noise a
+                tiny error in μ_θ is a huge one in its score, g_φ's bootstrapped target; σ⁴ keeps these
+                1/σ²-amplified errors from dominating g_φ's loss (README: measured on the toy)."""
     if weighting not in TRANSITION_WEIGHTS:
         raise ValueError(f"weighting must be one of {WEIGHTING_CHOICES}, got {weighting!r}")
     return TRANSITION_WEIGHTS[weighting](sigma)
@@ -422,16 +433,15 @@ class LossConfig:
     beta, trust_region, reverse_weight   β (target p^♯ · R^β); λ of ‖ε̂_θ − ε̂_old‖²; w_B of L_B
     gamma           γ_τ: "alpha_bar" (official default) or "sqrt_alpha_bar" (`gamma_weight`)
     weighting       "plain" (paper), "kl" or "kl-shift" (`transition_weights`)
-    use_flow        False: no g_φ, no L_B, no control variate; θ fits the guess alone ("no flow",
-                    flow_target "bootstrap") or a_{i+1} (adjoint matching, flow_target "adjoint")
-    guess_from      whose x̂_0 the guess uses: "policy" (ε̂_θ, the paper) or "reference" (ε̂^♯: with
-                    "policy" the guess shrinks as x̂_0 looks rewarded, and g_φ must make up the rest)
-    flow_target     what g_φ fits (`FLOW_TARGETS`): "bootstrap" (the paper), "adjoint", "mixed";
-                    the latter two need `nabla_db_loss(..., adjoint=lean_adjoint(...))`
+    use_flow        False: no g_φ, no L_B, no control variate; θ fits the guess alone ("no flow", flow_target
+                    "bootstrap") or a_{i+1} (adjoint matching, flow_target "adjoint")
+    guess_from      whose x̂_0 the guess uses: "policy" (ε̂_θ, the paper) or "reference" (ε̂^♯: with "policy" the
+                    guess shrinks as x̂_0 looks rewarded, and g_φ must make up the rest)
+    flow_target     what g_φ fits (`FLOW_TARGETS`): "bootstrap" (the paper), "adjoint", "mixed"; the latter two
+                    need `nabla_db_loss(..., adjoint=lean_adjoint(...))`
     adjoint_lambda  λ ∈ (0, 1] of "mixed" (1: L_B fits a_i alone)
-    control_variate with g_φ ("adjoint" only): θ fits a_{i+1} with guess + g_φ as its antithetic
-                    control variate (`antithetic_target`); False: θ fits guess + g_φ itself (the paper)
-    """
+    control_variate with g_φ ("adjoint" only): θ fits a_{i+1} with guess + g_φ as its antithetic control variate
+                    (`antithetic_target`); False: θ fits guess + g_φ itself (the paper)"""
 
     beta: float = 1.0
     trust_region: float = 0.0
@@ -445,8 +455,7 @@ class LossConfig:
     control_variate: bool = False
 
     def __post_init__(self):
-        menus = {"guess_from": GUESS_CHOICES, "gamma": GAMMA_CHOICES, "weighting": WEIGHTING_CHOICES,
-                 "flow_target": FLOW_TARGET_CHOICES}
+        menus = {"guess_from": GUESS_CHOICES, "gamma": GAMMA_CHOICES, "weighting": WEIGHTING_CHOICES, "flow_target": FLOW_TARGET_CHOICES}
         for name, choices in menus.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
@@ -473,9 +482,8 @@ def reverse_target(batch: Transitions, step: StepAtX, cfg: LossConfig, bootstrap
     """v(x), detached, with L_B = w_φ ‖v(x) + g_φ(x, τ)‖²: the reverse residual ∇-DB (eq. 11). As
     guess(x) + g_φ(x) = ∇ log F̃(x) = −∇_x[log P_F^θ − log P_F^♯](x'|x), with w = bootstrap_weight:
         v = w sg[∇_x(log P_F^θ − log P_F^♯)(x'|x)] + sg[β γ_τ ∇_x r(x̂_0(x))].
-    No second-order gradients (official code): L_B trains only g_φ. One backward pass through both
-    models' graphs to x, the guess riding on its x̂_0's (∇r there: step.reward_grad); θ's kept for L_F. (N, *S)
-    """
+    No second-order gradients (official code): L_B trains only g_φ. One backward pass through both models' graphs
+    to x, the guess riding on its x̂_0's (∇r there: step.reward_grad); θ's kept for L_F. (N, *S)"""
     x0_hat = affine(batch.x0_coef, step.x, step.out[cfg.guess_from])
     guess_grad = _per_row(cfg.beta * gamma_weight(batch.alpha_bar, cfg.gamma), step.x) * step.reward_grad
     log_ratio = (gaussian_log_prob(batch.x_next, step.mean["policy"], batch.sigma)
@@ -486,8 +494,7 @@ def reverse_target(batch: Transitions, step: StepAtX, cfg: LossConfig, bootstrap
     return v.detach()
 
 
-# A flow target says what g_φ fits, (fit(x'), v(x)): g_φ's line of L_F is w_φ ‖fit(x') − target(x') −
-# g_φ(x')‖², L_B is w_φ ‖v(x) + g_φ(x)‖² (none when v is None).
+# A flow target says what g_φ fits: (fit(x'), v(x)), the targets of g_φ's terms in `flow_losses`.
 def bootstrap_targets(batch, step, residual, log_reward, cfg, adjoint) -> Tuple[Tensor, Optional[Tensor]]:
     """The paper: g_φ(x') fits θ's own residual sg[δ] (L_F seen from g_φ, a one-link bootstrap), and
     L_B fits g_φ(x) to the reverse ∇-DB at x (`reverse_target`)."""
@@ -539,17 +546,13 @@ def flow_losses(batch: Transitions, flow: FlowFn, fit_next: Tensor, target_next:
     """g_φ's terms of the loss. Returns (sg[g_φ(x')], zero on terminal rows; the three losses):
         forward_flow  w_φ ‖ fit(x') − target(x') − g_φ(x', τ') ‖²     (g_φ's line of L_F; g_φ(x_0) := 0)
         reverse       w_φ ‖ v(x) + g_φ(x, τ) ‖²                       (L_B; zero when v is None)
-        terminal      ‖ g_φ(x_0, 0) ‖², over terminal rows            (L_T)
-    """
-    zero = batch.x.new_zeros(())
+        terminal      ‖ g_φ(x_0, 0) ‖², over terminal rows            (L_T)"""
+    zero, term = batch.x.new_zeros(()), batch.is_terminal
     flow_next = flow(batch.x_next, batch.t_next, batch.traj)
-    term = batch.is_terminal
     loss_terminal = _sq(flow_next[term]).mean() if term.any() else zero
     flow_next = _per_row((~term).to(flow_next.dtype), flow_next) * flow_next  # no g_φ at x_0
     loss_forward_flow = (weight_flow * _sq(fit_next - target_next - flow_next)).mean()
-    loss_reverse = zero
-    if reverse is not None:
-        loss_reverse = (weight_flow * _sq(reverse + flow(batch.x.detach(), batch.t, batch.traj))).mean()
+    loss_reverse = zero if reverse is None else (weight_flow * _sq(reverse + flow(batch.x.detach(), batch.t, batch.traj))).mean()
     return flow_next.detach(), {"forward_flow": loss_forward_flow, "reverse": loss_reverse, "terminal": loss_terminal}
 
 
@@ -569,29 +572,25 @@ def antithetic_target(batch: Transitions, guess_eps: EpsFn, log_reward: LogRewar
     return (adjoint_rows(adjoint, batch, 1) - 0.5 * (flow_score_next - guess_mirror - flow_mirror)).detach()
 
 
-def nabla_db_loss(
-    batch: Transitions, policy_eps: EpsFn, reference_eps: EpsFn, log_reward: LogRewardFn, flow: Optional[FlowFn],
-    cfg: LossConfig, adjoint: Optional[Tensor] = None,
-) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """Residual ∇-DB loss on a batch of transitions (eqs. 10–13, Alg. 1). Returns (loss, parts). sg[·] is
-    stop-gradient, norms are means over dimensions, (w_θ, w_φ) from `transition_weights` (1 in the
-    paper), target(x') from `guess_next` (β∇r(x_0) on terminal rows, else the guess at x'):
+def nabla_db_loss(batch: Transitions, policy_eps: EpsFn, reference_eps: EpsFn, log_reward: LogRewardFn, flow: Optional[FlowFn],
+                  cfg: LossConfig, adjoint: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Residual ∇-DB loss on a batch of transitions (eqs. 10–13, Alg. 1). Returns (loss, parts). sg[·] is stop-
+    gradient, norms are means over dimensions, (w_θ, w_φ) from `transition_weights` (1 in the paper), target(x')
+    from `guess_next` (β∇r(x_0) on terminal rows, else the guess at x'):
 
       L_F = w_θ ‖ δ − sg[target(x')] − sg[g_φ(x', τ')] ‖²,   δ = (μ_θ(x) − sg[μ^♯(x)])/σ²     trains θ
           + g_φ's line (`flow_losses`: the same residual seen from g_φ, or the flow target's fit)
       L_B = w_φ ‖ v(x) + g_φ(x, τ) ‖²       (v from the flow target, `FLOW_TARGETS`)
       L_T = ‖ g_φ(x_0, 0) ‖²                (terminal rows);    L_λ = λ ‖ ε̂_θ(x) − ε̂_old(x) ‖²
       loss = L_F + w_B L_B + L_T + L_λ, each averaged over its rows
-    With "bootstrap", for w_θ = w_φ, L_F's two lines have the gradients of the paper's single term
-    w ‖δ − target − g_φ(x')‖² (tested). With cfg.control_variate θ's target is `antithetic_target`'s
-    instead of target(x') + g_φ(x'). Without g_φ (use_flow False or flow None) L_B = L_T = 0 and θ
-    fits target(x') ("no flow") or, with flow_target "adjoint", a_{i+1} (adjoint matching, no reward
-    call). As in the official code L_F trains θ through μ_θ(x), μ^♯ and every target are detached,
-    and L_B trains only g_φ. adjoint: (B, T+1, *S) from `lean_adjoint` over the batch's trajectories,
-    rows found by (traj, step); required unless flow_target is "bootstrap". parts: detached scalars
-    "loss", "forward" (θ's line of L_F), "forward_flow", "reverse", "terminal", "trust_region" and
-    "reward_next" (mean r at x_0 or x̂_0(x'); absent for adjoint matching).
-    """
+    With "bootstrap", for w_θ = w_φ, L_F's two lines have the gradients of the paper's single term w ‖δ − target −
+    g_φ(x')‖² (tested). With cfg.control_variate θ's target is `antithetic_target`'s instead of target(x') +
+    g_φ(x'). Without g_φ (use_flow False or flow None) L_B = L_T = 0 and θ fits as `LossConfig.use_flow` says
+    (adjoint matching: no reward call). As in the official code L_F trains θ through μ_θ(x), μ^♯ and every target
+    are detached, and L_B trains only g_φ. adjoint: (B, T+1, *S) from `lean_adjoint` over the batch's trajectories,
+    rows found by (traj, step); required unless flow_target is "bootstrap". parts: detached scalars "loss",
+    "forward" (θ's line of L_F), "forward_flow", "reverse", "terminal", "trust_region" and "reward_next" (mean r at
+    x_0 or x̂_0(x'); absent for adjoint matching)."""
     use_flow = cfg.use_flow and flow is not None
     if cfg.flow_target != "bootstrap" and adjoint is None:
         raise ValueError(f"flow_target {cfg.flow_target!r} needs adjoint=lean_adjoint(...) of the batch's trajectories")
@@ -618,8 +617,7 @@ def nabla_db_loss(
     loss_forward = (weight_policy * _sq(residual - target_next)).mean()
     # L_λ = λ ‖ε̂_θ(x) − ε̂_old(x)‖²
     loss_trust = cfg.trust_region * _sq(eps_policy - batch.eps_old).mean()
-    loss = loss_forward + flow_parts["forward_flow"] + cfg.reverse_weight * flow_parts["reverse"]
-    loss = loss + flow_parts["terminal"] + loss_trust
+    loss = loss_forward + flow_parts["forward_flow"] + cfg.reverse_weight * flow_parts["reverse"] + flow_parts["terminal"] + loss_trust
     parts.update(forward=loss_forward, trust_region=loss_trust, **flow_parts)
     return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
 

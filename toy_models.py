@@ -4,7 +4,7 @@
            Stable Diffusion v1.5's schedule (`nabla_gfn.ddim_schedule`)
     flow   x_t = (1 − t) x_0 + t ε, t ∈ [0, 1], fed as τ = 1000 t (SD3's convention: t = 1 is noise);
            the network predicts v = ε − x_0 (rectified flow);  sampler: the flow SDE at noise level a
-           (`flow_schedule`; a = √2 is memoryless), on diffusers' FlowMatchEulerDiscreteScheduler grid
+           (`nabla_gfn.flow_schedule`; a = √2 is memoryless), on diffusers' FlowMatchEulerDiscreteScheduler grid
 
 Both samplers are Gaussian steps affine in the state and the network's output (`nabla_gfn.StepSchedule`),
 so the loss, the lean adjoint and the metrics are shared. Measurements: docs/flow_matching.md.
@@ -19,7 +19,6 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 
 import nabla_gfn as ng
-from flow_step import flow_schedule  # staging: nabla_gfn.flow_schedule once moved
 
 MODELS = ("ddpm", "flow")
 
@@ -39,7 +38,7 @@ def make_sampler(model: str, num_steps: int, noise_level: float):
     """(diffusers scheduler, the sampler's StepSchedule) of a model family."""
     if model == "flow":
         scheduler = flow_scheduler()
-        return scheduler, flow_schedule(scheduler, num_steps, noise_level)
+        return scheduler, ng.flow_schedule(scheduler, num_steps, noise_level)
     scheduler = sd_scheduler()
     return scheduler, ng.ddim_schedule(scheduler, num_steps)
 

@@ -1,6 +1,6 @@
-"""Oracle tests of the flow-SDE step (`flow_schedule`, staged in flow_step.py for nabla_gfn.py): the step
-against diffusers' `FlowMatchEulerDiscreteScheduler` and an Euler–Maruyama reference written out here, and
-the derivation's identities that test_nabla_gfn.py checks for DDIM(η=1), parametrised over both schedules.
+"""Oracle tests of the flow-SDE step (`nabla_gfn.flow_schedule`): the step against diffusers'
+`FlowMatchEulerDiscreteScheduler` and an Euler–Maruyama reference written out here, and the derivation's
+identities that test_nabla_gfn.py checks for DDIM(η=1), parametrised over both schedules.
 
 Oracles: diffusers' own Euler step; the reverse SDE dx = [v − σ_t²/2 ∇log p_t] dt + σ_t dW̄ stepped by hand
 with the *exact* velocity and score of a Gaussian mixture (gmm.py, independent of the step's algebra);
@@ -15,10 +15,9 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from torch.distributions import Normal
 
 import gmm
-from flow_step import flow_schedule
-from nabla_gfn import (LossConfig, affine, ddim_schedule, forward_looking_score, forward_residual, gather_transitions,
-                       gaussian_log_prob, lean_adjoint, nabla_db_loss, sample_trajectory, subsample_steps,
-                       zero_output_layer)
+from nabla_gfn import (LossConfig, affine, ddim_schedule, flow_schedule, forward_looking_score, forward_residual,
+                       gather_transitions, gaussian_log_prob, lean_adjoint, nabla_db_loss, sample_trajectory,
+                       subsample_steps, zero_output_layer)
 from test_nabla_gfn import (F64, IMAGE_SHAPE, SD_SCHEDULER_CONFIG, CentreReward, TinyNet, constant_reward, grad_of,
                             rows, sample_batch, smooth_reward, x0_parametrised)
 
