@@ -241,42 +241,11 @@ def load_pipeline(cfg, dtype: torch.dtype):
 # ----------------------------------------------------------------------------------------------
 
 
-def _flow_step_coefficients(t: Tensor, t_next: Tensor, noise_level: float, t_after_one: Tensor):
-    """(mean_coef, x0_coef, x0_coef_next, σ) of the flow SDE's Euler–Maruyama step t → t_next, as
-    `nabla_gfn.StepSchedule` holds them (float64), for a velocity model v of x_t = (1 − t) x_0 + t ε.
-
-    μ = x + [v + σ_t²/(2t)·(x + (1 − t) v)]·Δt = (1 + σ_t² Δt/(2t)) x + Δt (1 + σ_t² (1 − t)/(2t)) v,
-    std σ_t √|Δt| (Δt = t_next − t < 0), σ_t = a √(t/(1 − t)) (Flow-GRPO's; at t = 1 the 1 − t of the
-    denominator is 1 − t_after_one, the next grid point, as Flow-GRPO does), x̂_0 = x − t v.
-    """
-    # TODO(lead): replace with nabla_gfn.<name> when the flow step lands
-    t, t_next = t.double(), t_next.double()
-    dt = t_next - t
-    sde_sigma = noise_level * (t / (1 - torch.where(t == 1, t_after_one.double(), t))).sqrt()
-    drift = sde_sigma**2 / (2 * t)
-    mean_coef = torch.stack([1 + drift * dt, dt * (1 + drift * (1 - t))], -1)
-    x0_coef, x0_coef_next = (torch.stack([torch.ones_like(s), -s], -1) for s in (t, t_next))
-    return mean_coef, x0_coef, x0_coef_next, sde_sigma * (-dt).sqrt()
-
-
 def flow_schedule(scheduler, num_steps: int, noise_level: float) -> StepSchedule:
-    """The flow SDE's schedule on a diffusers FlowMatchEulerDiscreteScheduler's shifted grid (its public
-    `sigmas` t_0 = 1 > … > t_T = 0 and `timesteps` = 1000 t after `set_timesteps`, SD3.5's shift 3).
-
-    ᾱ, which sets the guess's damping γ_τ, is the variance-preserving equivalent of x_t: x_t/√((1−t)² + t²)
-    has signal fraction ᾱ = (1 − t)²/((1 − t)² + t²) (our choice; 0 at pure noise, 1 at t = 0).
-    """
+    """`nabla_gfn.flow_schedule` on a diffusers FlowMatchEulerDiscreteScheduler with a static shift (SD3.5's 3)."""
     if scheduler.config.get("use_dynamic_shifting") or scheduler.config.get("invert_sigmas"):
         raise ValueError("flow_schedule takes a static shift (SD3's); dynamic shifting / inverted sigmas are not supported")
-    scheduler.set_timesteps(num_steps)
-    sigmas = scheduler.sigmas.double().cpu()
-    t, t_next = sigmas[:-1], sigmas[1:]
-    mean_coef, x0_coef, x0_coef_next, sigma = _flow_step_coefficients(t, t_next, noise_level, sigmas[1])
-    alpha_bar = lambda s: (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
-    scale = scheduler.config.num_train_timesteps
-    return StepSchedule(timesteps=scheduler.timesteps.float().cpu(), next_timesteps=(t_next * scale).float(),
-                        alpha_bar=alpha_bar(t).float(), alpha_bar_next=alpha_bar(t_next).float(), sigma=sigma.float(),
-                        mean_coef=mean_coef, x0_coef=x0_coef, x0_coef_next=x0_coef_next)
+    return nabla_gfn.flow_schedule(scheduler, num_steps, noise_level)
 
 
 def step_schedule(pipe, num_steps: int, noise_level: float) -> StepSchedule:

@@ -57,18 +57,18 @@ def tiny_sd3_pipeline(cache, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------
-# The flow SDE's step (sd_models._flow_step_coefficients, flow_schedule)
+# The flow SDE's step (nabla_gfn.flow_schedule through sd_models.flow_schedule)
 # ----------------------------------------------------------------------------------------------
 
 
 def test_noiseless_flow_step_is_the_schedulers_euler_step():
-    """a = 0: μ = x + Δt v, σ = 0, on the shifted grid, equals FlowMatchEulerDiscreteScheduler.step exactly
-    up to float32 rounding of the same sum."""
+    """a → 0 (a = 1e-9: the module takes a > 0): μ = x + Δt v + O(a²), σ = O(a), on the shifted grid, equals
+    FlowMatchEulerDiscreteScheduler.step up to float32 rounding of the same sum."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    schedule = sdm.flow_schedule(scheduler, 8, noise_level=0.0)
-    assert torch.equal(schedule.sigma, torch.zeros(8))
+    schedule = sdm.flow_schedule(scheduler, 8, noise_level=1e-9)
+    assert schedule.sigma.max() < 1e-8
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 3, 3, generator=generator)
     for i, t in enumerate(scheduler.timesteps):
@@ -181,11 +181,11 @@ def test_guided_velocity_is_the_pipelines(cache, tmp_path):
 
 
 def test_noiseless_sampler_reproduces_the_pipelines_latents(cache, tmp_path):
-    """The driver's sampler with a = 0 (the ODE) from the same x_T = StableDiffusion3Pipeline's own
+    """The driver's sampler with a → 0 (1e-9: the ODE up to O(a)) from the same x_T = StableDiffusion3Pipeline's own
     sampling (shifted timesteps, guidance, Euler steps): float32 sums in another order only."""
     cfg = sd3_config(cache, tmp_path, "--steps", "5", "--guidance-scale", "4.5")
     models = sd.load_models(cfg, torch.device("cpu"), torch.float32)
-    schedule = sdm.flow_schedule(models.pipe.scheduler, cfg.steps, noise_level=0.0)
+    schedule = sdm.flow_schedule(models.pipe.scheduler, cfg.steps, noise_level=1e-9)
     x_T = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(3))
     eps_fn = sdm.guided_eps(models.unet, sd.encode_prompts(models.pipe, ["owl"]), models.uncond, 4.5, lora=False)
     ours = nabla_gfn.sample_trajectory(eps_fn, schedule, x_T).final
