@@ -304,7 +304,7 @@ def read_run(cfg: toy_2d.ToyConfig, threshold: float) -> dict:
         "train_s_to_threshold": hit["train_time_s"] if hit else None,
         "reward_grads_to_threshold": hit["reward_grad_calls"] if hit else None,
         "reward_grads_total": history[-1]["reward_grad_calls"],
-        "reward_calls_total": history[-1].get("reward_calls"),  # None: toy_diagnostics' counters do not count them (yet)
+        "reward_calls_total": history[-1].get("reward_calls"),  # None: a run recorded before the toy counted them
         "network_vjps_total": history[-1].get("network_vjps", 0),
         "train_s": history[-1]["train_time_s"],
         "wall_s": result.get("time_s", {}).get("total"),

@@ -12,8 +12,8 @@ toy_2d.py's own (same seed, same draws). It adds, in metrics.json and figure.png
   * per-step relative errors of the learned flow (forward-looking guess, guess + g_φ) and of the two
     one-sample targets g_φ can be trained on, against the exact ∇ log F̃ ("flow_relative_error", and
     a figure panel);
-  * cost counters in every history row: reward gradients ("reward_grad_calls") and network VJPs
-    ("network_vjps"), cumulative;
+  * cost counters in every history row: reward calls ("reward_calls"), reward gradients
+    ("reward_grad_calls") and network VJPs ("network_vjps"), cumulative;
   * `--method exact-flow`: the forward residual regressed on the exact ∇ log F̃ (no guess, no g_φ).
 The README's hero figure assets/toy_2d.png is this script's figure.png at toy_2d.py's defaults:
     python experiments/toy_diagnostics.py --out runs/toy_2d/hero && cp runs/toy_2d/hero/figure.png assets/toy_2d.png
@@ -41,12 +41,14 @@ import toy_2d as T  # noqa: E402
 
 
 class RewardGradCounter:
-    """Wraps r(x, ...) and counts the rows it scores with a graph to x: each costs one reward gradient."""
+    """Wraps r(x, ...) and counts the rows it scores (`calls`, with or without a graph, as digits' CostMeter)
+    and those scored with a graph to x (`rows`: each costs one reward gradient)."""
 
     def __init__(self, reward: Callable[..., Tensor]):
-        self.reward, self.rows = reward, 0
+        self.reward, self.rows, self.calls = reward, 0, 0
 
     def __call__(self, x: Tensor, *args) -> Tensor:
+        self.calls += len(x)
         if torch.is_grad_enabled() and x.requires_grad:
             self.rows += len(x)
         return self.reward(x, *args)
@@ -74,13 +76,13 @@ class NetworkVJPCounter:
 
 @contextlib.contextmanager
 def cost_counters(trainee: bl.Trainee, modules: List[Optional[nn.Module]]):
-    """toy_2d.Hooks.counters: count reward gradients and network VJPs while `finetune` trains; yields
-    a function giving the cumulative counts {"reward_grad_calls", "network_vjps"}."""
+    """toy_2d.Hooks.counters: count reward calls and gradients and network VJPs while `finetune` trains; yields
+    a function giving the cumulative counts {"reward_calls", "reward_grad_calls", "network_vjps"}."""
     rewards = RewardGradCounter(trainee.log_reward)
     trainee.log_reward = rewards
     vjps = NetworkVJPCounter(modules)
     try:
-        yield lambda: {"reward_grad_calls": rewards.rows, "network_vjps": vjps.rows}
+        yield lambda: {"reward_calls": rewards.calls, "reward_grad_calls": rewards.rows, "network_vjps": vjps.rows}
     finally:
         vjps.remove()
 

@@ -21,7 +21,7 @@ samples off the data (found with --lr-factor on seed 0; every rate is in the tab
 remains is reported, never dropped). Per method
 and D: final mode TV (mean ± std over seeds), updates and train seconds to TV ≤ 0.1 (median over the
 seeds that reached it), train seconds per update, network VJPs, reward calls and reward gradients per
-update (experiments/toy_diagnostics.py's counters; reward calls "not counted" while they lack one).
+update (experiments/toy_diagnostics.py's counters; reward calls "not counted" for runs recorded before they counted them).
 """
 
 from __future__ import annotations

@@ -405,7 +405,7 @@ plt.show()
 
 # %%
 batch = ng.gather_transitions(traj, schedule, ng.subsample_steps(cfg.num_steps, 1.0, len(traj.states), gen))
-paper_loss = dataclasses.replace(cfg.loss_config, flow_target="bootstrap")   # §6 is the paper's loss; toy_2d's own default target is in §7
+paper_loss = dataclasses.replace(cfg.loss_config, flow_target="bootstrap", control_variate=False)   # §6 is the paper's loss; toy_2d's own default target is in §7
 zero_flow = toy_2d.as_eps_fn(toy_2d.make_flow(cfg))       # g_φ with its zeroed output layer
 constant_reward = lambda x0, traj: 0.0 * x0.sum(1)         # ∇r ≡ 0
 for name, log_reward in (("constant reward", constant_reward), ("real reward", task.log_reward)):

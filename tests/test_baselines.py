@@ -230,16 +230,24 @@ def test_every_method_trains_through_finetune_and_counts_reward_gradients(schedu
     task = toy_2d.build_task(config())
     reference = tiny_net(0).requires_grad_(False).eval()
     k = ng.subsample_steps(NUM_STEPS, config().fraction, 1).shape[1]  # transitions per trajectory for ∇-DB
-    # nabla-db (toy default flow target "adjoint"): the sweep's β∇r(x_0) per trajectory + one ∇r per
-    # trained transition at x' (guess or terminal); no L_B, so no guess at x
-    expected_per_update = {"nabla-db": BATCH + BATCH * k, "no-flow": BATCH * k, "exact-flow": 0,
+    # nabla-db (toy default: flow target "adjoint", control variate on): the sweep's β∇r(x_0) per trajectory
+    # + two ∇r per trained transition, at x' and at its mirror x̃' (guess, or β∇r on terminal rows); no L_B,
+    # so no guess at x
+    expected_per_update = {"nabla-db": BATCH + 2 * BATCH * k, "no-flow": BATCH * k, "exact-flow": 0,
                            "adjoint-matching": BATCH,  # the adjoint's terminal condition β∇r(x_0) only
                            "draft": BATCH, "refl": BATCH, "ddpo": 0, "grpo": 0, "kl-pg": 0, "rtb": 0}  # rtb last: log Z below
     assert set(toy_diagnostics.METHOD_NAMES) == set(expected_per_update) == set(bl.METHODS) | {"exact-flow"}
+    # reward calls (rows r scores, graph or not): the ∇-DB family also scores each x_0 once without a graph
+    # (the sweep's and the guesses' calls carry graphs); DRaFT/ReFL log the reward of their graph call;
+    # DDPO, GRPO, KL-PG and RTB score each x_0 once, without a graph; exact-flow never calls r
+    extra_calls = {"nabla-db": BATCH, "no-flow": BATCH, "adjoint-matching": BATCH, "ddpo": BATCH, "grpo": BATCH,
+                   "kl-pg": BATCH, "rtb": BATCH}
     for method, per_update in expected_per_update.items():  # the counters are experiments/toy_diagnostics.py's
         cfg = config(method=method, updates=2, eval_every=100, hidden=16, flow_hidden=16)
         policy, flow, history = toy_diagnostics.finetune(cfg, task, reference, schedule, quiet=True)
         assert [h["reward_grad_calls"] for h in history] == [per_update, 2 * per_update], method
+        calls = per_update + extra_calls.get(method, 0)
+        assert [h["reward_calls"] for h in history] == [calls, 2 * calls], method
         assert all(key in history[-1] for key in ("loss", "reward", "grad_norm_policy", "train_time_s")), method
         assert (flow is not None) == (method == "nabla-db")
         assert any((p - q).abs().sum() > 0 for p, q in zip(policy.parameters(), reference.parameters())), method

@@ -258,7 +258,7 @@ def test_aesthetic_head_loads_the_real_file_with_strict_keys():
 def test_help_lists_every_reward_and_preset():
     help_text = " ".join(cli.build_parser(sd.Config, sd.PROG).format_help().split())  # what `python sd_finetune.py --help` prints
     assert "--reward {aesthetic,hpsv2,pickscore,imagereward,clip-score}" in help_text
-    assert "--preset {paper,aesthetic,hpsv2,imagereward,smoke}" in help_text
+    assert "--preset {paper,aesthetic,hpsv2,imagereward,sd3,smoke}" in help_text
 
 
 @pytest.mark.parametrize("reward, flag, env, hub_id", [
