@@ -16,10 +16,9 @@ from torch.distributions import Normal
 
 import gmm
 from nabla_gfn import (LossConfig, affine, ddim_schedule, flow_schedule, forward_looking_score, forward_residual,
-                       gather_transitions, gaussian_log_prob, lean_adjoint, nabla_db_loss, sample_trajectory,
-                       subsample_steps, zero_output_layer)
-from test_nabla_gfn import (F64, IMAGE_SHAPE, SD_SCHEDULER_CONFIG, CentreReward, TinyNet, constant_reward, grad_of,
-                            rows, sample_batch, smooth_reward, x0_parametrised)
+                       gaussian_log_prob, lean_adjoint, nabla_db_loss, sample_trajectory, zero_output_layer)
+from test_nabla_gfn import (F64, IMAGE_SHAPE, SD_SCHEDULER_CONFIG, CentreReward, TinyNet, assert_parametrisations_agree,
+                            constant_reward, grad_of, rows, sample_batch, smooth_reward, x0_parametrised)
 
 NUM_STEPS = 7
 SQRT2 = math.sqrt(2)
@@ -239,20 +238,5 @@ def test_flow_sampler_adjoint_and_loss_do_not_depend_on_the_output_parametrisati
     reward = CentreReward(torch.randn(B, 2, dtype=F64))
     cfg = LossConfig(beta=beta, gamma="sqrt_alpha_bar", weighting="kl", use_flow=use_flow, guess_from="reference",
                      flow_target=flow_target)
-    steps = subsample_steps(NUM_STEPS, 0.5, B, generator=torch.Generator().manual_seed(1))
-    x_T, results = torch.randn(B, 2, dtype=F64), []
-    for wrap, sched in ((lambda m: m, schedule), (lambda m: X0FromVelocity(m, schedule), x0_parametrised(schedule))):
-        trajectory = sample_trajectory(wrap(sampler), sched, x_T, generator=torch.Generator().manual_seed(2))
-        adjoint, _ = lean_adjoint(wrap(reference), sched, trajectory, reward, beta)
-        batch = gather_transitions(trajectory, sched, steps)
-        loss, parts = nabla_db_loss(batch, wrap(policy), wrap(reference), reward, flow, cfg, adjoint=adjoint)
-        params = list(policy.parameters()) + (list(flow.parameters()) if use_flow else [])
-        results.append((trajectory.states, adjoint, parts, torch.autograd.grad(loss, params)))
-    (states, adjoint, parts, grads_v), (states_x0, adjoint_x0, parts_x0, grads_x0) = results
-    torch.testing.assert_close(states_x0, states, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(adjoint_x0, adjoint, rtol=1e-7, atol=1e-9)
-    assert parts["loss"] > 0
-    for name in parts:
-        torch.testing.assert_close(parts_x0[name], parts[name], rtol=1e-7, atol=1e-12, msg=name)
-    for got, expected in zip(grads_x0, grads_v):
-        torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-10)
+    variants = ((lambda m: m, schedule), (lambda m: X0FromVelocity(m, schedule), x0_parametrised(schedule)))
+    assert_parametrisations_agree(variants, (policy, reference, flow, sampler), reward, cfg, B)

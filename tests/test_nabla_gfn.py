@@ -1053,25 +1053,30 @@ def test_sampler_adjoint_and_loss_do_not_depend_on_the_output_parametrisation(
     reward = CentreReward(torch.randn(B, 2, dtype=F64))
     cfg = LossConfig(beta=beta, reverse_weight=0.7, gamma="sqrt_alpha_bar", weighting=weighting, use_flow=use_flow,
                      guess_from=guess_from, flow_target=flow_target, adjoint_lambda=0.3)
-    steps = subsample_steps(NUM_STEPS, 0.5, B, generator=torch.Generator().manual_seed(1))
-    x_T = torch.randn(B, 2, dtype=F64)
-    results = []
-    for as_x0 in (False, True):
-        wrap = (lambda m: X0Model(m, scheduler)) if as_x0 else (lambda m: m)
-        sched = x0_parametrised(schedule) if as_x0 else schedule
+    variants = ((lambda m: m, schedule), (lambda m: X0Model(m, scheduler), x0_parametrised(schedule)))
+    assert_parametrisations_agree(variants, (policy, reference, flow, sampler), reward, cfg, B)
+
+
+def assert_parametrisations_agree(variants, models, reward, cfg: LossConfig, B: int) -> None:
+    """Run sampler → lean adjoint → ∇-DB loss under each (wrap, schedule) variant (float64, fixed seeds) and check
+    that trajectories, adjoint, loss parts and gradients agree (float64 sums in another order only)."""
+    policy, reference, flow, sampler = models
+    steps = subsample_steps(variants[0][1].num_steps, 0.5, B, generator=torch.Generator().manual_seed(1))
+    x_T, results = torch.randn(B, 2, dtype=F64), []
+    for wrap, sched in variants:
         trajectory = sample_trajectory(wrap(sampler), sched, x_T, generator=torch.Generator().manual_seed(2))
-        adjoint, _ = lean_adjoint(wrap(reference), sched, trajectory, reward, beta)
+        adjoint, _ = lean_adjoint(wrap(reference), sched, trajectory, reward, cfg.beta)
         batch = gather_transitions(trajectory, sched, steps)
         loss, parts = nabla_db_loss(batch, wrap(policy), wrap(reference), reward, flow, cfg, adjoint=adjoint)
-        params = list(policy.parameters()) + (list(flow.parameters()) if use_flow else [])
+        params = list(policy.parameters()) + (list(flow.parameters()) if cfg.use_flow else [])
         results.append((trajectory.states, adjoint, parts, torch.autograd.grad(loss, params)))
-    (states, adjoint, parts, grads_eps), (states_x0, adjoint_x0, parts_x0, grads_x0) = results
+    (states, adjoint, parts, grads), (states_x0, adjoint_x0, parts_x0, grads_x0) = results
     torch.testing.assert_close(states_x0, states, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(adjoint_x0, adjoint, rtol=1e-7, atol=1e-9)
     assert parts.keys() == parts_x0.keys() and parts["loss"] > 0
     for name in parts:
         torch.testing.assert_close(parts_x0[name], parts[name], rtol=1e-7, atol=1e-12, msg=name)
-    for got, expected in zip(grads_x0, grads_eps):
+    for got, expected in zip(grads_x0, grads):
         torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-10)
 
 
