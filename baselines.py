@@ -385,13 +385,21 @@ def ddpo_update(trainee: Trainee, hp: MethodConfig, gen: torch.Generator) -> Dic
         loss, stats = ppo_clip_loss(log_prob, old_log_prob[rows], row_advantages[rows], hp.ppo_clip)
         return loss, dict(clip_fraction=stats["clip_fraction"], approx_kl=stats["approx_kl"])
 
+    logs = ppo_steps(trainee, hp, gen, len(batch), loss_of, ("loss", "clip_fraction"), last=("approx_kl",))
+    return {**logs, "reward": float(reward.mean())}
+
+
+def ppo_steps(trainee: Trainee, hp: MethodConfig, gen: torch.Generator, n: int,
+              loss_of: Callable[[Tensor], Tuple[Tensor, Dict[str, Tensor]]], mean: Tuple[str, ...],
+              last: Tuple[str, ...] = ()) -> Dict[str, float]:
+    """ppo_epochs × ppo_minibatches optimiser steps (`accumulated_step`) on random minibatches of the n rows.
+    Logs: each group's largest pre-clip norm, the `mean` keys averaged over the steps, the `last` keys of the
+    last step, and the number of steps."""
     steps = [accumulated_step(trainee, hp, rows, loss_of) for _ in range(hp.ppo_epochs)
-             for rows in torch.randperm(len(batch), generator=gen, device=gen.device).chunk(hp.ppo_minibatches)]
-    logs = {k: max(step[k] for step in steps) for k in steps[0] if k.startswith("grad_norm_")}  # the largest pre-clip norm
-    logs.update(loss=sum(step["loss"] for step in steps) / len(steps), reward=float(reward.mean()),
-                clip_fraction=sum(step["clip_fraction"] for step in steps) / len(steps),
-                approx_kl=steps[-1]["approx_kl"], optimizer_steps=len(steps))
-    return logs
+             for rows in torch.randperm(n, generator=gen, device=gen.device).chunk(hp.ppo_minibatches)]
+    logs = {k: max(step[k] for step in steps) for k in steps[0] if k.startswith("grad_norm_")}
+    logs.update({k: sum(step[k] for step in steps) / len(steps) for k in mean}, **{k: steps[-1][k] for k in last})
+    return {**logs, "optimizer_steps": len(steps)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,12 +481,7 @@ def clipped_pg_steps(trainee: Trainee, hp: MethodConfig, gen: torch.Generator, b
         kl = step_kl(mean, reference_mean[rows], part.sigma).mean()
         return surrogate + kl_coef * kl, dict(clip_fraction=stats["clip_fraction"], step_kl=kl)
 
-    steps = [accumulated_step(trainee, hp, rows, loss_of) for _ in range(hp.ppo_epochs)
-             for rows in torch.randperm(len(batch), generator=gen, device=gen.device).chunk(hp.ppo_minibatches)]
-    out = {k: max(step[k] for step in steps) for k in steps[0] if k.startswith("grad_norm_")}
-    out.update({k: sum(step[k] for step in steps) / len(steps) for k in ("loss", "clip_fraction", "step_kl")},
-               optimizer_steps=len(steps))
-    return out
+    return ppo_steps(trainee, hp, gen, len(batch), loss_of, ("loss", "clip_fraction", "step_kl"))
 
 
 def sample_for_pg(trainee: Trainee, hp: MethodConfig,
