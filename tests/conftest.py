@@ -59,3 +59,19 @@ def shuffled_transitions(models, cfg, prompts, seed=0):
     steps = nabla_gfn.subsample_steps(cfg.steps, 1.0, len(prompts), generator)
     batch = nabla_gfn.gather_transitions(trajectory, schedule, steps)
     return batch.select(torch.randperm(len(batch), generator=generator)), cond
+
+
+def assert_lora_moves_unet(cache, lora_dir) -> None:
+    """lora_dir is a plain diffusers LoRA folder: the tiny SD pipeline's pipe.load_lora_weights(lora_dir) loads it
+    and changes the UNet's output (its B matrices start at zero, so any trained LoRA moves it)."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(Path(cache) / "tiny-v1" / "pipeline")
+    before = copy.deepcopy(pipe.unet)
+    pipe.load_lora_weights(lora_dir)
+    x, t, context = torch.randn(1, 4, 4, 4), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        assert (pipe.unet(x, t, encoder_hidden_states=context).sample
+                - before(x, t, encoder_hidden_states=context).sample).abs().max() > 0

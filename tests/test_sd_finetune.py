@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import nabla_gfn
-from conftest import shuffled_transitions
+from conftest import assert_lora_moves_unet, shuffled_transitions
 import sd_finetune as sd
 import sd_models as sdm
 
@@ -604,15 +604,7 @@ def test_run_killed_before_its_first_complete_save_has_no_checkpoint_to_resume(e
 
 def test_kept_checkpoint_loads_into_a_pipeline(three_epoch_run, cache):
     """The renamed-into-place folder is a plain diffusers LoRA folder: pipe.load_lora_weights(dir) works."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(Path(cache) / "tiny-v1" / "pipeline")
-    before = copy.deepcopy(pipe.unet)
-    pipe.load_lora_weights(three_epoch_run / "checkpoints" / "epoch_0003")
-    x, t, context = torch.randn(1, 4, 4, 4), torch.tensor([500]), torch.randn(1, 77, 32)
-    with torch.no_grad():
-        assert (pipe.unet(x, t, encoder_hidden_states=context).sample
-                - before(x, t, encoder_hidden_states=context).sample).abs().max() > 0
+    assert_lora_moves_unet(cache, three_epoch_run / "checkpoints" / "epoch_0003")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ One in-process smoke run per method listed in --help (2 trajectories of 2 steps:
 ∇-DB methods' numbers are pinned by tests/test_sd_finetune.py, which runs the default nabla-db.
 """
 
-import copy
 import dataclasses
 import json
 import math
@@ -22,6 +21,7 @@ import baselines
 import nabla_gfn
 import sd_finetune as sd
 from cli import UsageError
+from conftest import assert_lora_moves_unet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
@@ -135,17 +135,9 @@ def test_grpo_groups_are_the_prompts(cache, tmp_path, monkeypatch):
 
 def test_lora_of_a_baseline_loads_into_a_pipeline(cache, tmp_path, monkeypatch):
     """A DRaFT-K run's checkpoint is a plain diffusers LoRA folder: pipe.load_lora_weights moves the UNet."""
-    from diffusers import StableDiffusionPipeline
-
     out = tmp_path / "draft"
     run_method("draft", cache, out, monkeypatch, "--draft-k", "2", "--draft-kl", "0.1")
-    pipe = StableDiffusionPipeline.from_pretrained(Path(cache) / "tiny-v1" / "pipeline")
-    before = copy.deepcopy(pipe.unet)
-    pipe.load_lora_weights(out / "checkpoints" / "epoch_0001")
-    x, t, context = torch.randn(1, 4, 4, 4), torch.tensor([500]), torch.randn(1, 77, 32)
-    with torch.no_grad():
-        assert (pipe.unet(x, t, encoder_hidden_states=context).sample
-                - before(x, t, encoder_hidden_states=context).sample).abs().max() > 0
+    assert_lora_moves_unet(cache, out / "checkpoints" / "epoch_0001")
 
 
 def test_old_flags_are_the_registry_methods():
