@@ -182,11 +182,11 @@ def flow_errors(task: T.Task, policy: nn.Module, flow: Optional[nn.Module], traj
     out = {**{k: [] for k in keys}, **{f"projection_{k}": [] for k in keys[1:]}}
     if reference is not None:
         adjoint, _ = ng.lean_adjoint(T.as_eps_fn(reference), schedule, trajectory, task.log_reward, cfg.beta)
+    guess_net = T.as_eps_fn(reference if cfg.guess_from == "reference" and reference is not None else policy)
     for i in range(schedule.num_steps):
         x = trajectory.states[:, i]
         n = len(x)
         t, a = schedule.timesteps[i].expand(n), schedule.alpha_bar[i].expand(n)
-        guess_net = T.as_eps_fn(reference if cfg.guess_from == "reference" and reference is not None else policy)
         h = lambda y: ng.forward_looking_score(guess_net, task.log_reward, y, t, a, torch.arange(n), cfg.beta, cfg.gamma,
                                                schedule.x0_coef[i].expand(n, 2))[0]
         guess = h(x)
